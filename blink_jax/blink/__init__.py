@@ -1,0 +1,47 @@
+"""The Blink mechanics: config, saliency-guided scanning, dynamic token resolution, TokenSR."""
+
+from blink_jax.blink.config import (
+    ABLATIONS,
+    HIGH_TAU_EXP,
+    BlinkConfig,
+    BlinkStatic,
+    Thresholds,
+)
+from blink_jax.blink.dtr import (
+    ACTION_NAMES,
+    DROP,
+    EXPAND,
+    KEEP,
+    NO_REGION,
+    NONE,
+    DTRState,
+    action_names,
+    decide,
+    gather_region,
+    gather_visual,
+    init_state,
+    random_regions,
+    region_origin,
+    select_on_expand,
+    sr_position_ids,
+    sr_source_index,
+    sr_valid_after,
+    step,
+)
+from blink_jax.blink.saliency import (
+    last_token_attention,
+    region_scores,
+    saliency_guided_scan,
+    saliency_ratio,
+    visual_saliency,
+)
+from blink_jax.blink.tokensr import TokenSR, TokenSRBank, bilinear_upsample
+
+__all__ = [
+    "ABLATIONS", "HIGH_TAU_EXP", "BlinkConfig", "BlinkStatic", "Thresholds",
+    "ACTION_NAMES", "DROP", "EXPAND", "KEEP", "NO_REGION", "NONE", "DTRState", "action_names", "decide",
+    "gather_region", "gather_visual", "init_state", "random_regions", "region_origin", "select_on_expand",
+    "sr_position_ids", "sr_source_index", "sr_valid_after", "step",
+    "last_token_attention", "region_scores", "saliency_guided_scan", "saliency_ratio", "visual_saliency",
+    "TokenSR", "TokenSRBank", "bilinear_upsample",
+]

@@ -1,0 +1,210 @@
+"""`BlinkConfig`: every knob of the Blink method, named as in BLINK.md.
+
+A jitted forward must not recompile when a threshold changes, so the config splits in two:
+
+    static, thresholds = cfg.split()
+    forward = jax.jit(forward_fn, static_argnames="static")
+    forward(params, inputs, thresholds, static=static)
+
+- `BlinkStatic` (hashable; pass it as a static argument): everything that shapes the program —
+  layers, region size, scale, drop/re-expand policy, ablation switches. It has no `tau_*` field, so
+  code under jit cannot read a threshold as a Python constant by mistake.
+- `Thresholds(tau_exp, tau_drop)`: a NamedTuple pytree of float32 arrays, traced. Scalars by default;
+  arrays of shape [B] also work (every DTR comparison broadcasts), for per-example thresholds.
+
+`tau_exp > 1` disables expansion (rho <= 1 always), which makes Blink exactly vanilla LLaVA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from blink_jax.config import ConfigError
+
+REEXPAND = ("refocus", "hold")
+TOKENSR_KINDS = ("interp", "conv")
+REGION_CHOICES = ("saliency", "random")
+EXPANSIONS = ("dynamic", "fixed")
+# The §6 ablations; `ablation(name)` maps each to a config change.
+ABLATIONS = ("full", "random", "fixed", "no-drop", "high-tau")
+HIGH_TAU_EXP = 0.45  # (ours) the "high tau_exp" ablation: 1.5x the default 0.30
+
+
+class Thresholds(NamedTuple):
+    """Traced DTR thresholds: float32 scalars (or [B] arrays for per-example thresholds)."""
+
+    tau_exp: jax.Array
+    tau_drop: jax.Array
+
+
+def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"BlinkConfig.{field}={value!r} is unknown; use one of {choices}")
+
+
+def _validate_static(cfg) -> None:
+    """Checks shared by `BlinkConfig` and `BlinkStatic` (normalises `layers` to a tuple of ints)."""
+    layers = tuple(int(l) for l in cfg.layers)
+    object.__setattr__(cfg, "layers", layers)
+    if not layers:
+        raise ConfigError("BlinkConfig.layers=() is empty; give at least one participating layer, e.g. (12, ..., 18)")
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(
+            f"BlinkConfig.layers={layers} must be sorted and unique; use {tuple(sorted(set(layers)))}"
+        )
+    if layers[0] < 0:
+        raise ConfigError(f"BlinkConfig.layers={layers} has a negative index; layer indices count from 0")
+    for field in ("region_size", "scale", "tokensr_channels"):
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"BlinkConfig.{field}={value!r} must be a positive int")
+    _check_choice("reexpand", cfg.reexpand, REEXPAND)
+    _check_choice("tokensr_kind", cfg.tokensr_kind, TOKENSR_KINDS)
+    _check_choice("region_choice", cfg.region_choice, REGION_CHOICES)
+    _check_choice("expansion", cfg.expansion, EXPANSIONS)
+
+
+class _Geometry:
+    """Derived sizes and model-dependent validation, shared by `BlinkConfig` and `BlinkStatic`."""
+
+    layers: tuple[int, ...]
+    region_size: int
+    scale: int
+
+    @property
+    def sr_side(self) -> int:
+        """Side of the SR grid: s * r."""
+        return self.scale * self.region_size
+
+    @property
+    def num_sr_tokens(self) -> int:
+        """SR tokens per expansion: (s * r)^2 (144 with the defaults)."""
+        return self.sr_side**2
+
+    def num_regions(self, grid: int) -> int:
+        """R = (G / r)^2 regions on a G x G visual grid (16 for LLaVA-1.5's 24 x 24 with r = 6)."""
+        return (grid // self.region_size) ** 2
+
+    def participates(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def validate_for(self, num_layers: int, grid: int) -> None:
+        """Raise `ConfigError` if this config cannot run on a model with `num_layers` and a G x G grid."""
+        bad = [l for l in self.layers if l >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"BlinkConfig.layers={self.layers} has layer index {bad[0]} but the language model has "
+                f"{num_layers} layers (0..{num_layers - 1}); give layers below {num_layers}"
+            )
+        if grid % self.region_size:
+            divisors = [d for d in range(1, grid + 1) if grid % d == 0]
+            raise ConfigError(
+                f"BlinkConfig.region_size={self.region_size} does not divide the visual grid side {grid}; "
+                f"use a divisor of {grid}: {divisors}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlinkStatic(_Geometry):
+    """The hashable, threshold-free part of `BlinkConfig`: a static argument of the jitted forward."""
+
+    layers: tuple[int, ...] = (12, 13, 14, 15, 16, 17, 18)
+    region_size: int = 6
+    scale: int = 2
+    drop: bool = True
+    reexpand: str = "refocus"
+    tokensr_kind: str = "interp"
+    tokensr_channels: int = 512
+    region_choice: str = "saliency"
+    expansion: str = "dynamic"
+    return_attention: bool = False
+
+    def __post_init__(self):
+        _validate_static(self)
+
+    @property
+    def fixed(self) -> bool:
+        """The w/o-DTR ablation: expand at every participating layer regardless of rho."""
+        return self.expansion == "fixed"
+
+    @property
+    def random_region(self) -> bool:
+        """The w/o-SGS ablation: expand a uniformly random region instead of r*."""
+        return self.region_choice == "random"
+
+    def with_thresholds(self, tau_exp: float, tau_drop: float) -> "BlinkConfig":
+        return BlinkConfig(tau_exp=tau_exp, tau_drop=tau_drop, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlinkConfig(_Geometry):
+    """Blink's knobs (BLINK.md §2-4, §6). Defaults are the spec's; see `split()` for use under jit.
+
+    layers: participating layers of the language model (decisions taken from layer L act on L+1).
+    region_size: r, regions are r x r visual tokens; r must divide the grid side G.
+    scale: s, TokenSR upsampling factor; an expansion adds (s r)^2 SR tokens.
+    tau_exp / tau_drop: expand when rho > tau_exp; drop an expansion when rho < tau_drop.
+      `tau_exp > 1` disables expansion.
+    drop: False is the "w/o Drop" ablation (SR tokens stay to the end once expanded).
+    reexpand: when already expanded and rho > tau_exp: "refocus" replaces the SR tokens with the new
+      region's, "hold" keeps the old ones.
+    tokensr_kind: "interp" (Blink-interp, no parameters) or "conv" (Blink, trained).
+    tokensr_channels: bottleneck C of the conv TokenSR.
+    region_choice: "saliency" (r*) or "random" (the w/o-SGS ablation; rho still decides *whether*).
+    expansion: "dynamic" or "fixed" (the w/o-DTR ablation).
+    return_attention: the trace carries S_v per layer.
+    """
+
+    layers: tuple[int, ...] = (12, 13, 14, 15, 16, 17, 18)
+    region_size: int = 6
+    scale: int = 2
+    tau_exp: float = 0.30
+    tau_drop: float = 0.15
+    drop: bool = True
+    reexpand: str = "refocus"
+    tokensr_kind: str = "interp"
+    tokensr_channels: int = 512
+    region_choice: str = "saliency"
+    expansion: str = "dynamic"
+    return_attention: bool = False
+
+    def __post_init__(self):
+        _validate_static(self)
+        for field in ("tau_exp", "tau_drop"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` also catches NaN
+                raise ConfigError(f"BlinkConfig.{field}={value!r} must be a non-negative number")
+        if self.tau_drop > self.tau_exp:
+            raise ConfigError(
+                f"BlinkConfig.tau_drop={self.tau_drop} is above tau_exp={self.tau_exp}; "
+                f"set tau_drop <= tau_exp (defaults 0.15 <= 0.30)"
+            )
+
+    def ablation(self, name: str) -> "BlinkConfig":
+        """This config with one §6 ablation applied: "full" | "random" | "fixed" | "no-drop" | "high-tau"."""
+        changes = {
+            "full": {},
+            "random": {"region_choice": "random"},
+            "fixed": {"expansion": "fixed"},
+            "no-drop": {"drop": False},
+            "high-tau": {"tau_exp": max(self.tau_exp, HIGH_TAU_EXP)},
+        }
+        if name not in changes:
+            raise ConfigError(f"Blink ablation {name!r} is unknown; use one of {ABLATIONS}")
+        return dataclasses.replace(self, **changes[name])
+
+    def static_part(self) -> BlinkStatic:
+        """Everything but the thresholds: hashable, for `static_argnames`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BlinkStatic)}
+        return BlinkStatic(**fields)
+
+    def thresholds(self) -> Thresholds:
+        """(tau_exp, tau_drop) as float32 scalar arrays, to pass traced."""
+        return Thresholds(jnp.asarray(self.tau_exp, jnp.float32), jnp.asarray(self.tau_drop, jnp.float32))
+
+    def split(self) -> tuple[BlinkStatic, Thresholds]:
+        return self.static_part(), self.thresholds()

@@ -1,0 +1,96 @@
+"""Image loading and the LLaVA-1.5 eval preprocessing: optional pad-to-square, then CLIP.
+
+The CLIP part reproduces transformers' PIL-backend `CLIPImageProcessor` (`CLIPImageProcessorPil` in
+transformers 5.x) step for step, including its rounding, so pixel values match it to the last bit:
+resize the shortest side with PIL bicubic on uint8, centre crop, `* (1/255)` in float64, then
+normalise in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The pad colour of the original LLaVA eval: `tuple(int(x * 255) for x in image_processor.image_mean)`.
+CLIP_MEAN_RGB = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used, with the file's path and what to do about it."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Opens and fully decodes an image file as RGB, as the original LLaVA eval does (`.convert("RGB")`).
+
+    Decoding happens here, so a truncated or corrupt file fails with its name rather than inside a batch.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"image file {path!r} does not exist: check the image folder and the file name")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image file {path!r} cannot be read as an image (PIL: {e}): replace or remove it") from None
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pastes `img` centred on a square canvas of side max(w, h) filled with `background` (LLaVA's `mm_utils`)."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """(height, width) after resizing the shortest side to `shortest_edge`; the long side is truncated,
+    as transformers' `get_resize_output_image_size(..., default_to_square=False)` does."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Centre `size`x`size` crop of `pixels` [H, W, C] (H, W >= size), with transformers' rounding."""
+    height, width = pixels.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from an image of {width}x{height}: resize it first")
+    top, left = (height - size) // 2, (width - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W] scaled to [0, 1] and normalised with the CLIP mean/std."""
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess_image(img: Image.Image, *, image_size: int = 336, pad_to_square: bool = True) -> np.ndarray:
+    """One PIL image -> float32 pixel values [3, image_size, image_size].
+
+    `pad_to_square=True` is the original LLaVA-1.5 eval (expand2square with the CLIP mean colour);
+    `False` is what llava-hf's processor does (the plain CLIP centre crop).
+    """
+    img = img.convert("RGB")
+    if pad_to_square:
+        img = expand2square(img, CLIP_MEAN_RGB)
+    height, width = shortest_edge_size(img.height, img.width, image_size)
+    img = img.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return normalize(center_crop(np.asarray(img), image_size))
+
+
+def preprocess_images(images: Sequence[Image.Image], **kwargs) -> np.ndarray:
+    """A list of PIL images -> float32 [B, 3, H, W]; keyword arguments as `preprocess_image`."""
+    if not images:
+        raise ValueError("preprocess_images got an empty list: pass at least one image")
+    return np.stack([preprocess_image(img, **kwargs) for img in images])

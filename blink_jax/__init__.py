@@ -1,0 +1,10 @@
+"""blink-jax: Blink (dynamic visual token resolution) on LLaVA-1.5, in JAX/Flax NNX."""
+
+from blink_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from blink_jax.loading import CheckpointError, load_pretrained
+from blink_jax.runtime import InputError, Llava, ModelOutput, generate
+
+__all__ = [
+    "CheckpointError", "ConfigError", "InputError", "Llava", "LlavaConfig", "ModelOutput", "TextConfig",
+    "VisionConfig", "generate", "load_pretrained",
+]

@@ -62,7 +62,7 @@ def tiny_hf_config(**overrides):
     return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=text_cfg, **top)
 
 
-def make_hf_model(seed: int = 0, **overrides):
+def make_hf_model(seed: int = 0, weight_scale: float = 0.08, **overrides):
     """A random-weight `LlavaForConditionalGeneration` in fp32 eval mode, with non-trivial norms."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -78,7 +78,7 @@ def make_hf_model(seed: int = 0, **overrides):
             if name.endswith("bias") or "norm" in name or "layrnorm" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+                p.copy_(torch.randn(p.shape, generator=gen) * weight_scale)
     return model
 
 

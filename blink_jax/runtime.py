@@ -1,0 +1,114 @@
+"""The runnable model: jit-compiled pure entry points over `(params, inputs)`, and greedy generation.
+
+`Llava` holds `nnx.split(model)` once; each entry point merges inside `jax.jit`, so compilation is
+keyed only on shapes and static options, never on parameter values or thresholds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from blink_jax.config import LlavaConfig
+from blink_jax.model import forward
+from blink_jax.model.llava import LlavaModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    logits: Any  # [B, T, V] float32, at the prompt's own positions
+    trace: Any = None  # Blink's per-layer decisions, None for vanilla
+
+
+class InputError(ValueError):
+    """Model inputs that cannot be run: names the array and what is wrong."""
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, params, input_ids, pixel_values, attention_mask):
+    model = nnx.merge(graphdef, params)
+    return forward.prefill(model, input_ids, pixel_values, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id", "pad_token_id"))
+def _generate(graphdef, params, input_ids, pixel_values, attention_mask, *, max_new_tokens, eos_token_id,
+              pad_token_id):
+    model = nnx.merge(graphdef, params)
+    logits, cache = forward.prefill(model, input_ids, pixel_values, attention_mask)
+    return forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+class Llava:
+    """LLaVA-1.5 ready to run. `out = model(input_ids=..., pixel_values=..., attention_mask=...)`."""
+
+    def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None):
+        self.config: LlavaConfig = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.model_dir = model_dir
+
+    @property
+    def module(self) -> LlavaModel:
+        return nnx.merge(self.graphdef, self.params)
+
+    def check_inputs(self, input_ids, pixel_values, attention_mask):
+        """Host-side validation with errors that name the problem. Returns device-ready arrays."""
+        cfg = self.config
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}")
+        if (attention_mask[:, -1] == 0).any():
+            raise InputError("attention_mask ends in padding: pad on the left (tokenizer.padding_side='left')")
+        if ((input_ids < 0) | (input_ids >= cfg.text.vocab_size)).any():
+            raise InputError(f"input_ids hold ids outside the vocabulary [0, {cfg.text.vocab_size})")
+        counts = ((input_ids == cfg.image_token_index) & (attention_mask > 0)).sum(axis=1)
+        for row, count in enumerate(counts):
+            if count != cfg.num_image_tokens:
+                raise InputError(
+                    f"input_ids row {row} holds {count} image tokens (id {cfg.image_token_index}), expected "
+                    f"{cfg.num_image_tokens}: the prompt needs exactly one '<image>', expanded by the processor")
+        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        size = cfg.vision.image_size
+        expected = (input_ids.shape[0], cfg.vision.num_channels, size, size)
+        if pixel_values.shape != expected:
+            raise InputError(f"pixel_values has shape {pixel_values.shape}, expected {expected} ([B, C, H, W])")
+        return jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), jnp.asarray(attention_mask, jnp.int32)
+
+    def __call__(self, *, input_ids, pixel_values, attention_mask=None, blink=None, tokensr=None) -> ModelOutput:
+        ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+        if blink is None:
+            logits, _ = _prefill(self.graphdef, self.params, ids, px, mask)
+            return ModelOutput(logits=logits)
+        from blink_jax.blink.runner import blink_prefill
+        return blink_prefill(self, ids, px, mask, blink, tokensr)
+
+    def generate(self, *, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
+                 blink=None, tokensr=None, eos_token_id: int | None = None, pad_token_id: int | None = None):
+        """Greedy decoding. -> np.ndarray [B, max_new_tokens] int32, padded with `pad_token_id` after EOS."""
+        ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+        text = self.config.text
+        eos = text.eos_token_id if eos_token_id is None else eos_token_id
+        pad = (text.pad_token_id if text.pad_token_id is not None else 0) if pad_token_id is None else pad_token_id
+        eos = -1 if eos is None else eos
+        if blink is not None:
+            from blink_jax.blink.runner import blink_generate
+            return blink_generate(self, ids, px, mask, blink, tokensr, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=pad)
+        tokens = _generate(self.graphdef, self.params, ids, px, mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, pad_token_id=pad)
+        return np.asarray(tokens)
+
+
+def generate(model: Llava, **kwargs) -> np.ndarray:
+    """`blink_jax.generate(model, input_ids=..., pixel_values=..., attention_mask=..., max_new_tokens=16)`."""
+    return model.generate(**kwargs)

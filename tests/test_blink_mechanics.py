@@ -1,0 +1,385 @@
+"""The Blink mechanics (saliency, DTR, SR bookkeeping, TokenSR, config) against slow references.
+
+Odd sizes on purpose: B=3 examples, N=6 query heads over K=3 kv heads, H=5, D=5, G=6 with r=3 or 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from blink_jax.blink import (
+    DROP,
+    EXPAND,
+    KEEP,
+    NO_REGION,
+    NONE,
+    BlinkConfig,
+    TokenSR,
+    TokenSRBank,
+    action_names,
+    decide,
+    gather_region,
+    gather_visual,
+    init_state,
+    last_token_attention,
+    random_regions,
+    region_scores,
+    saliency_guided_scan,
+    saliency_ratio,
+    select_on_expand,
+    sr_position_ids,
+    sr_valid_after,
+    step,
+    visual_saliency,
+)
+from blink_jax.config import ConfigError
+
+B, N, K, H, D, G = 3, 6, 3, 5, 5, 6
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------- saliency
+
+
+def test_last_token_attention_matches_per_head_loop():
+    r = rng(1)
+    S = 11
+    q = r.normal(size=(B, N, H)).astype(np.float32)
+    k = r.normal(size=(B, S, K, H)).astype(np.float32)
+    valid = np.ones((B, S), bool)
+    valid[0, :2] = False  # left padding
+    valid[1, 9:] = False  # unfilled capacity
+    valid[2, [0, 4, 7]] = False
+    got = np.asarray(last_token_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(valid)))
+
+    want = np.zeros((B, N, S))
+    for b in range(B):
+        for n in range(N):
+            kv = n // (N // K)
+            logits = np.array([q[b, n] @ k[b, s, kv] / np.sqrt(H) for s in range(S)], np.float64)
+            e = np.where(valid[b], np.exp(logits - logits[valid[b]].max()), 0.0)
+            want[b, n] = e / e.sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[~np.broadcast_to(valid[:, None], got.shape)] == 0.0)
+
+    none_valid = last_token_attention(jnp.asarray(q), jnp.asarray(k), jnp.zeros((B, S), bool))
+    assert np.all(np.asarray(none_valid) == 0.0)
+
+
+def test_visual_saliency_gathers_per_example_offsets():
+    r = rng(2)
+    S, V = 16, 9
+    probs = r.random((B, N, S)).astype(np.float32)
+    offsets = [1, 4, 6]
+    vis = np.stack([o + np.arange(V) for o in offsets]).astype(np.int32)
+    got = np.asarray(visual_saliency(jnp.asarray(probs), jnp.asarray(vis)))
+    want = np.zeros((B, V))
+    for b in range(B):
+        for v in range(V):
+            want[b, v] = np.mean([probs[b, n, offsets[b] + v] for n in range(N)])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("r", [3, 2])
+def test_region_scores_and_ratio_match_loops(r):
+    s_v = rng(3).random((B, G * G)).astype(np.float32)
+    got = np.asarray(region_scores(jnp.asarray(s_v), G, r))
+    R = (G // r) ** 2
+    want = np.zeros((B, R))
+    for b in range(B):
+        for i in range(G):
+            for j in range(G):
+                want[b, (i // r) * (G // r) + (j // r)] += s_v[b, i * G + j]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    rho, region = saliency_ratio(jnp.asarray(want, jnp.float32))
+    np.testing.assert_allclose(np.asarray(rho), [max(w) / sum(w) for w in want], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(region), [int(np.argmax(w)) for w in want])
+    assert region.dtype == jnp.int32
+
+    rho0, _ = saliency_ratio(jnp.zeros((2, R)))
+    np.testing.assert_array_equal(np.asarray(rho0), 0.0)
+
+
+def test_saliency_guided_scan_under_jit():
+    r = rng(4)
+    S, V = 12, 4  # a 2x2 grid, one region of 2x2 -> rho 1, or r=1 -> 4 regions
+    q = jnp.asarray(r.normal(size=(B, N, H)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(B, S, K, H)), jnp.float32)
+    valid = jnp.ones((B, S), bool)
+    vis = jnp.asarray(np.stack([o + np.arange(V) for o in (0, 2, 5)]), jnp.int32)
+    scan = jax.jit(saliency_guided_scan, static_argnames=("grid", "region_size"))
+    rho, region, s_v = scan(q, k, valid, vis, grid=2, region_size=1)
+    p = np.asarray(last_token_attention(q, k, valid)).mean(1)
+    s_v_ref = np.stack([p[b, np.asarray(vis[b])] for b in range(B)])
+    np.testing.assert_allclose(np.asarray(s_v), s_v_ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(rho), s_v_ref.max(1) / s_v_ref.sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(region), s_v_ref.argmax(1))
+
+
+# --------------------------------------------------------------------------- DTR
+
+TE, TD = 0.30, 0.15
+# (policy, rho, r*, expanded, current region) -> (action, expanded after, region after)
+DECIDE_TABLE = {
+    ("refocus", True, False): [
+        ((0.50, 4, False, NO_REGION), (EXPAND, True, 4)),
+        ((0.20, 4, False, NO_REGION), (NONE, False, NO_REGION)),
+        ((0.10, 4, False, NO_REGION), (NONE, False, NO_REGION)),
+        ((0.30, 4, False, NO_REGION), (NONE, False, NO_REGION)),  # strict >
+        ((0.50, 7, True, 2), (EXPAND, True, 7)),  # refocus
+        ((0.50, 2, True, 2), (EXPAND, True, 2)),  # refocus on the same region refreshes it
+        ((0.20, 7, True, 2), (KEEP, True, 2)),
+        ((0.15, 7, True, 2), (KEEP, True, 2)),  # strict <
+        ((0.10, 7, True, 2), (DROP, False, NO_REGION)),
+    ],
+    ("hold", True, False): [
+        ((0.50, 7, True, 2), (KEEP, True, 2)),
+        ((0.50, 7, False, NO_REGION), (EXPAND, True, 7)),
+        ((0.20, 7, True, 2), (KEEP, True, 2)),
+        ((0.10, 7, True, 2), (DROP, False, NO_REGION)),
+        ((0.10, 7, False, NO_REGION), (NONE, False, NO_REGION)),
+    ],
+    ("refocus", False, False): [  # w/o Drop
+        ((0.10, 7, True, 2), (KEEP, True, 2)),
+        ((0.10, 7, False, NO_REGION), (NONE, False, NO_REGION)),
+        ((0.50, 5, True, 2), (EXPAND, True, 5)),
+    ],
+    ("hold", True, True): [  # fixed: always expand at r*
+        ((0.10, 3, False, NO_REGION), (EXPAND, True, 3)),
+        ((0.10, 6, True, 3), (EXPAND, True, 6)),
+        ((0.20, 1, False, NO_REGION), (EXPAND, True, 1)),
+        ((0.90, 0, True, 5), (EXPAND, True, 0)),
+    ],
+}
+
+
+@pytest.mark.parametrize("policy", list(DECIDE_TABLE))
+def test_decide_table(policy):
+    reexpand, drop, fixed = policy
+    cases = DECIDE_TABLE[policy]
+    rho, rs, exp, cur = (jnp.asarray([c[0][i] for c in cases]) for i in range(4))
+    action, new_exp, new_region = decide(
+        rho.astype(jnp.float32), rs, exp, cur, jnp.float32(TE), jnp.float32(TD),
+        drop=drop, reexpand=reexpand, fixed=fixed,
+    )
+    got = list(zip(np.asarray(action).tolist(), np.asarray(new_exp).tolist(), np.asarray(new_region).tolist()))
+    assert got == [c[1] for c in cases]
+    np.testing.assert_array_equal(np.asarray(sr_valid_after(action)), np.asarray(new_exp))
+
+
+def test_decide_compiles_once_across_thresholds():
+    traces = []
+
+    def fn(rho, rs, exp, cur, te, td):
+        traces.append(1)
+        return decide(rho, rs, exp, cur, te, td, drop=True, reexpand="refocus", fixed=False)
+
+    jitted = jax.jit(fn)
+    rho = jnp.asarray([0.2, 0.4, 0.6], jnp.float32)
+    rs = jnp.asarray([1, 2, 3], jnp.int32)
+    exp = jnp.asarray([False, True, False])
+    cur = jnp.asarray([NO_REGION, 0, NO_REGION], jnp.int32)
+    actions = [np.asarray(jitted(rho, rs, exp, cur, jnp.float32(te), jnp.float32(0.1))[0]).tolist()
+               for te in (0.1, 0.5, 1.5)]
+    assert actions == [[EXPAND] * 3, [NONE, KEEP, EXPAND], [NONE, KEEP, NONE]]
+    assert len(traces) == 1
+
+    # The config split: equal static parts for any thresholds, so `step` traces once too.
+    traces.clear()
+
+    def stepper(state, rho, rs, thresholds, static):
+        traces.append(1)
+        return step(state, rho, rs, thresholds, static)
+
+    jstep = jax.jit(stepper, static_argnums=4)
+    base = BlinkConfig(layers=(1, 2), region_size=3)
+    outs = []
+    for te, td in ((0.1, 0.05), (0.5, 0.3), (2.0, 0.3)):
+        static, thr = dataclasses.replace(base, tau_exp=te, tau_drop=td).split()
+        outs.append(np.asarray(jstep(init_state(3), rho, rs, thr, static)[0]).tolist())
+    assert outs == [[EXPAND] * 3, [NONE, NONE, EXPAND], [NONE] * 3]
+    assert len(traces) == 1
+
+
+def test_decide_vmaps_and_per_example_thresholds():
+    rho = jnp.asarray([[0.5, 0.1], [0.2, 0.4]], jnp.float32)
+    rs = jnp.asarray([[1, 2], [3, 0]], jnp.int32)
+    exp = jnp.asarray([[False, True], [True, False]])
+    cur = jnp.asarray([[NO_REGION, 2], [1, NO_REGION]], jnp.int32)
+    f = lambda r, s, e, c, te: decide(r, s, e, c, te, jnp.float32(0.15), drop=True, reexpand="refocus", fixed=False)
+    act = jax.vmap(f, in_axes=(0, 0, 0, 0, None))(rho, rs, exp, cur, jnp.float32(0.3))[0]
+    assert np.asarray(act).tolist() == [[EXPAND, DROP], [KEEP, EXPAND]]
+    per_example = f(rho[1], rs[1], exp[1], cur[1], jnp.asarray([0.1, 0.45], jnp.float32))[0]
+    assert np.asarray(per_example).tolist() == [EXPAND, NONE]
+    assert action_names(act) == [["expand", "drop"], ["keep", "expand"]]
+
+
+def test_random_regions_in_range():
+    reg = random_regions(jax.random.key(0), 50, 4)
+    assert reg.shape == (50,) and reg.dtype == jnp.int32
+    assert set(np.asarray(reg).tolist()) == {0, 1, 2, 3}
+
+
+# --------------------------------------------------------------------------- SR bookkeeping
+
+
+def region_cells(region, r):
+    """Grid cells of a region, row-major, found by scanning the grid (not by formula inversion)."""
+    return [(i, j) for i in range(G) for j in range(G) if (i // r) * (G // r) + (j // r) == region]
+
+
+@pytest.mark.parametrize("r", [3, 2])
+def test_gather_region_matches_loop(r):
+    h = rng(5).normal(size=(B, G, G, D)).astype(np.float32)
+    regions = np.array([0, (G // r) ** 2 - 1, G // r + 1], np.int32)  # first, last, an inner one
+    got = np.asarray(gather_region(jnp.asarray(h), jnp.asarray(regions), r))
+    for b in range(B):
+        cells = region_cells(regions[b], r)
+        want = np.stack([h[b, i, j] for i, j in cells]).reshape(r, r, D)
+        np.testing.assert_array_equal(got[b], want)
+
+
+def test_gather_visual_per_example_offsets():
+    T, V = 45, G * G
+    h = rng(6).normal(size=(B, T, D)).astype(np.float32)
+    offsets = [0, 3, 9]
+    vis = np.stack([o + np.arange(V) for o in offsets]).astype(np.int32)
+    got = np.asarray(gather_visual(jnp.asarray(h), jnp.asarray(vis), G))
+    for b in range(B):
+        for i in range(G):
+            for j in range(G):
+                np.testing.assert_array_equal(got[b, i, j], h[b, offsets[b] + i * G + j])
+
+
+@pytest.mark.parametrize("r,s", [(3, 2), (2, 3)])
+def test_sr_position_ids_match_loop(r, s):
+    pos = np.stack([rng(7 + b).permutation(100)[: G * G] for b in range(B)]).astype(np.int32)
+    regions = np.array([1, 0, (G // r) ** 2 - 1], np.int32)
+    got = np.asarray(sr_position_ids(jnp.asarray(pos), jnp.asarray(regions), G, r, s))
+    assert got.shape == (B, (s * r) ** 2)
+    for b in range(B):
+        cells = region_cells(regions[b], r)
+        row0, col0 = cells[0]
+        want = [pos[b, (row0 + i // s) * G + col0 + j // s] for i in range(s * r) for j in range(s * r)]
+        np.testing.assert_array_equal(got[b], want)
+
+
+def test_select_on_expand():
+    action = jnp.asarray([EXPAND, KEEP, DROP], jnp.int32)
+    new, old = jnp.ones((B, 4, D)), jnp.zeros((B, 4, D))
+    got = np.asarray(select_on_expand(action, new, old))
+    np.testing.assert_array_equal(got[:, 0, 0], [1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(select_on_expand(action, jnp.ones((B, 4)), jnp.zeros((B, 4))))[:, 0], [1, 0, 0])
+
+
+# --------------------------------------------------------------------------- TokenSR
+
+
+def to_torch(x):  # NHWC -> NCHW
+    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_tokensr_interp_matches_torch(s):
+    r = 3
+    x = rng(8).normal(size=(B, r, r, D)).astype(np.float32)
+    sr = TokenSR(D, region_size=r, scale=s, kind="interp", rngs=nnx.Rngs(0))
+    got = np.asarray(sr(jnp.asarray(x)))
+    want = F.interpolate(to_torch(x), scale_factor=s, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+    assert nnx.state(sr, nnx.Param) == nnx.State({})
+
+
+def test_untrained_conv_tokensr_equals_interp():
+    r, s = 3, 2
+    x = jnp.asarray(rng(9).normal(size=(B, r, r, D)), jnp.float32)
+    # C = D keeps this the file's only random init cheap (one kernel shape to compile for).
+    sr = TokenSR(D, region_size=r, scale=s, kind="conv", channels=D, rngs=nnx.Rngs(0))
+    interp = TokenSR(D, region_size=r, scale=s, kind="interp", rngs=nnx.Rngs(0))
+    assert np.any(np.asarray(sr.conv1.kernel[...]) != 0)
+    np.testing.assert_array_equal(np.asarray(sr(x)), np.asarray(interp(x)))
+
+
+def test_tokensr_conv_matches_torch():
+    r, s, C = 3, 2, 7
+    x = jnp.asarray(rng(9).normal(size=(B, r, r, D)), jnp.float32)
+    # Abstract init (no random kernels to compute): every parameter is set below.
+    sr = nnx.eval_shape(lambda: TokenSR(D, region_size=r, scale=s, kind="conv", channels=C, rngs=nnx.Rngs(0)))
+    g = rng(10)
+    weights = []
+    for conv, (cin, cout) in ((sr.conv1, (D, C)), (sr.conv2, (C, C)), (sr.conv3, (C, D))):
+        kernel = g.normal(size=(3, 3, cin, cout)).astype(np.float32) * 0.3  # HWIO
+        bias = g.normal(size=(cout,)).astype(np.float32)
+        assert conv.kernel.shape == kernel.shape and conv.bias.shape == bias.shape
+        conv.kernel.set_value(jnp.asarray(kernel))
+        conv.bias.set_value(jnp.asarray(bias))
+        weights.append((torch.from_numpy(kernel).permute(3, 2, 0, 1), torch.from_numpy(bias)))  # OIHW
+
+    u = F.interpolate(to_torch(x), scale_factor=s, mode="bilinear", align_corners=False)
+    f = F.relu(F.conv2d(u, *weights[0], padding=1))
+    f = F.relu(F.conv2d(f, *weights[1], padding=1))
+    want = (u + F.conv2d(f, *weights[2], padding=1)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(sr(x)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tokensr_bank_paths():
+    cfg = BlinkConfig(layers=(2, 5), region_size=3, tokensr_kind="conv", tokensr_channels=4)
+    bank = nnx.eval_shape(lambda: TokenSRBank(cfg, D, rngs=nnx.Rngs(0)))
+    paths = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(bank, nnx.Param))}
+    assert paths == {(f"layer_{l}", c, w) for l in (2, 5) for c in ("conv1", "conv2", "conv3")
+                     for w in ("kernel", "bias")}
+    assert bank.for_layer(5) is bank[5] and bank[2].conv1.kernel.shape == (3, 3, D, 4)
+    assert bank[5].conv3.kernel.shape == (3, 3, 4, D)
+    with pytest.raises(KeyError, match="layer 3"):
+        bank.for_layer(3)
+    interp = TokenSRBank(dataclasses.replace(cfg, tokensr_kind="interp"), D, rngs=nnx.Rngs(0))
+    assert nnx.state(interp, nnx.Param) == nnx.State({})
+    assert interp[5](jnp.zeros((B, 3, 3, D))).shape == (B, 6, 6, D)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="region_size=4.*grid side 6"):
+        BlinkConfig(layers=(1,), region_size=4).validate_for(num_layers=3, grid=6)
+    with pytest.raises(ConfigError, match=r"layers=.*index 12.*3 layers"):
+        BlinkConfig().validate_for(num_layers=3, grid=24)
+    with pytest.raises(ConfigError, match="tau_drop=0.4"):
+        BlinkConfig(tau_drop=0.4)
+    with pytest.raises(ConfigError, match="reexpand='again'"):
+        BlinkConfig(reexpand="again")
+    with pytest.raises(ConfigError, match="layers=.*sorted and unique"):
+        BlinkConfig(layers=(3, 2))
+    with pytest.raises(ConfigError, match="tau_exp"):
+        BlinkConfig(tau_exp=-0.1, tau_drop=0.0)
+    BlinkConfig(tau_exp=1.5).validate_for(num_layers=32, grid=24)  # expansion disabled: allowed
+
+
+def test_config_ablations_and_split():
+    cfg = BlinkConfig(layers=[1, 2], region_size=3)
+    assert cfg.layers == (1, 2) and cfg.sr_side == 6 and cfg.num_sr_tokens == 36 and cfg.num_regions(6) == 4
+    assert cfg.ablation("random").region_choice == "random"
+    assert cfg.ablation("fixed").static_part().fixed
+    assert cfg.ablation("no-drop").drop is False
+    assert cfg.ablation("high-tau").tau_exp == 0.45
+    assert cfg.ablation("full") == cfg
+    with pytest.raises(ConfigError, match="ablation 'nope'"):
+        cfg.ablation("nope")
+    static, thr = cfg.split()
+    assert not hasattr(static, "tau_exp")
+    assert hash(static) == hash(dataclasses.replace(cfg, tau_exp=0.9).static_part())
+    assert float(thr.tau_exp) == pytest.approx(0.30) and thr.tau_drop.dtype == jnp.float32
+    assert static.with_thresholds(0.3, 0.15) == cfg

@@ -84,17 +84,23 @@ class Llava:
             raise InputError(f"pixel_values has shape {pixel_values.shape}, expected {expected} ([B, C, H, W])")
         return jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), jnp.asarray(attention_mask, jnp.int32)
 
-    def __call__(self, *, input_ids, pixel_values, attention_mask=None, blink=None, tokensr=None) -> ModelOutput:
+    def __call__(self, *, input_ids, pixel_values, attention_mask=None, blink=None, tokensr=None,
+                 rng=None) -> ModelOutput:
+        """Prefill logits [B, T, V]. `blink=BlinkConfig(...)` runs Blink (`out.trace` holds its decisions);
+        `tokensr` is the trained TokenSR (bank or state) for tokensr_kind='conv'; `rng` seeds the random-region
+        ablation."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         if blink is None:
             logits, _ = _prefill(self.graphdef, self.params, ids, px, mask)
             return ModelOutput(logits=logits)
         from blink_jax.blink.runner import blink_prefill
-        return blink_prefill(self, ids, px, mask, blink, tokensr)
+        return blink_prefill(self, ids, px, mask, blink, tokensr, rng)
 
     def generate(self, *, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
-                 blink=None, tokensr=None, eos_token_id: int | None = None, pad_token_id: int | None = None):
-        """Greedy decoding. -> np.ndarray [B, max_new_tokens] int32, padded with `pad_token_id` after EOS."""
+                 blink=None, tokensr=None, rng=None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, return_trace: bool = False):
+        """Greedy decoding. -> np.ndarray [B, max_new_tokens] int32, padded with `pad_token_id` after EOS
+        (and Blink's trace of the prefill with `return_trace=True`)."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         text = self.config.text
         eos = text.eos_token_id if eos_token_id is None else eos_token_id
@@ -102,11 +108,12 @@ class Llava:
         eos = -1 if eos is None else eos
         if blink is not None:
             from blink_jax.blink.runner import blink_generate
-            return blink_generate(self, ids, px, mask, blink, tokensr, max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos, pad_token_id=pad)
-        tokens = _generate(self.graphdef, self.params, ids, px, mask, max_new_tokens=max_new_tokens,
-                           eos_token_id=eos, pad_token_id=pad)
-        return np.asarray(tokens)
+            tokens, trace = blink_generate(self, ids, px, mask, blink, tokensr, max_new_tokens=max_new_tokens,
+                                           eos_token_id=eos, pad_token_id=pad, rng=rng)
+            return (tokens, trace) if return_trace else tokens
+        tokens = np.asarray(_generate(self.graphdef, self.params, ids, px, mask, max_new_tokens=max_new_tokens,
+                                      eos_token_id=eos, pad_token_id=pad))
+        return (tokens, None) if return_trace else tokens
 
 
 def generate(model: Llava, **kwargs) -> np.ndarray:

@@ -170,7 +170,7 @@ def test_decide_table(policy):
     reexpand, drop, fixed = policy
     cases = DECIDE_TABLE[policy]
     rho, rs, exp, cur = (jnp.asarray([c[0][i] for c in cases]) for i in range(4))
-    action, new_exp, new_region = decide(
+    action, new_exp, new_region = jax.jit(decide, static_argnames=("drop", "reexpand", "fixed"))(
         rho.astype(jnp.float32), rs, exp, cur, jnp.float32(TE), jnp.float32(TD),
         drop=drop, reexpand=reexpand, fixed=fixed,
     )
@@ -219,9 +219,9 @@ def test_decide_vmaps_and_per_example_thresholds():
     exp = jnp.asarray([[False, True], [True, False]])
     cur = jnp.asarray([[NO_REGION, 2], [1, NO_REGION]], jnp.int32)
     f = lambda r, s, e, c, te: decide(r, s, e, c, te, jnp.float32(0.15), drop=True, reexpand="refocus", fixed=False)
-    act = jax.vmap(f, in_axes=(0, 0, 0, 0, None))(rho, rs, exp, cur, jnp.float32(0.3))[0]
+    act = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, 0, None)))(rho, rs, exp, cur, jnp.float32(0.3))[0]
     assert np.asarray(act).tolist() == [[EXPAND, DROP], [KEEP, EXPAND]]
-    per_example = f(rho[1], rs[1], exp[1], cur[1], jnp.asarray([0.1, 0.45], jnp.float32))[0]
+    per_example = jax.jit(f)(rho[1], rs[1], exp[1], cur[1], jnp.asarray([0.1, 0.45], jnp.float32))[0]
     assert np.asarray(per_example).tolist() == [EXPAND, NONE]
     assert action_names(act) == [["expand", "drop"], ["keep", "expand"]]
 

@@ -18,6 +18,7 @@ A jitted forward must not recompile when a threshold changes, so the config spli
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -60,7 +61,7 @@ def _validate_static(cfg) -> None:
         raise ConfigError(f"BlinkConfig.layers={layers} has a negative index; layer indices count from 0")
     for field in ("region_size", "scale", "tokensr_channels"):
         value = getattr(cfg, field)
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"BlinkConfig.{field}={value!r} must be a positive int")
     _check_choice("reexpand", cfg.reexpand, REEXPAND)
     _check_choice("tokensr_kind", cfg.tokensr_kind, TOKENSR_KINDS)
@@ -176,7 +177,7 @@ class BlinkConfig(_Geometry):
         _validate_static(self)
         for field in ("tau_exp", "tau_drop"):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` also catches NaN
+            if not isinstance(value, numbers.Real) or not value >= 0:  # `not >=` also catches NaN
                 raise ConfigError(f"BlinkConfig.{field}={value!r} must be a non-negative number")
         if self.tau_drop > self.tau_exp:
             raise ConfigError(

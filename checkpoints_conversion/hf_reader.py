@@ -1,0 +1,287 @@
+"""Find, validate and read the weights of a Hugging Face LLaVA directory, one tensor at a time.
+
+Accepted weight files, in this order of preference: `model.safetensors.index.json` (sharded safetensors),
+`model.safetensors`, `pytorch_model.bin.index.json` (sharded torch pickles), `pytorch_model.bin`.
+Keys may be in any of the three layouts of BLINK.md §1; they are reduced to the hub layout by
+`param_mapping.canonical_key`.
+
+Everything is checked from file headers before any tensor data is read (`plan`): the key set against
+`build_mapping(cfg)`, every shape against `param_shapes(cfg)` (through the inverse transform, i.e. in
+torch's layout) and that every tensor is floating point. One `CheckpointError` lists every problem.
+
+Keys that are not parameters and are ignored, as transformers ignores them:
+- `*.position_ids`, `*.rotary_emb.inv_freq`: buffers that older transformers versions saved;
+- `language_model.lm_head.weight` when the config ties word embeddings: the model reuses
+  `embed_tokens`, as transformers does, so a stored head (equal or not) is never read.
+
+bf16 tensors are read as `ml_dtypes.bfloat16` numpy arrays (bit-exact, no up-cast); numpy alone has no bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from blink_jax.config import LlavaConfig
+from blink_jax import loading
+from blink_jax.loading import CheckpointError
+from checkpoints_conversion.param_mapping import Entry, build_mapping, canonical_key
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+IGNORED_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
+TIED_HEAD = "language_model.lm_head.weight"
+
+# safetensors dtype tags -> numpy dtypes (bf16 through ml_dtypes)
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """Where one stored tensor lives, from the file header only."""
+    key: str  # the key as stored in the file (any layout)
+    file: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@functools.lru_cache(maxsize=8)
+def param_shapes(cfg: LlavaConfig) -> dict[tuple, tuple]:
+    """`loading.param_shapes`, cached: tracing the model's shapes takes a while. Do not mutate the result."""
+    return loading.param_shapes(cfg)
+
+
+def np_dtype(dtype) -> np.dtype | None:
+    """None, a name ('bfloat16', 'float32', ...) or a numpy/jax dtype -> numpy dtype (bf16 via ml_dtypes)."""
+    if dtype is None:
+        return None
+    return np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The weight files of an HF directory, validated against their index file if there is one."""
+    d = Path(model_dir)
+    for index, single in ((SAFETENSORS_INDEX, SAFETENSORS), (TORCH_BIN_INDEX, TORCH_BIN)):
+        if (d / index).is_file():
+            return _files_from_index(d / index)
+        if (d / single).is_file():
+            return [d / single]
+    raise CheckpointError(f"no weights in '{d}': expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, "
+                          f"{TORCH_BIN} or {TORCH_BIN_INDEX} with its shards")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"index file '{index}' is not a valid HF index (needs a 'weight_map'): {e!r}") from None
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"index file '{index}' names shard(s) that do not exist: {absent}; re-download them")
+    return files
+
+
+def _header(file: Path) -> dict[str, TensorRef]:
+    """Stored key -> TensorRef, reading only the file's header (safetensors) or mapping it (torch zip)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(file), framework="pt") as f:
+                return {k: _st_ref(k, file, f.get_slice(k)) for k in f.keys()}
+        return {k: TensorRef(k, file, tuple(t.shape), _torch_np_dtype(t.dtype)) for k, t in _torch_load(file).items()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors / pickle errors have no common base class
+        raise CheckpointError(f"cannot read weight file '{file}' (corrupt or truncated?): {e}. "
+                              f"Re-download or re-save it.") from None
+
+
+def _st_ref(key: str, file: Path, sl) -> TensorRef:
+    tag = sl.get_dtype()
+    if tag not in _ST_DTYPES:
+        raise CheckpointError(f"checkpoint key '{key}' in '{file}' has dtype {tag}, which this converter cannot read")
+    return TensorRef(key, file, tuple(sl.get_shape()), np.dtype(_ST_DTYPES[tag]))
+
+
+def _torch_load(file: Path) -> dict:
+    import torch
+    try:  # zip-format pickles can be memory-mapped: metadata now, data on access
+        state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        state = torch.load(str(file), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weight file '{file}' holds a {type(state).__name__}, expected a state_dict")
+    return state
+
+
+def _torch_np_dtype(torch_dtype) -> np.dtype:
+    import torch
+    return np.dtype(ml_dtypes.bfloat16) if torch_dtype == torch.bfloat16 else np.dtype(
+        torch.empty((), dtype=torch_dtype).numpy().dtype)
+
+
+def _to_numpy(t) -> np.ndarray:
+    """torch tensor -> numpy, bf16 kept bit-exact as ml_dtypes.bfloat16."""
+    import torch
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+# --------------------------------------------------------------------------------------- public API
+
+
+def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorRef]:
+    """Canonical key -> TensorRef for every tensor in the directory's weight files (no tensor data read).
+
+    Two stored keys that reduce to the same canonical key (e.g. `vision_tower.x` and
+    `vision_tower.vision_model.x`), in one file or across shards, are an error.
+    """
+    refs: dict[str, TensorRef] = {}
+    clashes = []
+    for file in weight_files(model_dir):
+        for key, ref in _header(file).items():
+            canon = canonical_key(key)
+            if canon in refs:
+                other = refs[canon]
+                clashes.append(f"'{key}' in '{file.name}' and '{other.key}' in '{other.file.name}' are both "
+                               f"'{canon}'")
+            refs[canon] = ref
+    if clashes:
+        raise CheckpointError(f"duplicate keys in '{model_dir}' (the same parameter stored twice, in different "
+                              f"key layouts or shards); keep one of each:\n  " + "\n  ".join(clashes))
+    return refs
+
+
+def iter_tensors(source: str | os.PathLike | dict[str, TensorRef],
+                 keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (canonical key, numpy array) one at a time, in the order of `keys` (default: all).
+
+    `source` is a directory or the result of `list_tensors`. Each file is opened once.
+    """
+    refs = source if isinstance(source, dict) else list_tensors(source)
+    keys = list(refs) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in refs]
+    if unknown:
+        raise CheckpointError(f"keys not in the checkpoint: {unknown}")
+    with contextlib.ExitStack() as stack:
+        readers: dict[Path, object] = {}
+        for key in keys:
+            ref = refs[key]
+            if ref.file not in readers:
+                readers[ref.file] = _open(ref.file, stack)
+            yield key, _read(readers[ref.file], ref)
+
+
+def _open(file: Path, stack: contextlib.ExitStack):
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+            return stack.enter_context(safe_open(str(file), framework="pt"))
+        return _torch_load(file)
+    except Exception as e:
+        raise CheckpointError(f"cannot read weight file '{file}': {e}") from None
+
+
+def _read(reader, ref: TensorRef) -> np.ndarray:
+    try:
+        tensor = reader[ref.key] if isinstance(reader, dict) else reader.get_tensor(ref.key)
+        array = _to_numpy(tensor)
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor '{ref.key}' from '{ref.file}' (corrupt file?): {e}") from None
+    if array.shape != ref.shape:
+        raise CheckpointError(f"tensor '{ref.key}' in '{ref.file}' has shape {array.shape}, its header says "
+                              f"{ref.shape}: the file is corrupt")
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One parameter to produce: the mapping entry, our shape, and where the tensor is stored."""
+    entry: Entry
+    shape: tuple[int, ...]
+    ref: TensorRef
+
+
+def hf_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch-layout shape that `entry.transform.to_ours` turns into our `shape` (no data touched)."""
+    return _hf_shape(entry.transform, tuple(shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hf_shape(transform, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(jax.eval_shape(transform.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape)
+
+
+def plan(model_dir: str | os.PathLike, cfg: LlavaConfig) -> list[Step]:
+    """Validates the checkpoint against the config from headers alone; -> the steps to read it.
+
+    Raises one CheckpointError naming every missing key, unexpected key, wrong shape and wrong dtype.
+    """
+    refs = list_tensors(model_dir)
+    shapes = param_shapes(cfg)
+    entries = build_mapping(cfg)
+    expected = {e.hf_key for e in entries}
+    problems, steps = [], []
+    for entry in entries:
+        ref = refs.get(entry.hf_key)
+        if ref is None:
+            problems.append(f"missing key '{entry.hf_key}' (shape {hf_shape(entry, shapes[entry.path])})")
+            continue
+        want = hf_shape(entry, shapes[entry.path])
+        if ref.shape != want:
+            problems.append(f"checkpoint key '{ref.key}' has shape {ref.shape}, expected {want}")
+        elif not np.issubdtype(ref.dtype, np.floating) and ref.dtype != ml_dtypes.bfloat16:
+            problems.append(f"checkpoint key '{ref.key}' has dtype {ref.dtype}, expected a floating-point type")
+        else:
+            steps.append(Step(entry, shapes[entry.path], ref))
+    for canon, ref in refs.items():
+        if canon not in expected and not _ignored(canon, cfg):
+            problems.append(f"unexpected key '{ref.key}' (shape {ref.shape}) in '{ref.file.name}'")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{model_dir}' does not match its config.json ({len(problems)} problem(s)); check that "
+            f"the weights and config.json come from the same model:\n  " + "\n  ".join(problems))
+    return steps
+
+
+def _ignored(canon: str, cfg: LlavaConfig) -> bool:
+    return bool(IGNORED_BUFFERS.search(canon)) or (canon == TIED_HEAD and cfg.text.tie_word_embeddings)
+
+
+def iter_plan(steps: list[Step], dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (our parameter path, array in our layout) one at a time, cast to `dtype` (None: as stored)."""
+    dtype = np_dtype(dtype)
+    refs = {s.entry.hf_key: s.ref for s in steps}
+    for step, (_, x) in zip(steps, iter_tensors(refs, [s.entry.hf_key for s in steps])):
+        if dtype is not None:
+            x = x.astype(dtype, copy=False)
+        yield step.entry.path, np.ascontiguousarray(step.entry.transform.to_ours(x, step.shape))
+
+
+def iter_params(model_dir: str | os.PathLike, cfg: LlavaConfig, dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Validates everything first (before the first yield is requested), then yields (path, array)."""
+    return iter_plan(plan(model_dir, cfg), dtype)
+
+
+def read_params(model_dir: str | os.PathLike, cfg: LlavaConfig, dtype=None) -> dict[tuple, np.ndarray]:
+    """Our parameter path -> numpy array for the whole model, validated before any tensor is read."""
+    return dict(iter_params(model_dir, cfg, dtype))

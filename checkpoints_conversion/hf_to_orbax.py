@@ -1,0 +1,153 @@
+"""Convert a Hugging Face LLaVA-1.5 directory into this project's orbax directory (see `orbax_io`).
+
+    python -m checkpoints_conversion.hf_to_orbax --hf-dir llava-1.5-7b-hf --out llava-7b-jax --verify
+
+Everything is validated (config, key set, shapes, file headers, output directory) before anything is
+written; tensors are then streamed one at a time, and the output appears atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from blink_jax.config import ConfigError, LlavaConfig
+from blink_jax.loading import CheckpointError
+from checkpoints_conversion import hf_reader, orbax_io
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Largest |logit difference| accepted by --verify. Both models run in fp32 with identical weights, so
+# only op-order differences remain; reduced-precision weights make activations (and differences) coarser.
+DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None, *,
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """HF directory -> converted directory. `dtype`: None keeps the stored dtype(s). -> the output path."""
+    cfg = LlavaConfig.from_json(hf_dir)
+    steps = hf_reader.plan(hf_dir, cfg)
+    orbax_io.check_out_dir(out_dir, overwrite)
+    params = hf_reader.iter_plan(steps, dtype)
+    if progress:
+        from tqdm import tqdm
+        params = tqdm(params, total=len(steps), unit="tensor", desc=f"converting {Path(hf_dir).name}")
+    return orbax_io.write_converted(out_dir, hf_dir, params, dtype, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def sample_inputs(cfg: LlavaConfig, batch: int = 2, text_len: int = 7, seed: int = 0):
+    """Random pixels and prompts `[bos, <image> x P, random words]`. -> (input_ids, pixel_values, mask)."""
+    rng = np.random.default_rng(seed)
+    t = cfg.text
+    words = np.setdiff1d(np.arange(3, t.vocab_size), [cfg.image_token_index])
+    text = rng.choice(words, size=(batch, text_len))
+    image = np.full((batch, cfg.num_image_tokens), cfg.image_token_index)
+    bos = np.full((batch, 1), t.bos_token_id if t.bos_token_id is not None else 1)
+    input_ids = np.concatenate([bos, image, text], axis=1).astype(np.int64)
+    size = cfg.vision.image_size
+    pixels = rng.standard_normal((batch, cfg.vision.num_channels, size, size)).astype(np.float32)
+    return input_ids, pixels, np.ones_like(input_ids)
+
+
+def our_logits(converted_dir, input_ids, pixel_values, attention_mask) -> np.ndarray:
+    """Logits of our model loaded from a converted directory, computed in fp32."""
+    import jax.numpy as jnp
+
+    from blink_jax.loading import model_from_params
+    from blink_jax.runtime import Llava
+
+    cfg, params = orbax_io.read_params(converted_dir)
+    model = Llava(model_from_params(cfg, params, jnp.float32), model_dir=converted_dir)
+    return np.asarray(model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits)
+
+
+def hf_logits(hf_dir, weight_dtype: str | None, input_ids, pixel_values, attention_mask) -> np.ndarray:
+    """Logits of transformers' PyTorch model, weights rounded to `weight_dtype` as ours were, computed in fp32."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    load_dtype = getattr(torch, weight_dtype) if weight_dtype else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=load_dtype, attn_implementation="eager")
+    model = model.float().eval()
+    mask = torch.from_numpy(attention_mask)
+    position_ids = torch.where(mask > 0, mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(input_ids), pixel_values=torch.from_numpy(pixel_values),
+                    attention_mask=mask, position_ids=position_ids)
+    return out.logits.float().numpy()
+
+
+def verify(converted_dir, hf_dir, *, batch: int = 2, seed: int = 0) -> float:
+    """Largest |logit difference| between our model (from `converted_dir`) and transformers' (from `hf_dir`).
+
+    Both run in fp32 on the same random sample; transformers' weights are first cast to the converted dtype,
+    so both models hold the same weights whatever `--dtype` was.
+    """
+    cfg = LlavaConfig.from_json(converted_dir)
+    dtypes = orbax_io.read_marker(converted_dir)["dtypes"]
+    weight_dtype = dtypes[0] if len(dtypes) == 1 else None
+    inputs = sample_inputs(cfg, batch=batch, seed=seed)
+    ours = our_logits(converted_dir, *inputs)
+    theirs = hf_logits(hf_dir, weight_dtype, *inputs)
+    return float(np.max(np.abs(ours - theirs)))
+
+
+def default_tolerance(converted_dir) -> float:
+    dtypes = orbax_io.read_marker(converted_dir)["dtypes"]
+    return max(DEFAULT_TOLERANCE.get(d, 2e-2) for d in dtypes)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m checkpoints_conversion.hf_to_orbax",
+        description="Convert a Hugging Face LLaVA-1.5 checkpoint directory (config.json + safetensors or "
+                    "pytorch_model.bin, single or sharded, any of the llava-hf key layouts) into a blink-jax "
+                    "orbax directory, loadable with blink_jax.load_pretrained(out).",
+        epilog="Example: python -m checkpoints_conversion.hf_to_orbax --hf-dir llava-1.5-7b-hf "
+               "--out llava-1.5-7b-jax --dtype bfloat16 --verify")
+    p.add_argument("--hf-dir", required=True, help="Hugging Face LLaVA directory (config.json, weights, tokenizer)")
+    p.add_argument("--out", required=True, help="output directory; must not exist or be empty (see --overwrite)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="store parameters in this dtype (default: keep the checkpoint's own dtype)")
+    p.add_argument("--verify", action="store_true",
+                   help="after converting, run our model and transformers' on a random image + prompt and "
+                        "report the largest absolute logit difference (needs memory for both models in fp32)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="--verify fails above this |logit difference| "
+                        f"(default: {DEFAULT_TOLERANCE['float32']} for fp32 weights, looser for bf16/fp16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = convert(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, FileExistsError) as e:
+        print(f"error: {e}\nnothing was written to '{args.out}'", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    if not args.verify:
+        return 0
+    diff = verify(out, args.hf_dir)
+    tol = args.tolerance if args.tolerance is not None else default_tolerance(out)
+    print(f"verify: max |logit difference| vs transformers = {diff:.3g} (tolerance {tol:g})")
+    if not diff <= tol:
+        print("error: verification FAILED: the converted model does not reproduce transformers' logits",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

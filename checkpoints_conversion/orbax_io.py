@@ -1,0 +1,247 @@
+"""This project's converted checkpoint directory: written streaming and atomically, read back validated.
+
+On disk (`out/`):
+
+    blink_jax_checkpoint.json    marker: format, version, dtype, groups (written last)
+    config.json, generation_config.json, tokenizer*.json, ...   copied from the HF directory
+    params/<group>/              one orbax PyTree checkpoint per group, e.g. params/language_model.layers.0/
+
+A group is one transformer layer (`vision_tower.encoder.layers.i`, `language_model.layers.i`) or one
+top-level module (`language_model.embed_tokens`, `multi_modal_projector.linear_1`, ...). Each group is
+saved as soon as its last tensor arrives and then dropped, so converting holds about one layer in memory,
+never the whole model. Inside a group the pytree is a nested dict of the path below the group, e.g.
+`{"self_attn": {"q_proj": {"kernel": array}}}`; arrays are numpy (bf16 as `ml_dtypes.bfloat16`).
+
+Atomicity: everything is written into a hidden sibling `.{name}.tmp-<pid>` and renamed into place at the
+end, so a crash or kill never leaves a directory that `is_converted_dir` accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from blink_jax.config import LlavaConfig
+from blink_jax.loading import CheckpointError
+from checkpoints_conversion.hf_reader import np_dtype, param_shapes
+from checkpoints_conversion.param_mapping import path_str
+
+MARKER = "blink_jax_checkpoint.json"
+FORMAT, VERSION = "blink-jax-llava-orbax", 1
+PARAMS_DIR = "params"
+# Everything besides weights that `from_pretrained` / the processor read from an HF directory.
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
+             "processor_config.json", "chat_template.json", "chat_template.jinja")
+LAYER_CONTAINERS = (("vision_tower", "encoder", "layers"), ("language_model", "layers"))
+
+
+def group_of(path: tuple) -> tuple:
+    """The group a parameter path is saved in: its layer (path up to the layer index) or its module."""
+    for container in LAYER_CONTAINERS:
+        if path[:len(container)] == container:
+            return path[:len(container) + 1]
+    return path[:2]
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+# ------------------------------------------------------------------------------------------- atomic dir
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raises FileExistsError if `out_dir` holds anything and `overwrite` is False. -> absolute path."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output '{out}' exists and is not a directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory '{out}' is not empty: choose another --out, or pass "
+                              f"--overwrite (overwrite=True) to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling directory to fill; on success it replaces `out_dir`, on error it is removed."""
+    out = check_out_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)  # `out` was checked: empty, or overwrite=True
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_aux_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copies config, generation config and tokenizer/processor files that exist. -> their names."""
+    copied = []
+    for name in AUX_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class _GroupWriter:
+    """Collects parameters and saves each group as soon as it is complete."""
+
+    def __init__(self, root: Path, shapes: dict[tuple, tuple], dtype):
+        import orbax.checkpoint as ocp
+
+        self.root, self.shapes, self.dtype = root, shapes, dtype
+        self.members: dict[tuple, set] = {}
+        for path in shapes:
+            self.members.setdefault(group_of(path), set()).add(path)
+        self.pending: dict[tuple, dict] = {}
+        self.written: list[tuple] = []
+        self.seen: set = set()
+        self.dtypes: set = set()
+        self.checkpointer = ocp.PyTreeCheckpointer()  # synchronous: save returns when the files are final
+
+    def add(self, path: tuple, array: np.ndarray) -> None:
+        if path not in self.shapes:
+            raise CheckpointError(f"parameter '{path_str(path)}' is not a parameter of this config's model")
+        if path in self.seen:
+            raise CheckpointError(f"parameter '{path_str(path)}' was given twice")
+        if tuple(array.shape) != self.shapes[path]:
+            raise CheckpointError(f"parameter '{path_str(path)}' has shape {tuple(array.shape)}, expected "
+                                  f"{self.shapes[path]}")
+        if self.dtype is not None:
+            array = array.astype(self.dtype, copy=False)
+        self.seen.add(path)
+        self.dtypes.add(_dtype_name(array.dtype))
+        group = group_of(path)
+        self.pending.setdefault(group, {})[path] = np.ascontiguousarray(array)
+        if len(self.pending[group]) == len(self.members[group]):
+            self._save(group, self.pending.pop(group))
+
+    def _save(self, group: tuple, params: dict[tuple, np.ndarray]) -> None:
+        tree: dict = {}
+        for path, array in params.items():
+            node = tree
+            for part in path[len(group):-1]:
+                node = node.setdefault(str(part), {})
+            node[str(path[-1])] = array
+        self.checkpointer.save(self.root / path_str(group), tree)
+        self.written.append(group)
+
+    def finish(self) -> None:
+        missing = sorted(set(self.shapes) - self.seen, key=str)
+        if missing:
+            raise CheckpointError(f"conversion ended without {len(missing)} parameter(s): "
+                                  f"{[path_str(p) for p in missing]}")
+
+
+def write_converted(out_dir: str | os.PathLike, cfg_source_dir: str | os.PathLike,
+                    tensors_iter: Iterable[tuple[tuple, np.ndarray]], dtype=None, *, overwrite: bool = False) -> Path:
+    """Writes a converted directory from (our path, array) pairs, streaming and atomically. -> its path.
+
+    `cfg_source_dir` holds the HF `config.json` (and tokenizer files, copied along). `dtype` casts every
+    array (None keeps each as given). Every parameter of the config's model must come exactly once.
+    """
+    cfg = LlavaConfig.from_json(cfg_source_dir)
+    dtype = np_dtype(dtype)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        copy_aux_files(cfg_source_dir, tmp)
+        writer = _GroupWriter((tmp / PARAMS_DIR).absolute(), param_shapes(cfg), dtype)
+        for path, array in tensors_iter:
+            writer.add(path, array)
+        writer.finish()
+        marker = {"format": FORMAT, "version": VERSION,
+                  "dtype": _dtype_name(dtype) if dtype is not None else "as-stored",
+                  "dtypes": sorted(writer.dtypes),
+                  "groups": [{"name": path_str(g), "prefix": list(g)} for g in writer.written]}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    return Path(out_dir).absolute()
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def is_converted_dir(model_dir: str | os.PathLike) -> bool:
+    """True iff `model_dir` holds a complete converted checkpoint (its marker is written last)."""
+    try:
+        return read_marker(model_dir)["format"] == FORMAT
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def read_marker(model_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(model_dir) / MARKER).read_text())
+
+
+def iter_groups(model_dir: str | os.PathLike) -> Iterator[dict[tuple, np.ndarray]]:
+    """Yields each group's {our path: array}, one group in memory at a time."""
+    import orbax.checkpoint as ocp
+
+    d = Path(model_dir).absolute()
+    marker = read_marker(d)
+    if marker.get("format") != FORMAT or marker.get("version") != VERSION:
+        raise CheckpointError(f"'{d / MARKER}' is format {marker.get('format')!r} version {marker.get('version')!r}; "
+                              f"this code reads {FORMAT!r} version {VERSION}: re-run the conversion")
+    checkpointer = ocp.PyTreeCheckpointer()
+    for group in marker["groups"]:
+        prefix = tuple(group["prefix"])
+        folder = d / PARAMS_DIR / group["name"]
+        try:
+            tree = checkpointer.restore(folder)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore parameter group '{folder}': {e}; re-run the conversion") from None
+        yield {prefix + rel: np.asarray(x) for rel, x in _flatten(tree)}
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
+    for key, value in tree.items():
+        part = int(key) if key.isdigit() else key
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (part,))
+        else:
+            yield prefix + (part,), value
+
+
+def read_params(model_dir: str | os.PathLike) -> tuple[LlavaConfig, dict[tuple, np.ndarray]]:
+    """(config, our path -> numpy array) of a converted directory, checked against the config."""
+    if not is_converted_dir(model_dir):
+        raise CheckpointError(f"'{model_dir}' is not a converted blink-jax checkpoint (no valid {MARKER}); "
+                              f"convert it with `python -m checkpoints_conversion.hf_to_orbax`")
+    cfg = LlavaConfig.from_json(model_dir)
+    params: dict[tuple, np.ndarray] = {}
+    for group in iter_groups(model_dir):
+        params.update(group)
+    check_params(params, param_shapes(cfg), model_dir)
+    return cfg, params
+
+
+def check_params(params: dict[tuple, np.ndarray], shapes: dict[tuple, tuple], where) -> None:
+    problems = [f"missing parameter '{path_str(p)}'" for p in sorted(set(shapes) - set(params), key=str)]
+    problems += [f"unexpected parameter '{path_str(p)}'" for p in sorted(set(params) - set(shapes), key=str)]
+    problems += [f"parameter '{path_str(p)}' has shape {tuple(params[p].shape)}, expected {shapes[p]}"
+                 for p in shapes if p in params and tuple(params[p].shape) != shapes[p]]
+    if problems:
+        raise CheckpointError(f"converted checkpoint '{where}' does not match its config.json; re-run the "
+                              f"conversion:\n  " + "\n  ".join(problems))

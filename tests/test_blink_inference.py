@@ -1,0 +1,189 @@
+"""Blink's buffered, jit-compiled inference against the literal reference in `blink_reference.py`."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_llava as tl
+from blink_jax.blink import BlinkConfig, TokenSRBank
+from blink_jax.blink import runner as blink_runner
+from blink_reference import reference_blink
+from test_model_parity import batch, from_hf
+
+LAYERS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def cases(models):
+    """Threshold pairs covering every decision, on the single example `batch(cfg, (60,), seed=5)`."""
+    _, ours = models
+    return decision_cases(ours, *batch(ours.config, (60,), seed=5))
+
+
+@pytest.fixture(scope="module")
+def models():
+    # 84px images -> a 6x6 grid; region_size 3 -> 4 regions; scale 2 -> 36 SR tokens.
+    hf = tl.make_hf_model(seed=1, vision_image_size=84, text_num_hidden_layers=6)
+    return hf, from_hf(hf)
+
+
+def blink_cfg(**kw) -> BlinkConfig:
+    return BlinkConfig(**{"layers": LAYERS, "region_size": 3, **kw})
+
+
+def random_conv_bank(dim: int, seed: int = 0) -> TokenSRBank:
+    """A conv TokenSR whose last conv is not zero, so it differs from interp."""
+    bank = TokenSRBank(blink_cfg(tokensr_kind="conv", tokensr_channels=7), dim, rngs=nnx.Rngs(seed))
+    for i, layer in enumerate(LAYERS):
+        conv3 = bank[layer].conv3
+        key = jax.random.PRNGKey(100 + i)
+        conv3.kernel[...] = 0.05 * jax.random.normal(key, conv3.kernel.shape)
+        conv3.bias[...] = 0.05 * jax.random.normal(jax.random.fold_in(key, 1), conv3.bias.shape)
+    return bank
+
+
+def conv_params(bank: TokenSRBank) -> dict:
+    return {layer: [(bank[layer].conv1.kernel[...], bank[layer].conv1.bias[...]),
+                    (bank[layer].conv2.kernel[...], bank[layer].conv2.bias[...]),
+                    (bank[layer].conv3.kernel[...], bank[layer].conv3.bias[...])] for layer in LAYERS}
+
+
+def decision_cases(ours, ids, pixels, mask):
+    """Threshold pairs whose traces together expand, keep, drop, refocus and expand again after a drop.
+
+    Candidate thresholds sit just above and below every rho seen so far; a second round adds the rhos
+    that the first round's decisions produced (SR tokens change the later layers' attention).
+    """
+    run = lambda te, td: ours(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                              blink=blink_cfg(tau_exp=float(te), tau_drop=float(td))).trace
+    rhos = set(run(2.0, 0.0).rho[:, 0]) | set(run(0.0, 0.0).rho[:, 0])
+    wanted = {"expand", "keep", "drop", "refocus", "expand again"}
+    chosen, seen, tried = [], set(), set()
+    for _ in range(2):
+        candidates = sorted({round(float(v) + d, 6) for v in rhos for d in (-1e-4, 1e-4)})
+        for tau_exp, tau_drop in itertools.product(candidates, candidates):
+            if tau_drop > tau_exp or (tau_exp, tau_drop) in tried:
+                continue
+            tried.add((tau_exp, tau_drop))
+            trace = run(tau_exp, tau_drop)
+            rhos |= set(trace.rho[:, 0])
+            events = events_of(trace.actions(), trace.region[:, 0])
+            if events - seen:
+                chosen.append(blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop))
+                seen |= events
+        if wanted <= seen:
+            return chosen
+    raise AssertionError(f"no thresholds produced {wanted - seen}: the test model needs other sizes")
+
+
+def events_of(actions, regions) -> set[str]:
+    events, was_dropped, region = set(), False, None
+    for layer_actions, r in zip(actions, regions):
+        a = layer_actions[0]
+        if a == "expand":
+            events.add("expand again" if was_dropped else ("refocus" if region is not None and r != region
+                                                            else "expand"))
+            region = r
+        elif a == "drop":
+            events.add("drop")
+            was_dropped, region = True, None
+        elif a == "keep":
+            events.add("keep")
+    return events
+
+
+def assert_matches_reference(hf, ours, ids, pixels, mask, cfg, tokensr=None, conv=None):
+    out = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg, tokensr=tokensr)
+    ref_logits, ref_trace, _ = reference_blink(hf, ids[0], pixels[0], cfg, conv)
+    np.testing.assert_allclose(np.asarray(out.logits)[0], ref_logits, atol=1e-4, rtol=0)
+    assert out.trace.actions() == [[t["action"]] for t in ref_trace]
+    np.testing.assert_array_equal(out.trace.region[:, 0], [t["region"] for t in ref_trace])
+    np.testing.assert_allclose(out.trace.rho[:, 0], [t["rho"] for t in ref_trace], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["interp", "conv"])
+def test_buffered_blink_equals_literal_reference(models, cases, kind):
+    hf, ours = models
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    bank = random_conv_bank(ours.config.text.hidden_size) if kind == "conv" else None
+    for cfg in cases:
+        if kind == "conv":
+            cfg = BlinkConfig(**{**cfg.__dict__, "tokensr_kind": "conv", "tokensr_channels": 7})
+        assert_matches_reference(hf, ours, ids, pixels, mask, cfg, bank, conv_params(bank) if bank else None)
+
+
+@pytest.mark.parametrize("variant", [dict(reexpand="hold"), dict(drop=False), dict(expansion="fixed")])
+def test_policies_equal_reference(models, cases, variant):
+    hf, ours = models
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    for cfg in cases:
+        assert_matches_reference(hf, ours, ids, pixels, mask, BlinkConfig(**{**cfg.__dict__, **variant}))
+
+
+def test_no_expansion_is_vanilla(models):
+    _, ours = models
+    ids, pixels, mask = batch(ours.config, (60, 50), seed=5)
+    vanilla = np.asarray(ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits)
+    out = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(tau_exp=1.01, tau_drop=0.1))
+    assert set(sum(out.trace.actions(), [])) == {"none"}
+    # Equal up to float summation order (the buffer adds masked slots, so XLA may tile matmuls differently).
+    np.testing.assert_allclose(np.asarray(out.logits)[mask > 0], vanilla[mask > 0], atol=1e-5, rtol=0)
+
+
+def test_batch_with_different_decisions_equals_each_alone(models):
+    _, ours = models
+    lengths = (60, 55, 48)
+    ids, pixels, mask = batch(ours.config, lengths, seed=7)
+    probe = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(tau_exp=2.0, tau_drop=0.0))
+    cfg = blink_cfg(tau_exp=float(np.median(probe.trace.rho)), tau_drop=float(np.quantile(probe.trace.rho, 0.3)))
+    together = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg)
+    patterns = {tuple(together.trace.action[:, i]) for i in range(len(lengths))}
+    assert len(patterns) > 1, "all examples took the same decisions: the test would prove little"
+    for i, n in enumerate(lengths):
+        alone = ours(input_ids=ids[i:i + 1, -n:], pixel_values=pixels[i:i + 1], attention_mask=mask[i:i + 1, -n:],
+                     blink=cfg)
+        np.testing.assert_allclose(np.asarray(together.logits)[i, -n:], np.asarray(alone.logits)[0], atol=1e-5)
+        np.testing.assert_array_equal(together.trace.action[:, i], alone.trace.action[:, 0])
+        np.testing.assert_array_equal(together.trace.region[:, i], alone.trace.region[:, 0])
+
+
+def test_thresholds_and_inputs_do_not_recompile(models):
+    _, ours = models
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    run = lambda cfg, px: ours(input_ids=ids, pixel_values=px, attention_mask=mask, blink=cfg)
+    run(blink_cfg(), pixels)
+    before = blink_runner._prefill._cache_size()
+    for k, (tau_exp, tau_drop) in enumerate([(0.2, 0.1), (0.26, 0.25), (0.9, 0.0), (2.0, 1.5)]):
+        run(blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop), pixels + k)
+    assert blink_runner._prefill._cache_size() == before
+
+
+def test_generation_after_blink_prefill_equals_reference(models, cases):
+    hf, ours = models
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    for cfg in cases[:3]:
+        tokens, trace = ours.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg,
+                                      max_new_tokens=8, eos_token_id=-1, return_trace=True)
+        _, ref_trace, ref_tokens = reference_blink(hf, ids[0], pixels[0], cfg, max_new_tokens=8)
+        assert trace.actions() == [[t["action"]] for t in ref_trace]
+        np.testing.assert_array_equal(tokens[0], ref_tokens)
+
+
+def test_bad_blink_configs(models):
+    _, ours = models
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    from blink_jax import ConfigError
+    with pytest.raises(ConfigError, match="region_size=4 does not divide"):
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(region_size=4))
+    with pytest.raises(ConfigError, match="layer index 6"):
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(layers=(2, 6)))
+    with pytest.raises(ConfigError, match="tau_drop"):
+        blink_cfg(tau_exp=0.2, tau_drop=0.3)
+    with pytest.raises(ValueError, match="needs trained TokenSR"):
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(tokensr_kind="conv"))

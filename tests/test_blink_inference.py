@@ -187,3 +187,44 @@ def test_bad_blink_configs(models):
         blink_cfg(tau_exp=0.2, tau_drop=0.3)
     with pytest.raises(ValueError, match="needs trained TokenSR"):
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(tokensr_kind="conv"))
+
+
+def test_probe_reports_vanilla_saliency_and_hidden_states(models):
+    """`probe_layers` (used by training and calibration) agrees with Blink's trace when nothing expands,
+    and its visual hidden states with the literal reference's layer outputs."""
+    import torch
+    from blink_jax.blink.probe import probe_layers
+
+    hf, ours = models
+    ids, pixels, mask = batch(ours.config, (60, 52), seed=5)
+    cfg = blink_cfg(tau_exp=2.0, tau_drop=0.0)
+    trace = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg).trace
+    probe = jax.jit(lambda m, *a: probe_layers(m, *a, layers=LAYERS, region_size=3))(
+        ours.module, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(probe.rho), trace.rho, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(probe.region), trace.region)
+    with torch.no_grad():
+        pos = np.where(mask > 0, np.cumsum(mask, 1) - 1, 0)
+        hs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos), output_hidden_states=True).hidden_states
+    image = np.argwhere(ids[0] == ours.config.image_token_index)[:, 0]
+    for j, layer in enumerate(LAYERS):
+        expected = hs[layer + 1][0].numpy()[image].reshape(6, 6, -1)
+        np.testing.assert_allclose(np.asarray(probe.visual[j, 0]), expected, atol=1e-4)
+
+
+def test_tokensr_checkpoint_round_trip(models, tmp_path):
+    from blink_jax.blink.checkpoint import load_tokensr, save_tokensr
+
+    _, ours = models
+    bank = random_conv_bank(ours.config.text.hidden_size)
+    cfg = blink_cfg(tokensr_kind="conv", tokensr_channels=7, tau_exp=0.0, tau_drop=0.0)
+    save_tokensr(tmp_path / "sr", bank, cfg, dim=ours.config.text.hidden_size)
+    loaded, loaded_cfg = load_tokensr(tmp_path / "sr")
+    assert loaded_cfg == cfg
+    ids, pixels, mask = batch(ours.config, (60,), seed=5)
+    run = lambda b: np.asarray(ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg,
+                                    tokensr=b).logits)
+    np.testing.assert_array_equal(run(loaded), run(bank))
+    with pytest.raises(FileNotFoundError, match="not a TokenSR checkpoint"):
+        load_tokensr(tmp_path)

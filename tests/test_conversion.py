@@ -261,7 +261,7 @@ def _broken(tiny, tmp_path, missing=False, extra=False, wrong_shape=False) -> Pa
 
 MISSING = "missing key 'language_model.model.norm.weight'"
 EXTRA = "unexpected key 'language_model.model.layers.0.mlp.extra_proj.weight'"
-SHAPE = "checkpoint key 'multi_modal_projector.linear_1.weight' has shape (48, 40), expected (40, 48)"
+SHAPE = "checkpoint key 'multi_modal_projector.linear_1.weight' has shape (40, 48), expected (48, 40)"
 
 
 @pytest.mark.parametrize("kinds", [("missing",), ("extra",), ("wrong_shape",), ("missing", "extra", "wrong_shape")])

@@ -258,8 +258,9 @@ def plan(model_dir: str | os.PathLike, cfg: LlavaConfig) -> list[Step]:
             problems.append(f"unexpected key '{ref.key}' (shape {ref.shape}) in '{ref.file.name}'")
     if problems:
         raise CheckpointError(
-            f"checkpoint '{model_dir}' does not match its config.json ({len(problems)} problem(s)); check that "
-            f"the weights and config.json come from the same model:\n  " + "\n  ".join(problems))
+            f"checkpoint '{model_dir}' does not match its config.json ({len(problems)} problem(s); missing keys "
+            f"are named in the llava-hf hub layout); check that the weights and config.json come from the same "
+            f"model:\n  " + "\n  ".join(problems))
     return steps
 
 

@@ -85,7 +85,7 @@ def write_safetensors(converted_dir: Path, cfg: LlavaConfig, file: Path) -> int:
                 if x.shape != shape or x.dtype != dtype:
                     raise CheckpointError(f"parameter {path} restored as {x.shape} {x.dtype}, its metadata says "
                                           f"{shape} {dtype}: the converted directory is corrupt")
-                f.write(x.tobytes())
+                f.write(x.reshape(-1).view(np.uint8).data)  # no bytes copy of the tensor
     return len(rows)
 
 

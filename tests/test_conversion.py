@@ -206,11 +206,10 @@ def test_round_trip_from_hub_layout_writes_saved_layout(tiny, tmp_path):
     assert set(stored(back)) == set(stored(tiny["dir"]))
 
 
-def test_dtype_cast_on_conversion(tiny, tmp_path):
-    out = hf_to_orbax.convert(tiny["dir"], tmp_path / "jax", "bfloat16", progress=False)
-    _, params = orbax_io.read_params(out)
-    assert {str(x.dtype) for x in params.values()} == {"bfloat16"}
-    assert orbax_io.read_marker(out)["dtype"] == "bfloat16"
+def test_out_dir_must_not_be_the_source(tiny):
+    with pytest.raises(FileExistsError, match="HF directory itself"):
+        hf_to_orbax.convert(tiny["dir"], tiny["dir"], overwrite=True, progress=False)
+    assert (tiny["dir"] / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------- other configs
@@ -265,9 +264,14 @@ SHAPE = "checkpoint key 'multi_modal_projector.linear_1.weight' has shape (40, 4
 
 
 @pytest.mark.parametrize("kinds", [("missing",), ("extra",), ("wrong_shape",), ("missing", "extra", "wrong_shape")])
-def test_key_and_shape_errors_are_listed_together_and_nothing_is_written(tiny, tmp_path, kinds):
+def test_key_and_shape_errors_are_listed_together_and_nothing_is_written(tiny, tmp_path, monkeypatch, kinds):
     src = _broken(tiny, tmp_path, **dict.fromkeys(kinds, True))
     out = tmp_path / "jax"
+
+    def read(*args):
+        raise AssertionError("tensor data was read before the checkpoint was validated")
+
+    monkeypatch.setattr(hf_reader, "_read", read)
     with pytest.raises(CheckpointError) as err:
         hf_to_orbax.convert(src, out, progress=False)
     expected = {"missing": MISSING, "extra": EXTRA, "wrong_shape": SHAPE}
@@ -284,14 +288,15 @@ def test_cli_reports_the_error_and_writes_nothing(tiny, tmp_path, capsys):
     assert nothing_written(out)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage_header"])
-def test_corrupt_safetensors_names_the_file(tiny, tmp_path, damage):
-    src = new_dir(tmp_path / "hf", stored(tiny["dir"]), "sharded_safetensors", tiny["dir"])
-    shard = src / "model-00002-of-00003.safetensors"
+@pytest.mark.parametrize("fmt,damage", [("safetensors", "truncated"), ("safetensors", "garbage_header"),
+                                        ("bin", "truncated")])
+def test_corrupt_weight_file_names_the_file(tiny, tmp_path, fmt, damage):
+    src = new_dir(tmp_path / "hf", stored(tiny["dir"]), f"sharded_{fmt}", tiny["dir"])
+    shard = src / f"{'model' if fmt == 'safetensors' else 'pytorch_model'}-00002-of-00003.{fmt}"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100] if damage == "truncated" else b"\xff" * 8 + b"not json" + data[16:])
     out = tmp_path / "jax"
-    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
+    with pytest.raises(CheckpointError, match=shard.name):
         hf_to_orbax.convert(src, out, progress=False)
     assert nothing_written(out)
 
@@ -391,14 +396,21 @@ def test_cli_help(capsys):
     assert exit_.value.code == 0 and "--converted" in capsys.readouterr().out
 
 
-def test_cli_convert_verify_and_export(tiny, tmp_path, capsys):
+def test_cli_convert_to_bf16_verify_and_export(tiny, tmp_path, capsys):
     out = tmp_path / "jax"
-    assert hf_to_orbax.main(["--hf-dir", str(tiny["dir"]), "--out", str(out), "--verify", "--no-progress"]) == 0
+    argv = ["--hf-dir", str(tiny["dir"]), "--out", str(out), "--dtype", "bfloat16", "--verify", "--no-progress"]
+    assert hf_to_orbax.main(argv) == 0
     printed = capsys.readouterr().out
+    # --verify rounds transformers' weights to bf16 too, so the two models agree to fp32 precision
     diff = float(printed.split("max |logit difference| vs transformers = ")[1].split()[0])
     assert diff < 1e-4, printed
+    _, params = orbax_io.read_params(out)
+    assert {str(x.dtype) for x in params.values()} == {"bfloat16"}
+    assert orbax_io.read_marker(out)["dtype"] == "bfloat16"
     assert orbax_to_hf.main(["--converted", str(out), "--out", str(tmp_path / "back")]) == 0
-    assert (tmp_path / "back" / "model.safetensors").is_file()
+    back = stored(tmp_path / "back")
+    assert {t.dtype for t in back.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_verify_catches_a_wrong_conversion(tiny, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ One program serves every decision pattern. From the first participating layer on
 fixed-capacity buffer `[prompt (T); SR slots (P)]`: the SR slots sit physically after the prompt but
 take their causal rank between the visual tokens and the text, so attention runs in the order
 `[prefix; visual; SR; text]` of BLINK.md §3. Expand, keep and drop only change the slots' contents,
-position ids and validity: no shapes change, nothing leaves the device. Layers before the first
-participating layer run on the prompt alone.
+position ids and validity: no shapes change, nothing leaves the device. Layers up to and including the
+first participating layer run on the prompt alone (no SR token can exist before its decision).
 
 Letters: B batch, T prompt length, P SR slots ((s r)^2), L buffer length (T + P), D model dim,
 G grid side, V visual tokens (G*G).
@@ -81,16 +81,17 @@ def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pi
     ks, vs, valids = [], [], []
 
     for index, layer in enumerate(model.language_model.layers):
-        if index == first:  # from here on the buffer carries the SR slots
-            h = jnp.concatenate([h, sr_h], axis=1)
-            order = buffer_order(t, num_sr, vis_end)
-        valid = prompt_valid if index < first else jnp.concatenate(
-            [prompt_valid, jnp.broadcast_to(state.expanded[:, None], (b, num_sr))], axis=1)
-        buffer_pos = positions if index < first else jnp.concatenate([positions, sr_pos], axis=1)
+        carries_sr = index > first  # no SR token can exist before the first decision
+        valid = jnp.concatenate([prompt_valid, jnp.broadcast_to(state.expanded[:, None], (b, num_sr))],
+                                axis=1) if carries_sr else prompt_valid
+        buffer_pos = jnp.concatenate([positions, sr_pos], axis=1) if carries_sr else positions
         h, q, k, v = layer(h, buffer_pos, causal_mask(order, valid))
         ks.append(k)
         vs.append(v)
         valids.append(valid)
+        if index == first:  # from here on the buffer carries the SR slots
+            h = jnp.concatenate([h, sr_h], axis=1)
+            order = buffer_order(t, num_sr, vis_end)
         if index not in static.layers:
             continue
 
@@ -106,12 +107,12 @@ def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pi
         trace.append((rho, r_star, action, state.region, s_v.reshape(b, grid, grid)))
 
     logits = model.language_model.logits(h[:, :t])
-    # Layers before the first participating one get the SR slots too, always empty, so that every layer's
+    # Layers up to the first participating one get the SR slots too, always empty, so that every layer's
     # cache has one length and decoding writes at one index.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, num_sr)) + ((0, 0),) * (x.ndim - 2))
-    ks = [k if i >= first else pad(k) for i, k in enumerate(ks)]
-    vs = [v if i >= first else pad(v) for i, v in enumerate(vs)]
-    valids = [m if i >= first else pad(m) for i, m in enumerate(valids)]
+    ks = [k if i > first else pad(k) for i, k in enumerate(ks)]
+    vs = [v if i > first else pad(v) for i, v in enumerate(vs)]
+    valids = [m if i > first else pad(m) for i, m in enumerate(valids)]
     cache = KVCache(k=tuple(ks), v=tuple(vs), valid=tuple(valids), index=jnp.int32(t + num_sr),
                     next_position=positions[:, -1] + 1)
     stack = lambda i: jnp.stack([entry[i] for entry in trace])

@@ -80,13 +80,22 @@ def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds,
     return tokens, trace
 
 
+@functools.lru_cache(maxsize=32)
+def _interp_bank(static, dim: int):
+    """The parameter-free interp bank, built once per static config (saves host time on every call)."""
+    return nnx.split(TokenSRBank(static, dim, rngs=nnx.Rngs(0)))
+
+
 def _prepare(llava, blink: BlinkConfig, tokensr, rng):
     cfg = llava.config
     if not isinstance(blink, BlinkConfig):
         raise TypeError(f"blink must be a BlinkConfig, got {type(blink).__name__}")
     blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
-    bank_def, bank_state = nnx.split(tokensr_bank(blink, cfg.text.hidden_size, tokensr))
     static, thresholds = blink.split()
+    if blink.tokensr_kind == "interp" and tokensr is None:
+        bank_def, bank_state = _interp_bank(static, cfg.text.hidden_size)
+    else:
+        bank_def, bank_state = nnx.split(tokensr_bank(blink, cfg.text.hidden_size, tokensr))
     key = jax.random.PRNGKey(0) if rng is None else rng
     return bank_def, bank_state, static, thresholds, key
 

@@ -1,0 +1,1 @@
+"""Speed benchmarks; each script prints a markdown table for bench/RESULTS.md."""

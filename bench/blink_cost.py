@@ -1,0 +1,59 @@
+"""Blink's cost: Blink-interp forced to expand at every participating layer vs vanilla prefill, and vs the
+two-pass baseline (vanilla on the image, then vanilla again on the salient region's crop).
+
+    python -m bench.blink_cost [--size mid|tiny] [--batch 1,8] [--length 650] [--layers 3,4,5] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+
+from bench import common
+from blink_jax.blink import BlinkConfig
+
+
+def run(size: common.Size, batches, length: int, layers, region_size: int, reps: int) -> str:
+    _, ours = common.make_models(size, with_torch=False)
+    blink = BlinkConfig(layers=tuple(layers), region_size=region_size, expansion="fixed")
+    rows = ["| batch | vanilla (s) | Blink, expand every layer (s) | Blink/vanilla | two-pass (s) | two-pass/vanilla |",
+            "|---|---|---|---|---|---|"]
+    for b in batches:
+        ids, px, mask = common.prompt_batch(ours, b, length)
+        crop = np.roll(px, 7, axis=-1)  # stands for the zoomed crop: same shapes, other pixels
+
+        def vanilla(pixels=px):
+            return jax.block_until_ready(ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits)
+
+        def blink_fixed():
+            return jax.block_until_ready(ours(input_ids=ids, pixel_values=px, attention_mask=mask, blink=blink).logits)
+
+        def two_pass():
+            vanilla(px)
+            return vanilla(crop)
+
+        t = common.interleaved({"v": vanilla, "b": blink_fixed, "2": two_pass}, reps=reps)
+        v, bl, tp = (common.median(t[k]) for k in ("v", "b", "2"))
+        rows.append(f"| {b} | {v:.3f} | {bl:.3f} | {bl / v:.2f} | {tp:.3f} | {tp / v:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["mid", "tiny"], default="mid")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--length", type=int, default=650, help="prompt length in tokens")
+    p.add_argument("--layers", default="3,4,5", help="participating layers (mid has 8 layers: 3-5 mirrors 12-18 of 32)")
+    p.add_argument("--region-size", type=int, default=6, help="region side r (24x24 grid -> 16 regions)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
+    a = p.parse_args(argv)
+    size = common.MID if a.size == "mid" else common.TINY
+    table = run(size, [int(b) for b in a.batch.split(",")], a.length, [int(x) for x in a.layers.split(",")],
+                a.region_size, a.reps)
+    print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Shared pieces of the benchmarks: the mid-size random LLaVA, weight sharing with transformers, timing.
+
+Every comparison is interleaved (A, B, A, B, ...) in one process and reported as medians and ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    vision_width: int = 384
+    vision_layers: int = 6
+    vision_heads: int = 6
+    text_width: int = 1024
+    text_layers: int = 8
+    text_heads: int = 16
+    text_kv_heads: int = 16
+    text_ffn: int = 2816
+    vocab: int = 32064
+    image_size: int = 336
+    patch: int = 14
+
+
+MID = Size()
+TINY = Size(vision_width=32, vision_layers=2, vision_heads=4, text_width=48, text_layers=3, text_heads=6,
+            text_kv_heads=3, text_ffn=61, vocab=128, image_size=84)
+# 7B-shaped (LLaVA-1.5-7B), for accelerator runs.
+LLAVA_7B = Size(vision_width=1024, vision_layers=24, vision_heads=16, text_width=4096, text_layers=32,
+                text_heads=32, text_kv_heads=32, text_ffn=11008, vocab=32064)
+
+
+def hf_config(size: Size):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(hidden_size=size.text_width, intermediate_size=size.text_ffn,
+                       num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
+                       num_key_value_heads=size.text_kv_heads, vocab_size=size.vocab, max_position_embeddings=4096,
+                       pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=size.vision_width, intermediate_size=4 * size.vision_width,
+                              num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
+                              image_size=size.image_size, patch_size=size.patch, projection_dim=size.vision_width)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=size.vocab - 1)
+
+
+def make_models(size: Size, seed: int = 0, with_torch: bool = True):
+    """(transformers model or None, our `Llava`) with the same random fp32 weights."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from blink_jax.config import LlavaConfig
+    from blink_jax.loading import model_from_params, param_shapes
+    from blink_jax.runtime import Llava
+    from checkpoints_conversion.param_mapping import build_mapping, canonical_key
+
+    torch.manual_seed(seed)
+    cfg = hf_config(size)
+    cfg._attn_implementation = "sdpa"
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    ours_cfg = LlavaConfig.from_hf_config(cfg)
+    sd = {canonical_key(k): v.detach().numpy() for k, v in hf.state_dict().items()}
+    shapes = param_shapes(ours_cfg)
+    params = {e.path: e.transform.to_ours(sd[e.hf_key], shapes[e.path]) for e in build_mapping(ours_cfg)}
+    ours = Llava(model_from_params(ours_cfg, params))
+    del sd, params
+    return (hf if with_torch else None), ours
+
+
+def prompt_batch(ours, batch: int, length: int, seed: int = 0):
+    """Random prompts of `length` tokens with one image run after a 35-token prefix; no padding."""
+    cfg = ours.config
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, cfg.text.vocab_size - 2, (batch, length))
+    ids[:, 35:35 + cfg.num_image_tokens] = cfg.image_token_index
+    mask = np.ones_like(ids)
+    size = cfg.vision.image_size
+    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    return ids, pixels, mask
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Times each callable `reps` times, round-robin, after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    import jax
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+            f"({jax.devices()[0].platform}), {datetime.date.today().isoformat()}")

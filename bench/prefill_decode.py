@@ -1,0 +1,69 @@
+"""Prefill and greedy decoding: blink-jax vanilla vs transformers' PyTorch LLaVA, same weights, same threads.
+
+    python -m bench.prefill_decode [--size mid|tiny] [--batch 1,8] [--length 650] [--new-tokens 32] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+
+from bench import common
+
+
+def run(size: common.Size, batches, length: int, new_tokens: int, reps: int) -> str:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    hf, ours = common.make_models(size)
+    rows = ["| batch | prefill torch (s) | prefill ours (s) | ours/torch | decode torch (tok/s) | decode ours (tok/s) "
+            "| ours/torch speed |", "|---|---|---|---|---|---|---|"]
+    for b in batches:
+        ids, px, mask = common.prompt_batch(ours, b, length)
+        t_ids, t_px, t_mask = (torch.tensor(x) for x in (ids, px, mask))
+
+        def torch_prefill():
+            with torch.no_grad():
+                return hf(input_ids=t_ids, pixel_values=t_px, attention_mask=t_mask).logits
+
+        def ours_prefill():
+            return jax.block_until_ready(ours(input_ids=ids, pixel_values=px, attention_mask=mask).logits)
+
+        def torch_generate(n):
+            with torch.no_grad():
+                return hf.generate(input_ids=t_ids, pixel_values=t_px, attention_mask=t_mask, do_sample=False,
+                                   max_new_tokens=n, min_new_tokens=n)
+
+        def ours_generate(n):
+            return ours.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=n,
+                                 eos_token_id=-1)
+
+        # Decode speed = the extra tokens over the extra time of generating `new_tokens` instead of 1.
+        t = common.interleaved({"tp": torch_prefill, "op": ours_prefill,
+                                "tg1": lambda: torch_generate(1), "tgn": lambda: torch_generate(new_tokens),
+                                "og1": lambda: ours_generate(1), "ogn": lambda: ours_generate(new_tokens)}, reps=reps)
+        tp, op, tg1, tgn, og1, ogn = (common.median(t[k]) for k in ("tp", "op", "tg1", "tgn", "og1", "ogn"))
+        dec_t = b * (new_tokens - 1) / max(tgn - tg1, 1e-9)
+        dec_o = b * (new_tokens - 1) / max(ogn - og1, 1e-9)
+        rows.append(f"| {b} | {tp:.3f} | {op:.3f} | {op / tp:.2f} | {dec_t:.1f} | {dec_o:.1f} | {dec_o / dec_t:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["mid", "tiny"], default="mid", help="model size (tiny: for the smoke test)")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
+    a = p.parse_args(argv)
+    size = common.MID if a.size == "mid" else common.TINY
+    table = run(size, [int(b) for b in a.batch.split(",")], a.length, a.new_tokens, a.reps)
+    print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

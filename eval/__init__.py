@@ -1,0 +1,1 @@
+"""Evaluation tools: single-image prediction with the Blink trace, threshold calibration, benchmarks."""

@@ -1,0 +1,164 @@
+"""MMBench and MMBench-CN (dev): the release TSV with base64 images; option letters; circular evaluation.
+
+Release layout:
+
+    DATA/mmbench_dev_20230712.tsv       (MMBench;    any DATA/mmbench_dev_<date>.tsv or mmbench_dev_en_<date>.tsv)
+    DATA/mmbench_dev_cn_20231003.tsv    (MMBench-CN; any DATA/mmbench_dev_cn_<date>.tsv)
+
+Columns: index, question, hint, A, B, C, D, answer, category, l2-category, image (base64; a row index
+where the release points to another row's image), ...
+
+Prompt (LLaVA's `model_vqa_mmbench.py --single-pred-prompt`): "{hint}\\n" when there is a hint, the
+question, "\\nA. ...\\nB. ..." up to the first empty option, then "\\nAnswer with the option's letter from
+the given choices directly." (MMBench-CN: "\\n请直接回答选项字母。").
+
+Scoring (MMBench's rules, without the GPT fallback): the option letter is read from the answer as
+VLMEvalKit's `can_infer` does (a lone option letter among the words, else a unique option text); circular
+accuracy counts a question right only if every copy of it (rows whose index agree modulo 1e6) is right.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from eval.benchmarks.base import LETTER_SUFFIX, OPTION_LETTERS, Benchmark, DataError, mean, options_text
+
+CN_SUFFIX = "请直接回答选项字母。"
+CIRCULAR_MOD = 1_000_000
+_PUNCT = ".()[],:;!*#{}"
+
+
+def is_none(value) -> bool:
+    """model_vqa_mmbench.py's `is_none` for a TSV cell."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+
+
+def extract_option(prediction: str, options: Mapping[str, str]) -> str | None:
+    """The option letter an answer names, or None. A lone option letter among the answer's words (after
+    turning `.()[],:;!*#{}` into spaces) wins; otherwise the one option whose text the answer contains."""
+    text = prediction
+    for ch in _PUNCT:
+        text = text.replace(ch, " ")
+    words = text.split()
+    hits = [letter for letter in options if letter in words]
+    if len(hits) == 1:
+        return hits[0]
+    low = prediction.lower()
+    hits = [letter for letter, option in options.items() if str(option).lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+def read_tsv(path: Path) -> list[dict]:
+    csv.field_size_limit(sys.maxsize)
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows:
+        raise DataError(f"{path} has no rows")
+    missing = {"index", "question", "A", "B", "image"} - set(rows[0])
+    if missing:
+        raise DataError(f"{path} lacks the columns {sorted(missing)}: it is not an MMBench release TSV")
+    return rows
+
+
+def decode_image(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=False)
+    except (binascii.Error, ValueError):
+        return b""  # recorded as an unreadable image when the question is asked
+
+
+class MmBench(Benchmark):
+    name = "mmbench"
+    title = "MMBench"
+    version = "1.0"
+    max_new_tokens = 16
+    paper_rows = ("MMBench",)
+    lang = "en"
+    patterns = ("mmbench_dev_[0-9]*.tsv", "mmbench_dev_en_*.tsv")
+    layout = "  DATA/mmbench_dev_20230712.tsv  (the release TSV, base64 images inside)"
+
+    def source_files(self, data_dir: Path) -> list[Path]:
+        found = sorted({p for pattern in self.patterns for p in data_dir.glob(pattern)})
+        if not found:
+            raise DataError(f"{self.title}: no {' or '.join(self.patterns)} in {str(data_dir)!r}. Expected "
+                            f"layout:\n{self.layout}")
+        if len(found) > 1:
+            raise DataError(f"{self.title}: several release files in {str(data_dir)!r} "
+                            f"({', '.join(p.name for p in found)}): keep one per data directory")
+        return found
+
+    def extra_features(self) -> dict:
+        import tensorflow_datasets as tfds
+
+        text = tfds.features.Text()
+        return {"question": text, "hint": text, "options": tfds.features.Sequence(text), "answer": text,
+                "category": text, "l2_category": text, "circular_group": tfds.features.Text()}
+
+    def read_official(self, data_dir: Path) -> Iterator[dict]:
+        path = self.source_files(data_dir)[0]
+        rows = read_tsv(path)
+        by_index = {row["index"]: row for row in rows}
+        for row in rows:
+            image = row["image"]
+            if len(image) < 64 and image.strip().isdigit() and image.strip() in by_index:
+                image = by_index[image.strip()]["image"]
+            options = []
+            for letter in OPTION_LETTERS:
+                if is_none(row.get(letter)):
+                    break
+                options.append(row[letter])
+            index = int(float(row["index"]))
+            yield {"question_id": str(index), "image_bytes": decode_image(image),
+                   "question": row["question"], "hint": "" if is_none(row.get("hint")) else row["hint"],
+                   "options": options, "answer": (row.get("answer") or "").strip(),
+                   "category": row.get("category", ""), "l2_category": row.get("l2-category", ""),
+                   "circular_group": str(index % CIRCULAR_MOD)}
+
+    def doc_to_text(self, doc: Mapping) -> str:
+        question = doc["question"]
+        if doc["hint"]:
+            question = f"{doc['hint']}\n{question}"
+        suffix = CN_SUFFIX if self.lang == "cn" else LETTER_SUFFIX
+        return f"{question}\n{options_text(doc['options'])}\n{suffix}"
+
+    def process_results(self, doc: Mapping, prediction: str) -> dict:
+        options = dict(zip(OPTION_LETTERS, doc["options"]))
+        pred = extract_option(prediction, options)
+        return {"group": doc["circular_group"], "category": doc["category"], "pred": pred, "answer": doc["answer"],
+                "correct": pred is not None and pred == doc["answer"]}
+
+    def aggregate(self, results: Sequence[dict]) -> dict:
+        scored = [r for r in results if r["answer"]]
+        groups: dict[str, list[bool]] = {}
+        categories: dict[str, dict[str, list[bool]]] = {}
+        for r in scored:
+            groups.setdefault(r["group"], []).append(r["correct"])
+            categories.setdefault(r["category"], {}).setdefault(r["group"], []).append(r["correct"])
+        return {
+            "circular_accuracy": mean([all(g) for g in groups.values()]), "accuracy": mean([r["correct"] for r in scored]),
+            "questions": len(groups), "rows": len(scored), "unparsed": sum(r["pred"] is None for r in results),
+            "unanswerable_rows": len(results) - len(scored),
+            "categories": {c: mean([all(g) for g in gs.values()]) for c, gs in sorted(categories.items())},
+        }
+
+    def headline(self, metrics: Mapping) -> dict:
+        return {self.paper_rows[0]: 100 * metrics["circular_accuracy"] if metrics.get("rows") else None}
+
+
+class MmBenchCn(MmBench):
+    name = "mmbench_cn"
+    title = "MMBench-CN"
+    paper_rows = ("MMBench-CN",)
+    lang = "cn"
+    patterns = ("mmbench_dev_cn_*.tsv",)
+    layout = "  DATA/mmbench_dev_cn_20231003.tsv  (the release TSV, base64 images inside)"

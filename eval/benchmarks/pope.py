@@ -1,0 +1,102 @@
+"""POPE (object hallucination), scored exactly as LLaVA's `llava/eval/eval_pope.py` (BLINK.md §8).
+
+Release layout (LLaVA's `playground/data/eval/pope`):
+
+    DATA/coco_pope_{random,popular,adversarial}.json   JSONL: question_id, image, text, label   (or DATA/coco/...)
+    DATA/val2014/COCO_val2014_*.jpg
+
+Prompt: the question + "\\nAnswer the question using a single word or phrase." (`vicuna_v1`).
+Question ids repeat across the three files, so ours are "{split}/{question_id}".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from eval.benchmarks.base import Benchmark, DataError, read_jsonl_strict
+
+SPLITS = ("random", "popular", "adversarial")
+METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def parse_yes_no(text: str) -> str:
+    """eval_pope.py: keep the text before the first '.', drop ',', split on ' '; 'no' if any word is
+    'No', 'not' or 'no', else 'yes'."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def confusion_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
+    """eval_pope.py's numbers for one split (positive = "yes"). A zero denominator gives 0.0 where the
+    original script would divide by zero."""
+    pos = lambda x: x != "no"  # eval_pope maps label 'no' -> 0, anything else -> 1
+    tp = sum(pos(p) and pos(l) for p, l in zip(preds, labels))
+    fp = sum(pos(p) and not pos(l) for p, l in zip(preds, labels))
+    tn = sum(not pos(p) and not pos(l) for p, l in zip(preds, labels))
+    fn = sum(not pos(p) and pos(l) for p, l in zip(preds, labels))
+    div = lambda a, b: a / b if b else 0.0
+    precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    return {
+        "n": len(preds), "TP": tp, "FP": fp, "TN": tn, "FN": fn,
+        "accuracy": div(tp + tn, tp + tn + fp + fn), "precision": precision, "recall": recall,
+        "f1": div(2 * precision * recall, precision + recall), "yes_ratio": div(sum(map(pos, preds)), len(preds)),
+    }
+
+
+class Pope(Benchmark):
+    name = "pope"
+    title = "POPE"
+    version = "1.0"
+    max_new_tokens = 16
+    paper_rows = ("POPE",)
+    layout = ("  DATA/coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json  (JSONL; or in "
+              "DATA/coco/)\n  DATA/val2014/COCO_val2014_*.jpg")
+
+    def annotation_files(self, data_dir: Path) -> dict[str, Path]:
+        found = {}
+        for split in SPLITS:
+            for folder in (data_dir, data_dir / "coco"):
+                if (folder / f"coco_pope_{split}.json").is_file():
+                    found[split] = folder / f"coco_pope_{split}.json"
+                    break
+        if not found:
+            raise DataError(f"POPE: no coco_pope_{{{','.join(SPLITS)}}}.json in {str(data_dir)!r} or its coco/ "
+                            f"folder. Expected layout:\n{self.layout}")
+        return found
+
+    def source_files(self, data_dir: Path) -> list[Path]:
+        return list(self.annotation_files(data_dir).values())
+
+    def extra_features(self) -> dict:
+        import tensorflow_datasets as tfds
+
+        return {"question": tfds.features.Text(), "label": tfds.features.Text()}
+
+    def read_official(self, data_dir: Path) -> Iterator[dict]:
+        for split, path in self.annotation_files(data_dir).items():
+            for row in read_jsonl_strict(path):
+                missing = {"question_id", "image", "text", "label"} - set(row)
+                if missing:
+                    raise DataError(f"{path}: a line lacks {sorted(missing)}: it is not a POPE annotation file")
+                yield {"question_id": f"{split}/{row['question_id']}", "subset": split,
+                       "image_file": f"val2014/{row['image']}", "question": row["text"], "label": row["label"]}
+
+    def process_results(self, doc: Mapping, prediction: str) -> dict:
+        return {"subset": doc["subset"], "pred": parse_yes_no(prediction), "label": doc["label"]}
+
+    def aggregate(self, results: Sequence[dict]) -> dict:
+        per_split = {}
+        for split in SPLITS:
+            rows = [r for r in results if r["subset"] == split]
+            if rows:
+                per_split[split] = confusion_metrics([r["pred"] for r in rows], [r["label"] for r in rows])
+        average = {m: sum(s[m] for s in per_split.values()) / len(per_split) for m in METRICS} if per_split else {}
+        return {"splits": per_split, "average": average}
+
+    def headline(self, metrics: Mapping) -> dict:
+        # LLaVA-1.5 reports POPE as the F1 score averaged over the three splits.
+        f1 = metrics.get("average", {}).get("f1")
+        return {"POPE": None if f1 is None else 100 * f1}

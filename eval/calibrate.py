@@ -1,0 +1,356 @@
+"""Calibrate Blink's thresholds: the distribution of rho per participating layer on a data set.
+
+    python -m eval.calibrate --model DIR --data questions.jsonl [--image-folder DIR] --layers 12-18 [--out stats.json]
+    python -m eval.calibrate --model DIR --data images/ --question "What is in the image?"
+
+rho (BLINK.md §2) is measured on vanilla LLaVA (`probe_layers`, no expansion): the share of the last
+prompt token's head-mean visual attention that falls on its most-attended region. `tau_exp` and
+`tau_drop` are thresholds on that number, so their sensible values depend on the model, the region
+size and the data; this command shows where they sit.
+
+Batches are sorted by prompt length and padded to a length bucket and a fixed batch size, so the
+probe compiles once per bucket, not once per example.
+Letters: B batch, T prompt length, G grid side, Lp participating layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from blink_jax.blink import BlinkConfig
+from blink_jax.blink.probe import probe_layers
+from blink_jax.processing import ImageError, build_prompt, left_pad
+
+DEFAULT_QUESTION = "What is in the image?"
+PERCENTILES = (10, 25, 50, 75, 90)
+STAT_NAMES = ("count", "mean", "std", "min", "p10", "p25", "p50", "p75", "p90", "max")
+# The suggested thresholds: percentiles of rho pooled over all participating layers.
+TAU_EXP_PERCENTILE = 75
+TAU_DROP_PERCENTILE = 25
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be read, naming the file (and line) and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    image: Path
+    question: str
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files in `folder` whose extension PIL knows, sorted by name."""
+    known = set(Image.registered_extensions())
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in known)
+
+
+def read_examples(data: str | os.PathLike, *, question: str = DEFAULT_QUESTION,
+                  image_folder: str | os.PathLike | None = None) -> list[Example]:
+    """Questions and images from a JSONL question file or a folder of images.
+
+    JSONL: one object per line with `image` (a path relative to `image_folder`, by default the file's own
+    folder) and `question` or `text` (the LLaVA-eval / POPE question format). Folder: every image file in
+    it, each with `question`. Images are not opened here: a bad one is reported when its batch runs.
+    """
+    data = Path(data)
+    if data.is_dir():
+        files = image_files(data)
+        if not files:
+            raise DataError(f"folder '{data}' holds no image files (extensions PIL reads, e.g. .jpg, .png)")
+        return [Example(path, question) for path in files]
+    if not data.is_file():
+        raise DataError(f"--data '{data}' does not exist: give a JSONL question file or a folder of images")
+    base = Path(image_folder) if image_folder is not None else data.parent
+    examples = []
+    with data.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{data}:{number} is not valid JSON ({e}): one JSON object per line") from None
+            text = row.get("question", row.get("text")) if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(text, str):
+                raise DataError(f"{data}:{number} needs an \"image\" path and a \"question\" (or \"text\") string, "
+                                f"got {line.strip()[:120]}")
+            examples.append(Example(base / row["image"], text))
+    if not examples:
+        raise DataError(f"question file '{data}' has no examples")
+    return examples
+
+
+# -------------------------------------------------------------------------------------------- probe
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size"))
+def _scan(graphdef, params, input_ids, pixel_values, attention_mask, *, layers, region_size):
+    probe = probe_layers(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, layers=layers,
+                         region_size=region_size)
+    # Leaving out `probe.visual` lets XLA drop the [Lp, B, G, G, D] hidden-state gathers.
+    return probe.rho, probe.region, probe.attention
+
+
+def scan(llava, input_ids, pixel_values, attention_mask, *, layers: Sequence[int], region_size: int):
+    """Vanilla LLaVA's saliency-guided scan at `layers`, on the host.
+
+    -> (rho [Lp, B] float32, region r* [Lp, B] int32, S_v [Lp, B, G, G] float32).
+    """
+    BlinkConfig(layers=tuple(layers), region_size=region_size).validate_for(
+        llava.config.text.num_hidden_layers, llava.config.vision.grid)
+    ids, px, mask = llava.check_inputs(input_ids, pixel_values, attention_mask)
+    out = _scan(llava.graphdef, llava.params, ids, px, mask, layers=tuple(int(l) for l in layers),
+                region_size=int(region_size))
+    return tuple(np.asarray(x) for x in out)
+
+
+def bucketed(sequences: Sequence[Sequence[int]], pad_id: int, bucket: int, rows: int):
+    """Left-padded (input_ids, attention_mask) [rows, T] with T rounded up to a multiple of `bucket`;
+    rows past len(sequences) repeat the first sequence (their results are discarded)."""
+    sequences = list(sequences) + [sequences[0]] * (rows - len(sequences))
+    ids, mask = left_pad(sequences, pad_id)
+    extra = -ids.shape[1] % bucket
+    return (np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id),
+            np.pad(mask, ((0, 0), (extra, 0)), constant_values=0))
+
+
+@dataclasses.dataclass
+class Calibration:
+    layers: tuple[int, ...]
+    region_size: int
+    examples: list[Example]  # the examples that ran, in input order
+    rho: np.ndarray  # [N, Lp]
+    region: np.ndarray  # [N, Lp] r*
+    skipped: list[tuple[str, str]]  # (image path, error)
+
+    def rhos(self) -> dict[int, list[float]]:
+        """layer -> rho of every example, the input of `rho_statistics`."""
+        return {layer: self.rho[:, j].tolist() for j, layer in enumerate(self.layers)}
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def calibrate(llava, processor, examples: Sequence[Example], *, layers: Sequence[int], region_size: int,
+              batch_size: int = 8, bucket: int = 32, progress: bool = True,
+              report: Callable[[str], None] = _warn) -> Calibration:
+    """rho and r* of every example at `layers` (vanilla forward). Images that cannot be read are reported
+    through `report` and skipped."""
+    from tqdm import tqdm
+
+    layers = tuple(int(l) for l in layers)
+    BlinkConfig(layers=layers, region_size=region_size).validate_for(
+        llava.config.text.num_hidden_layers, llava.config.vision.grid)
+    if batch_size < 1 or bucket < 1:
+        raise ValueError(f"batch_size={batch_size} and bucket={bucket} must be positive")
+    tokens = [processor.tokenize(build_prompt(ex.question)) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(tokens[i]))
+    rows = min(batch_size, len(examples))
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    skipped = []
+    with tqdm(total=len(examples), unit="img", desc="probing", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(order), rows):
+            chunk, pixels = [], []
+            for i in order[start:start + rows]:
+                try:
+                    pixels.append(processor.pixel_values([examples[i].image])[0])
+                    chunk.append(i)
+                except ImageError as e:
+                    skipped.append((str(examples[i].image), str(e)))
+                    report(f"skipped: {e}")
+            if chunk:
+                ids, mask = bucketed([tokens[i] for i in chunk], processor.pad_id, bucket, rows)
+                px = np.stack(pixels + [pixels[0]] * (rows - len(chunk)))
+                rho, region, _ = scan(llava, ids, px, mask, layers=layers, region_size=region_size)
+                for row, i in enumerate(chunk):
+                    results[i] = rho[:, row], region[:, row]
+            bar.update(len(order[start:start + rows]))
+    kept = sorted(results)
+    empty = np.zeros((0, len(layers)))
+    return Calibration(
+        layers=layers, region_size=region_size, examples=[examples[i] for i in kept], skipped=skipped,
+        rho=np.stack([results[i][0] for i in kept]) if kept else empty,
+        region=np.stack([results[i][1] for i in kept]).astype(np.int32) if kept else empty.astype(np.int32))
+
+
+# -------------------------------------------------------------------------------------------- stats
+
+
+def describe(values: Sequence[float]) -> dict[str, float | int | None]:
+    """count, mean, std (population), min, p10, p25, p50, p75, p90 (numpy's linear percentiles), max."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    if v.size == 0:
+        return {name: (0 if name == "count" else None) for name in STAT_NAMES}
+    p = np.percentile(v, PERCENTILES)
+    return {"count": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            **{f"p{q}": float(x) for q, x in zip(PERCENTILES, p)}, "max": float(v.max())}
+
+
+def rho_statistics(rhos: Mapping[int, Sequence[float]]) -> dict:
+    """layer -> rho values  ->  {"layers": {layer: describe(...)}, "all": describe(pooled),
+    "suggested": {"tau_exp": pooled p75, "tau_drop": pooled p25}}."""
+    pooled = [float(x) for values in rhos.values() for x in values]
+    if not pooled:
+        raise ValueError("no rho values to describe: every image was skipped or the data set is empty")
+    everything = describe(pooled)
+    return {
+        "layers": {int(layer): describe(values) for layer, values in sorted(rhos.items())},
+        "all": everything,
+        "suggested": {"tau_exp": everything[f"p{TAU_EXP_PERCENTILE}"],
+                      "tau_drop": everything[f"p{TAU_DROP_PERCENTILE}"]},
+    }
+
+
+def format_statistics(stats: dict, num_regions: int) -> str:
+    """The per-layer table and the suggested thresholds with what they mean."""
+    head = f"{'layer':>5} " + " ".join(f"{name:>7}" for name in STAT_NAMES)
+
+    def row(label, s):
+        cells = [f"{s['count']:>7d}"] + [f"{'-':>7}" if s[n] is None else f"{s[n]:>7.4f}" for n in STAT_NAMES[1:]]
+        return f"{label:>5} " + " ".join(cells)
+
+    lines = [f"rho per participating layer (R = {num_regions} regions; rho runs from 1/R = {1 / num_regions:.4f}, "
+             f"attention spread evenly, to 1, all of it on one region):", head]
+    lines += [row(str(layer), s) for layer, s in stats["layers"].items()]
+    lines.append(row("all", stats["all"]))
+    tau_exp, tau_drop = stats["suggested"]["tau_exp"], stats["suggested"]["tau_drop"]
+    lines += [
+        "",
+        "suggested thresholds (pass to eval.predict / the benchmarks):",
+        f"  --tau-exp {tau_exp:.4f}   p{TAU_EXP_PERCENTILE} of rho over all layers: a layer whose rho is above it "
+        f"expands its most-attended region (about {100 - TAU_EXP_PERCENTILE}% of layer decisions here).",
+        f"  --tau-drop {tau_drop:.4f}  p{TAU_DROP_PERCENTILE}: an expanded example whose rho falls below it drops "
+        f"its SR tokens (about {TAU_DROP_PERCENTILE}% of layer decisions here); between the two it keeps its state.",
+        "  rho was measured without expansion; SR tokens shift later layers' attention, so check the trace of a "
+        "few examples with `python -m eval.predict`.",
+    ]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -> dict:
+    """What `--out` writes: settings, statistics, skipped images and every example's rho and r*."""
+    return {
+        "model": model, "data": data, "layers": list(result.layers), "region_size": result.region_size,
+        "examples_used": len(result.examples),
+        "skipped": [{"image": image, "error": error} for image, error in result.skipped],
+        "statistics": stats,
+        "examples": [{"image": str(ex.image), "question": ex.question,
+                      "rho": {str(l): float(result.rho[i, j]) for j, l in enumerate(result.layers)},
+                      "region": {str(l): int(result.region[i, j]) for j, l in enumerate(result.layers)}}
+                     for i, ex in enumerate(result.examples)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """"12,13,14" or "12-18" or "1,3-5" -> sorted unique layer indices."""
+    layers = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: give layer indices like 12,13,14 or a range 12-18"
+                                         ) from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"--layers {text!r} names no layer")
+    return tuple(sorted(layers))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = BlinkConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.calibrate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face LLaVA directory or a converted blink-jax one")
+    parser.add_argument("--data", required=True,
+                        help="JSONL question file (lines with \"image\" and \"question\"/\"text\", the LLaVA-eval/"
+                             "POPE format) or a folder of images asked --question")
+    parser.add_argument("--image-folder", default=None,
+                        help="folder the JSONL's image paths are relative to (default: the JSONL's own folder)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION, help="question asked of every image of a folder")
+    parser.add_argument("--layers", type=parse_layers, default=defaults.layers,
+                        help="participating layers, e.g. 12-18 or 12,14,16 (the default suits a 32-layer model)")
+    parser.add_argument("--region-size", type=positive_int, default=defaults.region_size,
+                        help="r: regions are r x r visual tokens; must divide the grid side (24 for LLaVA-1.5)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N examples")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
+    parser.add_argument("--bucket", type=positive_int, default=32,
+                        help="pad prompt lengths up to a multiple of this many tokens (fewer compilations)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
+    parser.add_argument("--no-pad-to-square", action="store_true",
+                        help="centre-crop like llava-hf's processor instead of the original LLaVA pad-to-square")
+    parser.add_argument("--out", default=None, help="also write statistics and per-example rho to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from blink_jax import CheckpointError, ConfigError, load_pretrained
+    from blink_jax.processing import Processor, ProcessorError
+
+    try:
+        examples = read_examples(args.data, question=args.question, image_folder=args.image_folder)
+        if args.limit is not None:
+            examples = examples[:args.limit]
+        BlinkConfig(layers=args.layers, region_size=args.region_size)
+        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+        processor = Processor.from_pretrained(args.model, config=llava.config,
+                                              pad_to_square=not args.no_pad_to_square)
+        result = calibrate(llava, processor, examples, layers=args.layers, region_size=args.region_size,
+                           batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
+    except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not result.examples:
+        raise SystemExit(f"error: none of the {len(examples)} images could be read (see the messages above)")
+    stats = rho_statistics(result.rhos())
+    grid = llava.config.vision.grid
+    print(f"{len(result.examples)} examples probed, {len(result.skipped)} skipped")
+    print(format_statistics(stats, BlinkConfig(layers=args.layers, region_size=args.region_size).num_regions(grid)))
+    if args.out:
+        write_json_atomic(args.out, report_payload(result, stats, model=str(args.model), data=str(args.data)))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

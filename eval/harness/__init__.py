@@ -1,0 +1,1 @@
+"""The evaluation harness: modes, batched bucketed generation with resume, scoring, results files."""

@@ -1,0 +1,108 @@
+"""The three ways the paper runs LLaVA-1.5: vanilla, Blink-interp (training-free TokenSR) and Blink (trained TokenSR).
+
+    vanilla  no Blink
+    interp   BlinkConfig(tokensr_kind="interp"), with the layers/region size/thresholds of the trained TokenSR
+             when `--tokensr` is given, else the BlinkConfig defaults; `--layers`, `--region-size`,
+             `--tau-exp`, `--tau-drop` override
+    blink    the trained TokenSR of `--tokensr` and the config it was trained with; thresholds may be overridden
+             (layers and region size are fixed by the trained modules)
+
+`--ablation NAME` applies `BlinkConfig.ablation(NAME)` to interp and blink; their file names get "-NAME".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from blink_jax.blink import ABLATIONS, BlinkConfig
+from eval.harness.paper import KIND_LABELS, KINDS
+
+
+class ModeError(ValueError):
+    """A mode that cannot be set up from the given options: names the option and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    kind: str  # "vanilla" | "interp" | "blink"
+    blink: BlinkConfig | None = None
+    tokensr: Any = None  # the trained TokenSRBank for kind "blink"
+    ablation: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Key in file names and results: "blink", "interp-fixed", ..."""
+        return self.kind if self.ablation in (None, "full") or self.kind == "vanilla" else f"{self.kind}-{self.ablation}"
+
+    @property
+    def label(self) -> str:
+        base = KIND_LABELS[self.kind]
+        return base if self.name == self.kind else f"{base} ({self.ablation})"
+
+    def settings(self) -> dict:
+        """What decides this mode's predictions, as JSON (for results.json and the resume check)."""
+        if self.blink is None:
+            return {"kind": self.kind}
+        return {"kind": self.kind, "ablation": self.ablation, "blink": dataclasses.asdict(self.blink)}
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"12-18" or "1,2,5" or "1-3,7" -> a sorted tuple of layer indices."""
+    if text is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-")
+                layers.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError:
+        raise ModeError(f"--layers {text!r} is not a list of layer indices: write e.g. 12-18 or 1,2") from None
+    return tuple(sorted(set(layers)))
+
+
+def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablation: str | None = None,
+                layers: tuple[int, ...] | None = None, region_size: int | None = None,
+                tau_exp: float | None = None, tau_drop: float | None = None) -> list[ModeSpec]:
+    """ModeSpecs for `kinds` (in the order given)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ModeError(f"mode {unknown[0]!r} is unknown; use any of {', '.join(KINDS)} (comma-separated)")
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ModeError(f"--ablation {ablation!r} is unknown; use one of {', '.join(a for a in ABLATIONS if a != 'full')}")
+    if "blink" in kinds and tokensr_dir is None:
+        raise ModeError("mode 'blink' needs trained TokenSR: pass --tokensr DIR (the directory `python -m "
+                        "train.tokensr` exports), or run --modes vanilla,interp")
+    bank, trained = None, None
+    if tokensr_dir is not None and ("blink" in kinds or "interp" in kinds):
+        from blink_jax.blink.checkpoint import load_tokensr
+
+        bank, trained = load_tokensr(tokensr_dir)
+    thresholds = {k: v for k, v in (("tau_exp", tau_exp), ("tau_drop", tau_drop)) if v is not None}
+    geometry = {k: v for k, v in (("layers", layers), ("region_size", region_size)) if v is not None}
+
+    def finish(cfg: BlinkConfig) -> BlinkConfig:
+        cfg = dataclasses.replace(cfg, **thresholds)
+        return cfg.ablation(ablation) if ablation else cfg
+
+    specs = []
+    for kind in kinds:
+        if kind == "vanilla":
+            specs.append(ModeSpec("vanilla"))
+        elif kind == "interp":
+            base = trained if trained is not None else BlinkConfig()
+            specs.append(ModeSpec("interp", finish(dataclasses.replace(base, tokensr_kind="interp", **geometry)),
+                                  ablation=ablation))
+        else:
+            for field, value in geometry.items():
+                if getattr(trained, field) != value:
+                    raise ModeError(f"--{field.replace('_', '-')} {value} differs from the trained TokenSR's "
+                                    f"{field}={getattr(trained, field)} ({tokensr_dir}): leave it out for mode "
+                                    f"'blink', or train TokenSR for it")
+            specs.append(ModeSpec("blink", finish(trained), tokensr=bank, ablation=ablation))
+    return specs

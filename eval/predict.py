@@ -1,0 +1,280 @@
+"""Answer one question about one image and show Blink's per-layer decisions.
+
+    python -m eval.predict --model DIR --image cat.jpg --question "What colour is the cat?" \
+        --mode interp --layers 12-18 --plot trace.png
+
+Modes: `vanilla` (LLaVA-1.5; the trace shows its saliency scan, nothing expands), `interp`
+(Blink-interp, training-free TokenSR) and `blink` (trained TokenSR from `--tokensr DIR`).
+The `--plot` figure is the scan-focus-shift view: per participating layer, the image the model saw
+under the last prompt token's head-mean visual attention S_v, the region grid, r* and the expansion.
+Letters: G grid side, Lp participating layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from blink_jax.blink import BlinkConfig
+from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
+from blink_jax.blink.runner import HostTrace
+from blink_jax.config import ConfigError
+from blink_jax.processing import CLIP_MEAN, CLIP_STD, build_prompt
+from eval.calibrate import parse_layers, positive_int, scan
+
+MODES = ("vanilla", "interp", "blink")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    answer: str
+    tokens: np.ndarray  # [N] generated ids, EOS and padding included
+    trace: HostTrace | None  # per participating layer, batch of one
+    pixel_values: np.ndarray  # [3, H, W] what the model saw
+    prompt: str
+
+
+def vanilla_trace(llava, inputs: dict, layers: Sequence[int], region_size: int) -> HostTrace:
+    """A trace of vanilla LLaVA: the saliency scan of `probe_layers`, action `none` everywhere."""
+    rho, region, attention = scan(llava, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                  layers=layers, region_size=region_size)
+    return HostTrace(layers=tuple(layers), rho=rho, region=region, action=np.full(rho.shape, NONE, np.int32),
+                     expanded_region=np.full(rho.shape, NO_REGION, np.int32), attention=attention)
+
+
+def answer_text(processor, tokens: np.ndarray, eos_token_id: int | None) -> str:
+    """Generated ids [N] -> the answer, cut at the first EOS."""
+    tokens = np.asarray(tokens).reshape(-1)
+    if eos_token_id is not None:
+        hits = np.flatnonzero(tokens == eos_token_id)
+        tokens = tokens[:hits[0]] if hits.size else tokens
+    return processor.decode(tokens)
+
+
+def predict(llava, processor, image, question: str, blink: BlinkConfig | None = None, tokensr=None, *,
+            max_new_tokens: int = 16, scan_config: BlinkConfig | None = None) -> Prediction:
+    """Greedy answer to `question` about `image` (a PIL image or a path) with the LLaVA eval prompt.
+
+    `blink=None` runs vanilla LLaVA; then `scan_config` (its `layers` and `region_size`), if given, adds
+    the vanilla saliency trace. With a `blink` config the trace is Blink's (its S_v only with
+    `return_attention=True`); `tokensr` is the trained bank for `tokensr_kind="conv"`.
+    """
+    cfg = llava.config
+    prompt = build_prompt(question)
+    inputs = processor([prompt], [image])
+    run = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+               attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens)
+    if blink is not None:
+        blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
+        tokens, trace = llava.generate(**run, blink=blink, tokensr=tokensr, return_trace=True)
+    else:
+        if scan_config is not None:
+            scan_config.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
+        tokens = llava.generate(**run)
+        trace = None if scan_config is None else vanilla_trace(llava, inputs, scan_config.layers,
+                                                               scan_config.region_size)
+    return Prediction(answer=answer_text(processor, tokens[0], cfg.text.eos_token_id), tokens=np.asarray(tokens[0]),
+                      trace=trace, pixel_values=inputs["pixel_values"][0], prompt=prompt)
+
+
+def format_trace(trace: HostTrace, example: int = 0) -> str:
+    """One row per participating layer: layer, rho, r*, action, and the region whose SR tokens enter L+1."""
+    lines = [f"{'layer':>5}  {'rho':>6}  {'r*':>3}  {'action':<6}  expanded"]
+    for j, layer in enumerate(trace.layers):
+        expanded = int(trace.expanded_region[j, example])
+        lines.append(f"{layer:>5}  {float(trace.rho[j, example]):>6.4f}  {int(trace.region[j, example]):>3}  "
+                     f"{ACTION_NAMES[int(trace.action[j, example])]:<6}  {'-' if expanded == NO_REGION else expanded}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- plot
+
+
+def display_image(pixel_values: np.ndarray) -> np.ndarray:
+    """CLIP-normalised [3, H, W] -> uint8 [H, W, 3], the image as the model saw it."""
+    mean, std = np.asarray(CLIP_MEAN)[:, None, None], np.asarray(CLIP_STD)[:, None, None]
+    rgb = (np.asarray(pixel_values, np.float64) * std + mean).transpose(1, 2, 0)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike, *, region_size: int,
+               example: int = 0, title: str | None = None, columns: int = 4):
+    """The scan-focus-shift figure, one panel per participating layer; writes a PNG atomically.
+
+    image: uint8 [H, W, 3] (`display_image(prediction.pixel_values)`). Returns the matplotlib Figure,
+    whose `axes` are the panels in layer order.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    if trace.attention is None:
+        raise ValueError("the trace has no attention maps S_v: run Blink with BlinkConfig(return_attention=True)")
+    grid = trace.attention.shape[-1]
+    if grid % region_size:
+        raise ValueError(f"region_size={region_size} does not divide the attention grid side {grid}")
+    height, width = image.shape[:2]
+    per_side = grid // region_size
+    box_w, box_h = width / per_side, height / per_side
+    panels = len(trace.layers)
+    cols = min(columns, panels)
+    rows = math.ceil(panels / cols)
+    top, bottom = (0.45 if title else 0.0), 0.35  # inches for the title and the legend
+    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + top + bottom), dpi=110)
+    FigureCanvasAgg(fig)
+    for j, layer in enumerate(trace.layers):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        s_v = np.asarray(trace.attention[j, example], np.float64)  # [G, G]
+        ax.imshow(image, extent=(0, width, height, 0))
+        # Per-panel min-max colour scale, so the focus shows even when attention is nearly flat (rho says how flat).
+        ax.imshow(s_v, extent=(0, width, height, 0), cmap="inferno", alpha=0.55, interpolation="nearest",
+                  vmin=float(s_v.min()), vmax=max(float(s_v.max()), float(s_v.min()) + 1e-12))
+        for k in range(1, per_side):  # the region grid
+            ax.axvline(k * box_w, color="white", linewidth=0.7, alpha=0.8)
+            ax.axhline(k * box_h, color="white", linewidth=0.7, alpha=0.8)
+        action = int(trace.action[j, example])
+        expanded = int(trace.expanded_region[j, example])
+        if action in (EXPAND, KEEP) and expanded != NO_REGION:
+            r, c = divmod(expanded, per_side)
+            ax.add_patch(Rectangle((c * box_w, r * box_h), box_w, box_h, facecolor=(0.0, 0.9, 1.0, 0.25),
+                                   edgecolor="cyan", linewidth=2.5))
+        r, c = divmod(int(trace.region[j, example]), per_side)
+        ax.add_patch(Rectangle((c * box_w, r * box_h), box_w, box_h, fill=False, edgecolor="yellow",
+                               linewidth=2.0, linestyle="--"))
+        focus = f" \u2192 region {expanded}" if expanded != NO_REGION else ""
+        ax.set_title(f"layer {layer}: \u03c1 = {float(trace.rho[j, example]):.3f}, r* = {r * per_side + c}\n"
+                     f"{ACTION_NAMES[action]}{focus}", fontsize=10)
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.legend(handles=[Patch(fill=False, edgecolor="yellow", linestyle="--", linewidth=2, label="r* (most attended)"),
+                        Patch(facecolor=(0.0, 0.9, 1.0, 0.25), edgecolor="cyan", linewidth=2,
+                              label="expanded region (its SR tokens enter layer L+1)"),
+                        Patch(facecolor="#b73779", label="S_v, last token's visual attention (per-panel scale)")],
+               loc="lower center", ncol=3, frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, bottom / fig.get_figheight(), 1, 1 - 0.1 * bool(title) / fig.get_figheight()))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out_path)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, tau_drop=None, tokensr_dir=None):
+    """-> (the BlinkConfig of the run, or of the vanilla scan; the TokenSR bank or None) from CLI values.
+
+    None means "not given": the spec's defaults, or those `--tokensr` was trained with.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r} is unknown; use one of {MODES}")
+    if mode == "blink" and tokensr_dir is None:
+        raise ConfigError("--mode blink runs trained TokenSR: give its directory with --tokensr DIR "
+                          "(or use --mode interp, which needs no training)")
+    if mode != "blink" and tokensr_dir is not None:
+        raise ConfigError(f"--tokensr is only used by --mode blink (got --mode {mode})")
+    given = {k: v for k, v in dict(layers=layers, region_size=region_size).items() if v is not None}
+    thresholds = {k: v for k, v in dict(tau_exp=tau_exp, tau_drop=tau_drop).items() if v is not None}
+    if mode != "blink":
+        base = BlinkConfig(**given, return_attention=True)
+        return dataclasses.replace(base, **thresholds), None
+    from blink_jax.blink.checkpoint import load_tokensr
+
+    try:
+        bank, trained = load_tokensr(tokensr_dir)
+    except ValueError as e:
+        raise ConfigError(f"--tokensr {tokensr_dir}: {e}") from None
+    for field, value in given.items():
+        if getattr(trained, field) != value:
+            raise ConfigError(f"--{field.replace('_', '-')} {value} conflicts with the TokenSR in '{tokensr_dir}', "
+                              f"trained for {field}={getattr(trained, field)}: leave the option out")
+    return dataclasses.replace(trained, **thresholds, return_attention=True), bank
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = BlinkConfig()
+    parser = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face LLaVA directory or a converted blink-jax one")
+    parser.add_argument("--image", required=True, help="the image file")
+    parser.add_argument("--question", required=True, help="the question; the LLaVA-1.5 eval prompt is built around "
+                                                          "it (short-answer suffix included)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="vanilla: LLaVA-1.5 (the trace shows its scan, nothing expands); interp: Blink-interp; "
+                             "blink: trained TokenSR from --tokensr. Default: blink with --tokensr, else interp")
+    parser.add_argument("--tokensr", default=None, help="directory of trained TokenSR (`train.tokensr`'s export); "
+                                                        "its layers and region size are used")
+    parser.add_argument("--layers", type=parse_layers, default=None,
+                        help=f"participating layers, e.g. 12-18 or 12,14,16 (default {defaults.layers[0]}-"
+                             f"{defaults.layers[-1]}, for a 32-layer model: give it for smaller models)")
+    parser.add_argument("--region-size", type=positive_int, default=None,
+                        help=f"r: regions are r x r visual tokens, r divides the grid side "
+                             f"(default {defaults.region_size}: 16 regions on LLaVA-1.5's 24 x 24)")
+    parser.add_argument("--tau-exp", type=float, default=None,
+                        help=f"expand when rho > tau_exp (default {defaults.tau_exp}, or the TokenSR's; "
+                             f"see python -m eval.calibrate)")
+    parser.add_argument("--tau-drop", type=float, default=None,
+                        help=f"drop the SR tokens when rho < tau_drop (default {defaults.tau_drop}, or the TokenSR's)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="greedy decoding length (default 16)")
+    parser.add_argument("--plot", default=None, metavar="OUT.png",
+                        help="write the scan-focus-shift figure (S_v heatmap, regions, r*, expansion per layer)")
+    parser.add_argument("--no-pad-to-square", action="store_true",
+                        help="centre-crop like llava-hf's processor instead of the original LLaVA pad-to-square")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter dtype (default float32)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    mode = args.mode or ("blink" if args.tokensr else "interp")
+
+    import jax.numpy as jnp
+
+    from blink_jax import CheckpointError, InputError, load_pretrained
+    from blink_jax.processing import ImageError, Processor, ProcessorError, load_image
+
+    try:
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model directory '{args.model}' does not exist")
+        image = load_image(args.image)
+        blink, bank = blink_settings(mode, layers=args.layers, region_size=args.region_size, tau_exp=args.tau_exp,
+                                     tau_drop=args.tau_drop, tokensr_dir=args.tokensr)
+        if mode == "vanilla" and (args.tau_exp is not None or args.tau_drop is not None):
+            print("note: --tau-exp/--tau-drop do nothing in --mode vanilla", file=sys.stderr)
+        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+        blink.validate_for(llava.config.text.num_hidden_layers, llava.config.vision.grid)
+        processor = Processor.from_pretrained(args.model, config=llava.config, pad_to_square=not args.no_pad_to_square)
+        result = predict(llava, processor, image, args.question, None if mode == "vanilla" else blink, bank,
+                         max_new_tokens=args.max_new_tokens, scan_config=blink)
+    except (ConfigError, ImageError, ProcessorError, CheckpointError, InputError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    regions = blink.num_regions(llava.config.vision.grid)
+    print(f"answer: {result.answer}")
+    print()
+    settings = (f"tau_exp={blink.tau_exp}, tau_drop={blink.tau_drop}, " if mode != "vanilla" else "")
+    print(f"trace ({mode}; {settings}region_size={blink.region_size} -> {regions} regions):")
+    print(format_trace(result.trace))
+    if args.plot:
+        title = f"{mode}: {args.question}  \u2192  {result.answer}"
+        plot_trace(display_image(result.pixel_values), result.trace, args.plot, region_size=blink.region_size,
+                   title=title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Run a benchmark in vanilla / Blink-interp / Blink mode and print them beside the paper's numbers.
+
+    python -m eval.run --bench pope --model DIR --data-dir DIR --modes vanilla,interp,blink --tokensr DIR \\
+        [--ablation random|fixed|no-drop|high-tau] [--limit N] [--batch-size B] [--out DIR] [--save-traces]
+
+Writes to --out: samples_<bench>_<mode>.jsonl, results.json, results.md (and traces_<bench>_<mode>.jsonl with
+--save-traces). Rerunning the same command resumes a killed run. The work is in `eval.harness.runner`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from eval.benchmarks import NAMES
+
+# A bundled demo model directory, used when --model is not given; None until the project ships one.
+DEMO_MODEL: str | None = None
+
+NO_MODEL = """\
+eval.run needs LLaVA-1.5 weights: pass --model DIR, a Hugging Face LLaVA directory (e.g. a download of
+llava-hf/llava-1.5-7b-hf) or one converted for blink-jax:
+
+    python -m checkpoints_conversion.hf_to_orbax --hf-dir HF_DIR --out CONVERTED_DIR
+    python -m eval.run --bench {bench} --model CONVERTED_DIR --data-dir DATA_DIR
+"""
+
+EXIT_USAGE = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", required=True, choices=NAMES, help="the benchmark")
+    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted)")
+    p.add_argument("--data-dir", help="the benchmark's release files, in their official layout")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated vanilla,interp,blink (default: all three with --tokensr, else vanilla,interp)")
+    p.add_argument("--tokensr", help="trained TokenSR directory (needed by mode blink)")
+    p.add_argument("--ablation", choices=("random", "fixed", "no-drop", "high-tau"),
+                   help="a BLINK.md §6 ablation, applied to interp and blink")
+    p.add_argument("--limit", type=int, help="at most N questions per split/subtask")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this")
+    p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (16 for short answers)")
+    p.add_argument("--out", help="output directory (default: eval_out/<bench>)")
+    p.add_argument("--layers", help="Blink's participating layers, e.g. 12-18 (interp; blink keeps its own)")
+    p.add_argument("--region-size", type=int, help="Blink's region side r (interp)")
+    p.add_argument("--tau-exp", type=float, help="expansion threshold (interp and blink)")
+    p.add_argument("--tau-drop", type=float, help="drop threshold (interp and blink)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--tfds-dir", help="where prepared datasets go (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--save-traces", action="store_true", help="write traces_<bench>_<mode>.jsonl for eval.report")
+    p.add_argument("--retry-errors", action="store_true", help="ask again the questions recorded as errors")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-region ablation")
+    p.add_argument("--no-pad-to-square", action="store_true", help="llava-hf's centre crop instead of LLaVA's padding")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    model = args.model or DEMO_MODEL
+    if model is None:
+        print(NO_MODEL.format(bench=args.bench), file=sys.stderr)
+        return EXIT_USAGE
+    if args.data_dir is None:
+        print(f"eval.run: --data-dir is required: the folder with {args.bench}'s release files", file=sys.stderr)
+        return EXIT_USAGE
+
+    from blink_jax import CheckpointError, ConfigError
+    from eval.benchmarks import DataError
+    from eval.harness.modes import ModeError, parse_layers
+    from eval.harness.runner import EvalConfig, RunConflict, run_eval
+
+    if args.modes is None:
+        modes = ("vanilla", "interp", "blink") if args.tokensr else ("vanilla", "interp")
+        if not args.tokensr:
+            print("eval.run: no --tokensr, running vanilla and interp (mode blink needs trained TokenSR)",
+                  file=sys.stderr)
+    else:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    try:
+        cfg = EvalConfig(
+            bench=args.bench, model=model, data_dir=args.data_dir, out=args.out or f"eval_out/{args.bench}",
+            modes=modes, tokensr=args.tokensr, ablation=args.ablation, limit=args.limit, batch_size=args.batch_size,
+            bucket=args.bucket, max_new_tokens=args.max_new_tokens, layers=parse_layers(args.layers),
+            region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, dtype=args.dtype,
+            tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
+            pad_to_square=not args.no_pad_to_square, progress=not args.no_progress)
+    except ValueError as e:  # flags out of range
+        print(f"eval.run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        document = run_eval(cfg)
+    except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"eval.run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from eval.harness.results import markdown_table
+
+    print(markdown_table(document))
+    print(f"results: {cfg.out}/results.json, {cfg.out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

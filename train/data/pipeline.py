@@ -1,0 +1,117 @@
+"""The grain input pipeline: shuffled (seeded, reshuffled every epoch), sharded per host, repeated forever,
+decoded and tokenised into fixed-shape batches; its iterator state goes into every checkpoint.
+
+One batch (this host's share of the global batch, b = batch_size / hosts; S image side, T prompt length):
+  input_ids       int32   [b, T]       the vicuna_v1 prompt with the sample's first question, left-padded
+  attention_mask  int32   [b, T]
+  pixel_values    float32 [b, 3, S, S] CLIP-normalised, as `blink_jax.processing.preprocess_image`
+  image           uint8   [b, S, S, 3] the same preprocessed image before normalisation (for the crops)
+  image_digest    uint8   [b, 20]      sha1 of the image file's bytes: the teacher cache's image key
+
+A record whose image fails to decode, or whose prompt is longer than T, is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+
+import grain
+import numpy as np
+from PIL import Image
+
+from blink_jax.processing import CLIP_MEAN_RGB, Processor, build_prompt, expand2square
+from blink_jax.processing.image import center_crop, normalize, shortest_edge_size
+
+log = logging.getLogger(__name__)
+
+
+def preprocess_uint8(img: Image.Image, image_size: int, pad_to_square: bool = True) -> np.ndarray:
+    """LLaVA-1.5's preprocessing up to, not including, normalisation: uint8 [S, S, 3].
+
+    `normalize(preprocess_uint8(img, ...))` equals `preprocess_image(img, ...)` bit for bit.
+    """
+    img = img.convert("RGB")
+    if pad_to_square:
+        img = expand2square(img, CLIP_MEAN_RGB)
+    height, width = shortest_edge_size(img.height, img.width, image_size)
+    img = img.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return np.ascontiguousarray(center_crop(np.asarray(img), image_size))
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class Encode(grain.transforms.Map):
+    """A tfds record -> the arrays of one example, or None (logged) when it cannot be used."""
+
+    def __init__(self, processor: Processor, max_prompt_len: int, pad_to_square: bool = True):
+        self.processor = processor
+        self.max_prompt_len = max_prompt_len
+        self.pad_to_square = pad_to_square
+
+    def map(self, record):
+        sample = _text(record["id"])
+        data = record["image"]
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = preprocess_uint8(img, self.processor.config.vision.image_size, self.pad_to_square)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            log.warning("skipping sample %s: image %s does not decode (%s)", sample, _text(record["image_path"]), e)
+            return None
+        ids = self.processor.tokenize(build_prompt(_text(record["question"]), suffix=None))
+        if len(ids) > self.max_prompt_len:
+            log.warning("skipping sample %s: its prompt has %d tokens, more than --max-prompt-len=%d", sample,
+                        len(ids), self.max_prompt_len)
+            return None
+        pad = self.max_prompt_len - len(ids)
+        input_ids = np.full((self.max_prompt_len,), self.processor.pad_id, np.int32)
+        input_ids[pad:] = ids
+        attention_mask = np.zeros((self.max_prompt_len,), np.int32)
+        attention_mask[pad:] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": normalize(image),
+            "image": image,
+            "image_digest": np.frombuffer(hashlib.sha1(data).digest(), np.uint8).copy(),
+        }
+
+
+class Usable(grain.transforms.Filter):
+    def filter(self, element) -> bool:
+        return element is not None
+
+
+class Limited:
+    """The first `limit` records of a data source (for short runs on a prefix of the mix)."""
+
+    def __init__(self, source, limit: int):
+        self.source, self.limit = source, min(limit, len(source))
+
+    def __len__(self):
+        return self.limit
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.limit:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def make_loader(source, processor: Processor, *, local_batch: int, seed: int, max_prompt_len: int,
+                pad_to_square: bool = True, limit: int = 0, workers: int = 0) -> grain.DataLoader:
+    """An endless DataLoader over `source`; each host reads its own shard (`ShardByJaxProcess`)."""
+    if limit:
+        source = Limited(source, limit)
+    if len(source) == 0:
+        raise ValueError("the data set is empty (every sample was text-only or had an unusable image): check "
+                         "--data-dir and the log of the dataset preparation")
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        shuffle=True, num_epochs=None, seed=seed)
+    operations = [Encode(processor, max_prompt_len, pad_to_square), Usable(),
+                  grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=workers)

@@ -25,13 +25,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
+from tqdm import tqdm
 
+from blink_jax import CheckpointError, ConfigError, load_pretrained
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.probe import probe_layers
-from blink_jax.processing import ImageError, build_prompt, left_pad
+from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
 
 DEFAULT_QUESTION = "What is in the image?"
 PERCENTILES = (10, 25, 50, 75, 90)
@@ -145,8 +148,6 @@ class Calibration:
 
 
 def _warn(message: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(message, file=sys.stderr)
 
 
@@ -155,8 +156,6 @@ def calibrate(llava, processor, examples: Sequence[Example], *, layers: Sequence
               report: Callable[[str], None] = _warn) -> Calibration:
     """rho and r* of every example at `layers` (vanilla forward). Images that cannot be read are reported
     through `report` and skipped."""
-    from tqdm import tqdm
-
     layers = tuple(int(l) for l in layers)
     BlinkConfig(layers=layers, region_size=region_size).validate_for(
         llava.config.text.num_hidden_layers, llava.config.vision.grid)
@@ -322,11 +321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write statistics and per-example rho to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-
-    import jax.numpy as jnp
-
-    from blink_jax import CheckpointError, ConfigError, load_pretrained
-    from blink_jax.processing import Processor, ProcessorError
 
     try:
         examples = read_examples(args.data, question=args.question, image_folder=args.image_folder)

@@ -20,13 +20,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace
-from blink_jax.config import ConfigError
-from blink_jax.processing import CLIP_MEAN, CLIP_STD, build_prompt
+from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
+                                  load_image)
 from eval.calibrate import parse_layers, positive_int, scan
 
 MODES = ("vanilla", "interp", "blink")
@@ -126,8 +129,9 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
     panels = len(trace.layers)
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)
-    top, bottom = (0.45 if title else 0.0), 0.35  # inches for the title and the legend
-    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + top + bottom), dpi=110)
+    legend_columns = 3 if cols >= 3 else 1  # a narrow figure stacks the legend
+    top, bottom = (0.4 if title else 0.0), (0.3 if legend_columns == 3 else 0.7)  # inches: title, legend
+    fig = Figure(figsize=(3.2 * cols, 3.7 * rows + top + bottom), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     for j, layer in enumerate(trace.layers):
         ax = fig.add_subplot(rows, cols, j + 1)
@@ -159,10 +163,9 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
                         Patch(facecolor=(0.0, 0.9, 1.0, 0.25), edgecolor="cyan", linewidth=2,
                               label="expanded region (its SR tokens enter layer L+1)"),
                         Patch(facecolor="#b73779", label="S_v, last token's visual attention (per-panel scale)")],
-               loc="lower center", ncol=3, frameon=False, fontsize=8)
+               loc="outside lower center", ncol=legend_columns, frameon=False, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, bottom / fig.get_figheight(), 1, 1 - 0.1 * bool(title) / fig.get_figheight()))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
@@ -191,8 +194,6 @@ def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, ta
     if mode != "blink":
         base = BlinkConfig(**given, return_attention=True)
         return dataclasses.replace(base, **thresholds), None
-    from blink_jax.blink.checkpoint import load_tokensr
-
     try:
         bank, trained = load_tokensr(tokensr_dir)
     except ValueError as e:
@@ -241,11 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = args.mode or ("blink" if args.tokensr else "interp")
 
-    import jax.numpy as jnp
-
-    from blink_jax import CheckpointError, InputError, load_pretrained
-    from blink_jax.processing import ImageError, Processor, ProcessorError, load_image
-
     try:
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"--model directory '{args.model}' does not exist")
@@ -269,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trace ({mode}; {settings}region_size={blink.region_size} -> {regions} regions):")
     print(format_trace(result.trace))
     if args.plot:
-        title = f"{mode}: {args.question}  \u2192  {result.answer}"
+        title = f"{mode}: {args.question}  \u2192  \"{result.answer}\""
         plot_trace(display_image(result.pixel_values), result.trace, args.plot, region_size=blink.region_size,
                    title=title)
         print(f"wrote {args.plot}")

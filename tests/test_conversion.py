@@ -254,7 +254,8 @@ def _broken(tiny, tmp_path, missing=False, extra=False, wrong_shape=False) -> Pa
     if extra:
         tensors["language_model.model.layers.0.mlp.extra_proj.weight"] = torch.zeros(3, 5)
     if wrong_shape:
-        tensors["multi_modal_projector.linear_1.weight"] = tensors["multi_modal_projector.linear_1.weight"].T.contiguous()
+        key = "multi_modal_projector.linear_1.weight"
+        tensors[key] = tensors[key].T.contiguous()
     return new_dir(tmp_path / "hf", tensors, src=tiny["dir"])
 
 

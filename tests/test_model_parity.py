@@ -140,3 +140,15 @@ def test_bad_inputs_name_the_problem():
         ours(input_ids=ids, pixel_values=pixels[:, :, :20], attention_mask=mask)
     with pytest.raises(InputError, match="pad on the left"):
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask[:, ::-1])
+
+
+def test_models_of_one_config_share_compiled_programs():
+    from blink_jax import runtime
+
+    a, b = from_hf(tl.make_hf_model(seed=0)), from_hf(tl.make_hf_model(seed=5))
+    ids, pixels, mask = batch(a.config)
+    la = np.asarray(a(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits)
+    size = runtime._prefill._cache_size()
+    lb = np.asarray(b(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits)
+    assert runtime._prefill._cache_size() == size
+    assert not np.allclose(la, lb)

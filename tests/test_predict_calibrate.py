@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import tiny_llava as tl
-from blink_jax import load_pretrained
-from blink_jax.blink import BlinkConfig
+from blink_jax import ConfigError, load_pretrained
+from blink_jax.blink import BlinkConfig, TokenSRBank
+from blink_jax.blink.checkpoint import save_tokensr
 from blink_jax.blink.dtr import DROP, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.probe import probe_layers
 from blink_jax.blink.runner import HostTrace
@@ -40,9 +43,23 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(files):
-    llava = load_pretrained(files / "model")
-    return llava, Processor.from_pretrained(files / "model", config=llava.config)
+def processor(files):
+    return Processor.from_pretrained(files / "model")
+
+
+@pytest.fixture
+def cli_models(monkeypatch):
+    """The models the CLIs load, so a reference run reuses their compiled programs (a model loaded twice
+    compiles twice: its graphdef holds activation lambdas that differ per load)."""
+    models = []
+
+    def spy(path, **kwargs):
+        models.append(load_pretrained(path, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(predict, "load_pretrained", spy)
+    monkeypatch.setattr(calibrate, "load_pretrained", spy)
+    return models
 
 
 def run_cli(module, argv, capsys):
@@ -54,14 +71,14 @@ def trace_rows(stdout: str) -> list[tuple]:
     return [m.groups() for m in map(ROW.match, stdout.splitlines()) if m]
 
 
-def test_predict_cli_answer_trace_and_plot(files, loaded, capsys):
-    llava, processor = loaded
+def test_predict_cli_answer_trace_and_plot(files, processor, cli_models, capsys):
     out_png = files / "plots" / "trace.png"
     out = run_cli(predict, ["--model", files / "model", "--image", files / "images" / "a.png", "--question", QUESTION,
                             "--mode", "interp", "--layers", "1-3", "--region-size", REGION, "--tau-exp", 0,
                             "--tau-drop", 0, "--max-new-tokens", 5, "--plot", out_png], capsys).out
 
     # Reference: the model's own generate, decoded by hand up to EOS.
+    llava, = cli_models
     blink = BlinkConfig(layers=LAYERS, region_size=REGION, tau_exp=0.0, tau_drop=0.0, return_attention=True)
     inputs = processor([build_prompt(QUESTION)], [files / "images" / "a.png"])
     tokens, trace = llava.generate(**inputs, max_new_tokens=5, blink=blink, return_trace=True)
@@ -101,7 +118,7 @@ def test_plot_trace_panels(tmp_path):
         assert ax.get_title().startswith(f"layer {layer}:") and action in ax.get_title()
     assert [len(ax.patches) for ax in fig.axes] == [1, 2, 2, 1, 2]  # r* always, expansion for expand/keep
     with Image.open(tmp_path / "t.png") as png:  # 4 columns, 2 rows
-        assert png.size == (round(4 * 3.2 * 110), round((2 * 3.4 + 0.45 + 0.35) * 110))
+        assert png.size == (round(4 * 3.2 * 110), round((2 * 3.7 + 0.4 + 0.3) * 110))
     with pytest.raises(ValueError, match="return_attention"):
         predict.plot_trace(image, HostTrace(layers, trace.rho, trace.region, actions, expanded), tmp_path / "u.png",
                            region_size=3)
@@ -130,6 +147,24 @@ def test_predict_errors(files, capsys):
     for option in ("--model", "--image", "--question", "--mode", "--tokensr", "--layers", "--region-size", "--tau-exp",
                    "--tau-drop", "--max-new-tokens", "--plot", "--no-pad-to-square"):
         assert option in help_text
+
+
+def test_blink_settings_from_tokensr(tmp_path):
+    """--mode blink takes layers/region size from the TokenSR directory and thresholds from the CLI."""
+    trained = BlinkConfig(layers=LAYERS, region_size=REGION, tokensr_kind="conv", tokensr_channels=5, tau_exp=0.4,
+                          tau_drop=0.2)
+    save_tokensr(tmp_path / "tsr", TokenSRBank(trained, 48, rngs=nnx.Rngs(0)), trained, dim=48)
+    blink, bank = predict.blink_settings("blink", tokensr_dir=tmp_path / "tsr", tau_exp=0.35)
+    assert (blink.layers, blink.region_size, blink.tokensr_kind) == (LAYERS, REGION, "conv")
+    assert (blink.tau_exp, blink.tau_drop, blink.return_attention) == (0.35, 0.2, True)
+    assert tuple(bank.layers) == LAYERS
+    with pytest.raises(ConfigError, match="trained for layers"):
+        predict.blink_settings("blink", tokensr_dir=tmp_path / "tsr", layers=(1, 2))
+    with pytest.raises(ConfigError, match="only used by --mode blink"):
+        predict.blink_settings("interp", tokensr_dir=tmp_path / "tsr")
+    interp, none = predict.blink_settings("interp", layers=(2,), tau_drop=0.1)
+    assert (interp.layers, interp.tau_exp, interp.tau_drop, interp.tokensr_kind, none) == ((2,), 0.3, 0.1, "interp",
+                                                                                           None)
 
 
 def test_rho_statistics_equal_numpy():
@@ -164,8 +199,7 @@ def test_read_examples(tmp_path):
         calibrate.read_examples(tmp_path / "bad.jsonl")
 
 
-def test_calibrate_cli_skips_bad_image_and_matches_probe(files, loaded, capsys):
-    llava, processor = loaded
+def test_calibrate_cli_skips_bad_image_and_matches_probe(files, processor, cli_models, capsys):
     out_json = files / "stats" / "rho.json"
     out = run_cli(calibrate, ["--model", files / "model", "--data", files / "images", "--question", QUESTION,
                               "--layers", "1,3", "--region-size", REGION, "--batch-size", 2, "--bucket", 16,
@@ -178,11 +212,12 @@ def test_calibrate_cli_skips_bad_image_and_matches_probe(files, loaded, capsys):
     report = json.loads(out_json.read_text())
     assert report["examples_used"] == 2 and [s["image"].endswith("c.jpg") for s in report["skipped"]] == [True]
     assert [e["image"].rsplit("/", 1)[1] for e in report["examples"]] == ["a.png", "b.jpg"]
-    module = llava.module
-    for example in report["examples"]:  # the reference: probe_layers on each image alone, eagerly
+    llava, = cli_models
+    probe_fn = jax.jit(lambda m, *a: probe_layers(m, *a, layers=(1, 3), region_size=REGION))
+    for example in report["examples"]:  # the reference: probe_layers on each image alone, unpadded
         inputs = processor([build_prompt(QUESTION)], [example["image"]])
-        probe = probe_layers(module, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["pixel_values"]),
-                             jnp.asarray(inputs["attention_mask"]), layers=(1, 3), region_size=REGION)
+        probe = probe_fn(llava.module, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["pixel_values"]),
+                         jnp.asarray(inputs["attention_mask"]))
         np.testing.assert_allclose([example["rho"]["1"], example["rho"]["3"]], np.asarray(probe.rho)[:, 0],
                                    rtol=1e-5, atol=1e-6)
         assert [example["region"]["1"], example["region"]["3"]] == np.asarray(probe.region)[:, 0].tolist()

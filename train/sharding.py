@@ -261,3 +261,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def describe(mesh: Mesh) -> str:
     return f"mesh {_axes_str(dict(mesh.shape))} over {mesh.devices.size} {np.ravel(mesh.devices)[0].platform} device(s)"
+
+
+# ------------------------------------------------------------------------------------- host <-> global
+
+
+def to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This host's rows of a batch -> the global array (one host: a plain `device_put`)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    from jax.experimental import multihost_utils
+    return multihost_utils.host_local_array_to_global_array(local, sharding.mesh, sharding.spec)
+
+
+def to_local(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
+    """The inverse of `to_global`: this host's rows, as numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec))
+
+
+def max_over_hosts(n: int) -> int:
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int64))))

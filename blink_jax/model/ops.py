@@ -12,19 +12,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Module-level functions (not lambdas), so two models of one config have equal graphdefs and share programs.
+_ACTIVATIONS = {"gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh,
+                "quick_gelu": quick_gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}
+
+
 def activation(name: str):
     """The activation of an HF config string, with HF's exact definitions."""
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_pytorch_tanh", "gelu_new"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "silu":
-        return jax.nn.silu
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"activation {name!r} is not supported")
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
 
 
 class RMSNorm(nnx.Module):

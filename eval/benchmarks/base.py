@@ -64,6 +64,9 @@ def make_builder_base():
 
         VERSION = tfds.core.Version("1.0.0")
         BENCHMARK: ClassVar["Benchmark"]
+        # tfds looks for a checksums file next to the builder's code through importlib_resources, which a
+        # TensorFlow-free install lacks; a manual-download builder has no checksums anyway.
+        code_path = None
 
         @property
         def MANUAL_DOWNLOAD_INSTRUCTIONS(self):  # noqa: N802 (tfds' name)

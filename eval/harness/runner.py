@@ -198,7 +198,8 @@ class Runner:
         programs = self.programs.setdefault(mode.name, set())
         bar = tqdm(total=len(self.prepared), initial=len(self.prepared) - len(todo), unit="q", disable=not cfg.progress,
                    desc=f"{bench.name} {mode.name}", dynamic_ncols=True)
-        trace_file = open_append_jsonl(traces_path(self.out, bench.name, mode.name)) if cfg.save_traces else None
+        traced = cfg.save_traces and mode.blink is not None
+        trace_file = open_append_jsonl(traces_path(self.out, bench.name, mode.name)) if traced else None
         try:
             with open_append_jsonl(path) as samples:
                 if bad:

@@ -1,0 +1,217 @@
+"""Teacher targets (BLINK.md §5): h_L[visual](crop), area-pooled from G x G to (s r) x (s r), with a disk cache.
+
+The crop of region (i, j) of the (G/r) x (G/r) region grid is its pixel box [i r p, (i+1) r p) x [j r p, (j+1) r p)
+(p = patch size) in the preprocessed S x S image, resized back to S x S (PIL bicubic) and CLIP-normalised.
+Under causal attention the visual states depend only on the image and the prompt before it, so the teacher
+runs on the prompt cut right after the image tokens, and a target is a function of (image, region, layer)
+alone: computed once, cached on disk, reused by later epochs and later runs.
+
+Targets are rounded to the cache dtype whether they come from the cache or not, so a run gives the same
+numbers with a cold cache, a warm one, or none.
+
+Letters: Lp participating layers, B batch, G grid side, O = s r pooled side, D model dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from blink_jax.blink.probe import probe_layers
+from blink_jax.processing import IMAGE_PLACEHOLDER, Processor, build_prompt
+from blink_jax.processing.image import normalize
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def crop_box(region: int, grid: int, region_size: int, patch: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixel box of `region` (row-major over the region grid); right/bottom exclusive."""
+    per_row = grid // region_size
+    row, col = divmod(int(region), per_row)
+    side = region_size * patch
+    return col * side, row * side, (col + 1) * side, (row + 1) * side
+
+
+def crop_pixels(image: np.ndarray, region: int, grid: int, region_size: int, patch: int) -> np.ndarray:
+    """uint8 [S, S, 3] preprocessed image -> float32 [3, S, S]: the region's box resized to S x S, normalised."""
+    size = image.shape[0]
+    box = crop_box(region, grid, region_size, patch)
+    crop = Image.fromarray(image).crop(box).resize((size, size), resample=Image.Resampling.BICUBIC)
+    return normalize(np.asarray(crop))
+
+
+def area_weights(size_in: int, size_out: int) -> np.ndarray:  # [O, G]
+    """Rows average the input cells each output cell covers, as torch `adaptive_avg_pool` / `interpolate(area)`:
+    output i pools [floor(i G / O), ceil((i + 1) G / O))."""
+    w = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        w[i, start:end] = 1.0 / (end - start)
+    return w
+
+
+def area_pool(x: jax.Array, size_out: int) -> jax.Array:  # [..., G, G, D] -> [..., O, O, D]
+    w = jnp.asarray(area_weights(x.shape[-2], size_out))
+    return jnp.einsum("...GHD,OG,PH->...OPD", x.astype(jnp.float32), w, w)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "sr_side", "out_sharding"))
+def teacher_states(graphdef, params, input_ids, pixel_values, attention_mask, *, layers: tuple[int, ...],
+                   region_size: int, sr_side: int, out_sharding) -> jax.Array:  # [Lp, B, O, O, D] float32
+    """Layer outputs of the visual tokens of each (crop) image, area-pooled to sr_side x sr_side."""
+    model = nnx.merge(graphdef, params)
+    probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size)
+    return jax.lax.with_sharding_constraint(area_pool(probe.visual, sr_side), out_sharding)
+
+
+def image_prefix_ids(processor: Processor) -> list[int]:
+    """The eval prompt cut right after `<image>`: all the teacher's visual states depend on."""
+    prompt = build_prompt("")
+    return processor.tokenize(prompt[: prompt.index(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)])
+
+
+# --------------------------------------------------------------------------------------------------- cache
+
+
+_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values exactly representable in `dtype` (round to nearest even)."""
+    return np.asarray(x, np.float32).astype(_DTYPES[dtype]).astype(np.float32)
+
+
+class TeacherCache:
+    """One `.npy` per (image, region, layer), written atomically (temp file + rename) so that concurrent
+    writers (hosts, runs) and kills never leave a partial entry. bfloat16 is stored as its uint16 bits.
+
+    The key hashes the image bytes' sha1, the region and the layer with `salt`: the model fingerprint and
+    everything else a target depends on (image size, pad-to-square, r, s, prompt prefix, dtype).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, salt: str, dtype: str):
+        self.root, self.salt, self.dtype = Path(root), salt, dtype
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def key(self, digest: bytes, region: int, layer: int) -> str:
+        text = f"{self.salt}|{digest.hex()}|{int(region)}|{int(layer)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self.path(key)
+        try:
+            stored = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("teacher cache entry %s is unreadable (%s); recomputing it", path, e)
+            return None
+        if self.dtype == "bfloat16":
+            stored = stored.view(ml_dtypes.bfloat16)
+        return stored.astype(np.float32)
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = np.asarray(value).astype(_DTYPES[self.dtype])
+        if self.dtype == "bfloat16":
+            stored = stored.view(np.uint16)
+        tmp = path.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, stored, allow_pickle=False)
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- targets
+
+
+class Teacher:
+    """Targets [Lp, b, O, O, D] (this host's b examples) for the regions the student trains on.
+
+    Missing targets are computed in chunks of b crops (padded with blank images), one crop per distinct
+    (image, region) for all layers at once; every layer of a computed crop goes into the cache. On several
+    hosts all run the same number of chunks (the largest need), as the jitted teacher is one SPMD program.
+    """
+
+    def __init__(self, backbone, processor: Processor, blink, *, mesh, local_batch: int, cache: TeacherCache | None,
+                 cache_dtype: str, image_sharding, token_sharding, target_sharding):
+        from train import sharding
+
+        cfg = backbone.config
+        self.backbone, self.blink, self.mesh = backbone, blink, mesh
+        self.cache, self.cache_dtype = cache, cache_dtype
+        self.grid, self.patch, self.size = cfg.vision.grid, cfg.vision.patch_size, cfg.vision.image_size
+        self.local_batch = local_batch
+        ids = np.asarray(image_prefix_ids(processor), np.int32)
+        self.input_ids = sharding.to_global(np.tile(ids, (local_batch, 1)), token_sharding)
+        self.attention_mask = sharding.to_global(np.ones((local_batch, ids.size), np.int32), token_sharding)
+        self.image_sharding, self.target_sharding = image_sharding, target_sharding
+        self.stats = {"hits": 0, "computed": 0}
+
+    def __call__(self, images: np.ndarray, digests: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        """images uint8 [b, S, S, 3], digests uint8 [b, 20], regions int [Lp, b] -> float32 [Lp, b, O, O, D]."""
+        from train import sharding
+
+        layers = self.blink.layers
+        num_layers, b = regions.shape
+        side, dim = self.blink.sr_side, self.backbone.config.text.hidden_size
+        out = np.empty((num_layers, b, side, side, dim), np.float32)
+        needed: dict[tuple[bytes, int], list[tuple[int, int]]] = {}
+        for i in range(b):
+            digest = digests[i].tobytes()
+            for l, layer in enumerate(layers):
+                region = int(regions[l, i])
+                value = self.cache.get(self.cache.key(digest, region, layer)) if self.cache else None
+                if value is None:
+                    needed.setdefault((digest, region), []).append((l, i))
+                else:
+                    out[l, i] = value
+                    self.stats["hits"] += 1
+        crops = list(needed)
+        chunks = sharding.max_over_hosts(math.ceil(len(crops) / self.local_batch))
+        for c in range(chunks):
+            chunk = crops[c * self.local_batch:(c + 1) * self.local_batch]
+            pixels = np.zeros((self.local_batch, 3, self.size, self.size), np.float32)
+            for k, (digest, region) in enumerate(chunk):
+                first_example = needed[(digest, region)][0][1]
+                pixels[k] = crop_pixels(images[first_example], region, self.grid, self.blink.region_size, self.patch)
+            pooled = teacher_states(
+                self.backbone.graphdef, self.backbone.params, self.input_ids,
+                sharding.to_global(pixels, self.image_sharding), self.attention_mask,
+                layers=layers, region_size=self.blink.region_size, sr_side=side, out_sharding=self.target_sharding)
+            pooled = round_to(sharding.to_local(pooled, self.target_sharding), self.cache_dtype)
+            for k, (digest, region) in enumerate(chunk):
+                for l, layer in enumerate(layers):
+                    if self.cache:
+                        self.cache.put(self.cache.key(digest, region, layer), pooled[l, k])
+                for l, i in needed[(digest, region)]:
+                    out[l, i] = pooled[l, k]
+                self.stats["computed"] += 1
+        return out
+
+
+def cache_salt(fingerprint: str, processor: Processor, blink, *, pad_to_square: bool, dtype: str) -> str:
+    """Everything besides (image, region, layer) that a target depends on."""
+    cfg = processor.config
+    parts = [fingerprint, cfg.vision.image_size, cfg.vision.patch_size, pad_to_square, blink.region_size, blink.scale,
+             dtype, ",".join(map(str, image_prefix_ids(processor)))]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]

@@ -236,9 +236,10 @@ def format_statistics(stats: dict, num_regions: int) -> str:
         "",
         "suggested thresholds (pass to eval.predict / the benchmarks):",
         f"  --tau-exp {tau_exp:.4f}   p{TAU_EXP_PERCENTILE} of rho over all layers: a layer whose rho is above it "
-        f"expands its most-attended region (about {100 - TAU_EXP_PERCENTILE}% of layer decisions here).",
+        f"expands its most-attended region (rho is above it in {100 - TAU_EXP_PERCENTILE}% of layer decisions here).",
         f"  --tau-drop {tau_drop:.4f}  p{TAU_DROP_PERCENTILE}: an expanded example whose rho falls below it drops "
-        f"its SR tokens (about {TAU_DROP_PERCENTILE}% of layer decisions here); between the two it keeps its state.",
+        f"its SR tokens (rho is below it in {TAU_DROP_PERCENTILE}% of layer decisions here); in between, the state "
+        f"is kept.",
         "  rho was measured without expansion; SR tokens shift later layers' attention, so check the trace of a "
         "few examples with `python -m eval.predict`.",
     ]

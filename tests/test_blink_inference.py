@@ -128,7 +128,7 @@ def test_policies_equal_reference(models, cases, variant):
 
 def test_no_expansion_is_vanilla(models):
     _, ours = models
-    ids, pixels, mask = batch(ours.config, (60, 50), seed=5)
+    ids, pixels, mask = batch(ours.config, (60, 55, 48), seed=7)
     vanilla = np.asarray(ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits)
     out = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(tau_exp=1.01, tau_drop=0.1))
     assert set(sum(out.trace.actions(), [])) == {"none"}
@@ -146,9 +146,9 @@ def test_batch_with_different_decisions_equals_each_alone(models):
     patterns = {tuple(together.trace.action[:, i]) for i in range(len(lengths))}
     assert len(patterns) > 1, "all examples took the same decisions: the test would prove little"
     for i, n in enumerate(lengths):
-        alone = ours(input_ids=ids[i:i + 1, -n:], pixel_values=pixels[i:i + 1], attention_mask=mask[i:i + 1, -n:],
-                     blink=cfg)
-        np.testing.assert_allclose(np.asarray(together.logits)[i, -n:], np.asarray(alone.logits)[0], atol=1e-5)
+        # Alone = a batch of one; left padding to the common length keeps one compiled shape for the suite.
+        alone = ours(input_ids=ids[i:i + 1], pixel_values=pixels[i:i + 1], attention_mask=mask[i:i + 1], blink=cfg)
+        np.testing.assert_allclose(np.asarray(together.logits)[i, -n:], np.asarray(alone.logits)[0, -n:], atol=1e-5)
         np.testing.assert_array_equal(together.trace.action[:, i], alone.trace.action[:, 0])
         np.testing.assert_array_equal(together.trace.region[:, i], alone.trace.region[:, 0])
 
@@ -196,7 +196,7 @@ def test_probe_reports_vanilla_saliency_and_hidden_states(models):
     from blink_jax.blink.probe import probe_layers
 
     hf, ours = models
-    ids, pixels, mask = batch(ours.config, (60, 52), seed=5)
+    ids, pixels, mask = batch(ours.config, (60, 55, 48), seed=7)
     cfg = blink_cfg(tau_exp=2.0, tau_drop=0.0)
     trace = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg).trace
     probe = jax.jit(lambda m, *a: probe_layers(m, *a, layers=LAYERS, region_size=3))(

@@ -23,7 +23,8 @@ from blink_jax.processing import Processor, build_prompt
 from eval import calibrate, predict
 
 QUESTION = "what colour is the circle ?"
-LAYERS = (1, 2, 3)  # of 4
+LAYERS = (0, 1, 2)  # of 3
+CAL_LAYERS = (0, 2)
 REGION = 3  # 84px images -> 6x6 grid -> 4 regions
 ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+(\d+)\s+(none|expand|keep|drop)\s+(\S+)\s*$")
 
@@ -32,7 +33,8 @@ ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+(\d+)\s+(none|expand|keep|drop)\s+(\S+
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     # vocab 64 = the tokenizer's, so every generated id decodes to a word.
-    tl.save_hf_model(root / "model", seed=3, vision_image_size=84, text_num_hidden_layers=4, text_vocab_size=64)
+    tl.save_hf_model(root / "model", seed=3, vision_image_size=84, text_num_hidden_layers=3,
+                     vision_num_hidden_layers=2, text_vocab_size=64)
     images = root / "images"
     images.mkdir()
     tl.photo(120, 90, seed=1).save(images / "a.png")
@@ -49,8 +51,7 @@ def processor(files):
 
 @pytest.fixture
 def cli_models(monkeypatch):
-    """The models the CLIs load, so a reference run reuses their compiled programs (a model loaded twice
-    compiles twice: its graphdef holds activation lambdas that differ per load)."""
+    """The models the CLIs load, so a reference runs on exactly the CLI's model (and its compiled programs)."""
     models = []
 
     def spy(path, **kwargs):
@@ -74,7 +75,7 @@ def trace_rows(stdout: str) -> list[tuple]:
 def test_predict_cli_answer_trace_and_plot(files, processor, cli_models, capsys):
     out_png = files / "plots" / "trace.png"
     out = run_cli(predict, ["--model", files / "model", "--image", files / "images" / "a.png", "--question", QUESTION,
-                            "--mode", "interp", "--layers", "1-3", "--region-size", REGION, "--tau-exp", 0,
+                            "--mode", "interp", "--layers", "0-2", "--region-size", REGION, "--tau-exp", 0,
                             "--tau-drop", 0, "--max-new-tokens", 5, "--plot", out_png], capsys).out
 
     # Reference: the model's own generate, decoded by hand up to EOS.
@@ -125,12 +126,12 @@ def test_plot_trace_panels(tmp_path):
 
 
 def test_predict_errors(files, capsys):
-    base = ["--model", files / "model", "--question", QUESTION, "--layers", "1-3", "--region-size", REGION]
+    base = ["--model", files / "model", "--question", QUESTION, "--layers", "0-2", "--region-size", REGION]
     cases = [
         (["--image", files / "images" / "a.png", "--mode", "blink"], "--tokensr"),
         (["--image", files / "images" / "missing.png"], "missing.png"),
         (["--image", files / "images" / "c.jpg"], "c.jpg"),
-        (["--image", files / "images" / "a.png", "--layers", "2-6"], "has layer index 4"),
+        (["--image", files / "images" / "a.png", "--layers", "2-6"], "has layer index 3"),
         (["--image", files / "images" / "a.png", "--region-size", 4], "does not divide"),
     ]
     for extra, message in cases:
@@ -202,7 +203,7 @@ def test_read_examples(tmp_path):
 def test_calibrate_cli_skips_bad_image_and_matches_probe(files, processor, cli_models, capsys):
     out_json = files / "stats" / "rho.json"
     out = run_cli(calibrate, ["--model", files / "model", "--data", files / "images", "--question", QUESTION,
-                              "--layers", "1,3", "--region-size", REGION, "--batch-size", 2, "--bucket", 16,
+                              "--layers", "0,2", "--region-size", REGION, "--batch-size", 2, "--bucket", 16,
                               "--out", out_json], capsys)
     assert "c.jpg" in out.err and "skipped" in out.err
     assert "notes.txt" not in out.err
@@ -213,16 +214,17 @@ def test_calibrate_cli_skips_bad_image_and_matches_probe(files, processor, cli_m
     assert report["examples_used"] == 2 and [s["image"].endswith("c.jpg") for s in report["skipped"]] == [True]
     assert [e["image"].rsplit("/", 1)[1] for e in report["examples"]] == ["a.png", "b.jpg"]
     llava, = cli_models
-    probe_fn = jax.jit(lambda m, *a: probe_layers(m, *a, layers=(1, 3), region_size=REGION))
+    probe_fn = jax.jit(lambda m, *a: probe_layers(m, *a, layers=CAL_LAYERS, region_size=REGION))
     for example in report["examples"]:  # the reference: probe_layers on each image alone, unpadded
         inputs = processor([build_prompt(QUESTION)], [example["image"]])
         probe = probe_fn(llava.module, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["pixel_values"]),
                          jnp.asarray(inputs["attention_mask"]))
-        np.testing.assert_allclose([example["rho"]["1"], example["rho"]["3"]], np.asarray(probe.rho)[:, 0],
+        np.testing.assert_allclose([example["rho"][str(l)] for l in CAL_LAYERS], np.asarray(probe.rho)[:, 0],
                                    rtol=1e-5, atol=1e-6)
-        assert [example["region"]["1"], example["region"]["3"]] == np.asarray(probe.region)[:, 0].tolist()
-    rhos = {layer: [e["rho"][str(layer)] for e in report["examples"]] for layer in (1, 3)}
-    assert report["statistics"]["layers"]["3"] == json.loads(json.dumps(calibrate.rho_statistics(rhos)))["layers"]["3"]
-    table = {int(line.split()[0]): line.split() for line in out.out.splitlines() if re.match(r"^\s+[13]\s+2\s", line)}
-    assert sorted(table) == [1, 3]
-    np.testing.assert_allclose(float(table[3][2]), np.mean(rhos[3]), atol=6e-5)
+        assert [example["region"][str(l)] for l in CAL_LAYERS] == np.asarray(probe.region)[:, 0].tolist()
+    rhos = {layer: [e["rho"][str(layer)] for e in report["examples"]] for layer in CAL_LAYERS}
+    assert report["statistics"] == json.loads(json.dumps(calibrate.rho_statistics(rhos)))
+    table = {int(line.split()[0]): line.split() for line in out.out.splitlines() if re.match(r"^\s+\d+\s+2\s", line)}
+    assert sorted(table) == list(CAL_LAYERS)
+    for layer in CAL_LAYERS:
+        np.testing.assert_allclose(float(table[layer][2]), np.mean(rhos[layer]), atol=6e-5)

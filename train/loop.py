@@ -18,7 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from blink_jax.blink.tokensr import TokenSRBank
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from train import sharding, step as step_lib
@@ -27,7 +29,7 @@ from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig, TrainConfigError
 from train.data import llava_mix, pipeline
 from train.metrics import MetricsLogger
-from train.optim import make_optimizer
+from train.optim import OptimConfig
 from train.student import student_inputs
 from train.teacher import Teacher, TeacherCache, cache_salt
 
@@ -101,19 +103,11 @@ class Trainer:
                                cache=cache, cache_dtype=cfg.cache_dtype, image_sharding=self.image_sh,
                                token_sharding=self.token_sh, target_sharding=self.lr_sh)
 
-        self.tx, self.schedule = make_optimizer(
-            lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, end_lr_ratio=cfg.end_lr_ratio,
-            clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay)
-        self.bank_graphdef, init_params = step_lib.bank_init_fn(self.blink, self.dim, cfg.seed)
-        init = step_lib.make_init(init_params, self.tx)
-        abstract = jax.eval_shape(init)
-        self.state_sh = step_lib.state_shardings(abstract, self.tx, self.mesh)
-        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           abstract, self.state_sh)
-        self._init = jax.jit(init, out_shardings=self.state_sh)
-        self.train_step = step_lib.jit_train_step(
-            graphdef=self.bank_graphdef, tx=self.tx, schedule=self.schedule, temperature=cfg.temperature,
-            mse_weight=cfg.mse_weight, state_sh=self.state_sh, batch_sh=self.lr_sh)
+        self.optim = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                                 end_lr_ratio=cfg.end_lr_ratio, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay)
+        self.program = step_lib.train_program(self.blink, self.dim, cfg.seed, self.optim, cfg.temperature,
+                                              cfg.mse_weight, self.lr_sh)
+        self.train_step = self.program.step
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -142,9 +136,9 @@ class Trainer:
         """A fresh state born sharded, or the newest checkpoint's (which also rewinds the data iterator)."""
         latest = self.checkpointer.latest_step()
         if latest is None:
-            return self._init()
+            return self.program.init()
         log.info("resuming from %s step %d", self.checkpointer.directory, latest)
-        return self.checkpointer.restore(latest, self.abstract_state, self.iterator)
+        return self.checkpointer.restore(latest, self.program.abstract_state, self.iterator)
 
     # ----------------------------------------------------------------------------------------------- a step
 
@@ -208,6 +202,7 @@ class Trainer:
         finally:
             logger.close()
             self.checkpointer.wait()
+            self.checkpointer.close()
 
     def _check_finite(self, step: int, metrics: dict) -> None:
         bad = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])}
@@ -232,7 +227,7 @@ class Trainer:
             log.warning("several hosts: export the TokenSR afterwards on one host with `python -m train.tokensr "
                         "--export-only --workdir %s`", self.workdir)
             return None
-        return export_tokensr(self.workdir / "tokensr", self.bank_graphdef, state["params"], self.blink, dim=self.dim,
+        return export_tokensr(self.workdir / "tokensr", self.program.graphdef, state["params"], self.blink, dim=self.dim,
                               extra=provenance(self.cfg, step))
 
 
@@ -251,8 +246,9 @@ def export_only(workdir: str | Path) -> Path:
     workdir = Path(workdir).absolute()
     cfg = TrainConfig.from_json(workdir / "config.json")
     dim = LlavaConfig.from_json(cfg.model).text.hidden_size
-    graphdef, init_params = step_lib.bank_init_fn(cfg.blink, dim, cfg.seed)
-    abstract = jax.eval_shape(init_params)
+    make_bank = lambda: TokenSRBank(cfg.blink, dim, rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(nnx.eval_shape(make_bank))
+    abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_bank(), nnx.Param)))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep)
     latest = checkpointer.latest_step()
     if latest is None:

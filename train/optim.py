@@ -8,25 +8,38 @@ parameter tree. Weight decay applies to conv kernels, not biases.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
 
-def make_schedule(lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.0) -> optax.Schedule:
-    """0 -> lr linearly over `warmup_steps`, then cosine to lr * end_lr_ratio at `total_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=lr * end_lr_ratio)
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Hashable, so that a compiled train step can be reused by every run in a process that uses the same one."""
+
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    end_lr_ratio: float = 0.0
+    clip_norm: float = 1.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def schedule(self) -> optax.Schedule:
+        """0 -> lr linearly over `warmup_steps`, then cosine to lr * end_lr_ratio at `total_steps`."""
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=self.lr, warmup_steps=self.warmup_steps,
+            decay_steps=max(self.total_steps, self.warmup_steps + 1), end_value=self.lr * self.end_lr_ratio)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        parts = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm > 0 else []
+        parts.append(optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
+                                 weight_decay=self.weight_decay, mask=decay_mask))
+        return optax.chain(*parts)
 
 
 def decay_mask(params):
     return jax.tree.map(lambda x: x.ndim > 1, params)
-
-
-def make_optimizer(*, lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.0,
-                   clip_norm: float = 1.0, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(lr, warmup_steps, total_steps, end_lr_ratio)
-    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule

@@ -9,24 +9,20 @@ Letters: Lp participating layers, B batch, r region side, O = s r SR side, D mod
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from blink_jax.blink import BlinkConfig
 from blink_jax.blink.tokensr import TokenSRBank
 from train import sharding
 from train.loss import distill_loss
-
-
-def bank_init_fn(blink, dim: int, seed: int):
-    """() -> (graphdef, params): a fresh TokenSR bank (conv3 zero, so it starts as Blink-interp)."""
-    def init():
-        return nnx.to_pure_dict(nnx.state(TokenSRBank(blink, dim, rngs=nnx.Rngs(seed)), nnx.Param))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TokenSRBank(blink, dim, rngs=nnx.Rngs(seed))))
-    return graphdef, init
+from train.optim import OptimConfig
 
 
 def state_shardings(abstract_state: dict, tx: optax.GradientTransformation, mesh, rules=sharding.LOGICAL_RULES):
@@ -37,13 +33,6 @@ def state_shardings(abstract_state: dict, tx: optax.GradientTransformation, mesh
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state["opt_state"], params_sh,
                                    transform_non_params=lambda _: rep)
     return {"step": rep, "params": params_sh, "opt_state": opt_sh}
-
-
-def make_init(init_params, tx):
-    def init():
-        params = init_params()
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    return init
 
 
 def train_step(state: dict, hs_lr: jax.Array, target: jax.Array, *, graphdef, tx: optax.GradientTransformation,
@@ -57,15 +46,43 @@ def train_step(state: dict, hs_lr: jax.Array, target: jax.Array, *, graphdef, tx
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
-               "param_norm": optax.global_norm(params), "lr": schedule(state["step"])}
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+               "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def jit_train_step(*, graphdef, tx, schedule, temperature: float, mse_weight: float, state_sh, batch_sh):
-    """The jitted step: state donated, shardings pinned on both sides, metrics replicated."""
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, temperature=temperature,
-                           mse_weight=mse_weight)
-    rep = sharding.replicated(batch_sh.mesh)
-    return jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, rep),
-                   donate_argnums=(0,))
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    graphdef: nnx.GraphDef  # of the TokenSRBank
+    tx: optax.GradientTransformation
+    abstract_state: dict  # ShapeDtypeStructs carrying their shardings (the restore target)
+    state_shardings: dict
+    init: Callable[[], dict]  # () -> state, born sharded
+    step: Callable  # (state, hs_lr, target) -> (state, metrics); donates state
+
+
+@functools.lru_cache(maxsize=8)
+def train_program(blink: BlinkConfig, dim: int, seed: int, optim: OptimConfig, temperature: float,
+                  mse_weight: float, batch_sharding: jax.sharding.NamedSharding) -> TrainProgram:
+    """Everything about the train state that follows from the configs, with jitted init and step. Cached, so
+    runs in one process with equal configs share the compiled programs."""
+    mesh = batch_sharding.mesh
+    make_bank = lambda: TokenSRBank(blink, dim, rngs=nnx.Rngs(seed))
+    graphdef = nnx.graphdef(nnx.eval_shape(make_bank))
+    tx, schedule = optim.optimizer(), optim.schedule()
+
+    def init():
+        params = nnx.to_pure_dict(nnx.state(make_bank(), nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init)
+    state_sh = state_shardings(abstract, tx, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, temperature=temperature,
+                             mse_weight=mse_weight)
+    rep = sharding.replicated(mesh)
+    return TrainProgram(
+        graphdef=graphdef, tx=tx, abstract_state=abstract, state_shardings=state_sh,
+        init=jax.jit(init, out_shardings=state_sh),
+        step=jax.jit(step, in_shardings=(state_sh, batch_sharding, batch_sharding), out_shardings=(state_sh, rep),
+                     donate_argnums=(0,)))

@@ -111,6 +111,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _fmt2(value) -> str:
+    """Headline cells, on the paper's scale: two decimals."""
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for k, v in metrics.items():
@@ -130,7 +135,7 @@ def markdown_table(doc: Mapping) -> str:
     header = ["metric"] + [h for n in names for h in (modes[n]["label"], f"{modes[n]['label']} (paper)")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in doc["paper"]:
-        cells = [row] + [c for n in names for c in (_fmt(modes[n]["headline"].get(row)), _fmt(doc["paper"][row][n]))]
+        cells = [row] + [c for n in names for c in (_fmt2(modes[n]["headline"].get(row)), _fmt2(doc["paper"][row][n]))]
         lines.append("| " + " | ".join(cells) + " |")
     flat = {n: _flatten(modes[n]["metrics"]) for n in names}
     keys = list(dict.fromkeys(k for n in names for k in flat[n]))

@@ -1,0 +1,194 @@
+"""`python -m eval.run` end to end on a tiny random LLaVA: tiny POPE and MME directories, all three modes,
+kill-and-resume, a corrupt image, bounded compilations, rescoring, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+import tiny_benchmarks as tb
+import tiny_llava as tl
+from blink_jax import runtime
+from blink_jax.blink import BlinkConfig, TokenSRBank
+from blink_jax.blink import runner as blink_runner
+from blink_jax.blink.checkpoint import save_tokensr
+from eval import report as eval_report
+from eval import run as eval_run
+from eval import score as eval_score
+from eval.harness import runner as harness_runner
+from eval.harness.io import read_jsonl
+
+LAYERS = (1, 2)
+# The tiny model's rho sits near 1/R = 0.25 (4 regions): thresholds there make it expand, keep and drop.
+TAU_EXP, TAU_DROP = "0.26", "0.255"
+MODES = ("vanilla", "interp", "blink")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_run")
+    # 84px images -> a 6x6 grid; region_size 3 -> 4 regions.
+    _, _ = tl.save_hf_model(root / "model", seed=0, vision_image_size=84, text_num_hidden_layers=3,
+                      vision_num_hidden_layers=2)
+    cfg = BlinkConfig(layers=LAYERS, region_size=3, tokensr_kind="conv", tokensr_channels=7)
+    dim = tl.tiny_hf_config().text_config.hidden_size
+    save_tokensr(root / "tokensr", TokenSRBank(cfg, dim, rngs=nnx.Rngs(0)), cfg, dim=dim)
+    pope_ids = tb.make_pope(root / "pope")
+    mme_ids = tb.make_mme(root / "mme")
+    return types.SimpleNamespace(root=root, model=root / "model", tokensr=root / "tokensr", tfds=root / "tfds",
+                                 data={"pope": root / "pope", "mme": root / "mme"}, pope_ids=pope_ids, mme_ids=mme_ids)
+
+
+def cli_args(env, bench: str, out: Path, *extra: str, modes: str = ",".join(MODES)) -> list[str]:
+    return ["--bench", bench, "--model", str(env.model), "--data-dir", str(env.data[bench]), "--tokensr",
+            str(env.tokensr), "--modes", modes, "--out", str(out), "--tfds-dir", str(env.tfds), "--batch-size", "4",
+            "--bucket", "32", "--max-new-tokens", "3", "--dtype", "float32", "--layers", "1,2", "--region-size", "3",
+            "--tau-exp", TAU_EXP, "--tau-drop", TAU_DROP, "--no-progress", *extra]
+
+
+def compiled() -> tuple[int, int]:
+    return runtime._generate._cache_size(), blink_runner._generate._cache_size()
+
+
+@pytest.fixture(scope="module")
+def pope_run(env):
+    out = env.root / "pope_out"
+    before = compiled()
+    assert eval_run.main(cli_args(env, "pope", out, "--save-traces")) == 0
+    after = compiled()
+    return types.SimpleNamespace(out=out, results=json.loads((out / "results.json").read_text()),
+                                 new_programs=(after[0] - before[0], after[1] - before[1]))
+
+
+def samples(out: Path, bench: str, mode: str) -> list[dict]:
+    return list(read_jsonl(out / f"samples_{bench}_{mode}.jsonl"))
+
+
+def test_pope_all_modes_end_to_end(env, pope_run):
+    results = pope_run.results
+    assert list(results["modes"]) == list(MODES)
+    all_ids = [q for ids in env.pope_ids.values() for q in ids]
+    for mode in MODES:
+        entry = results["modes"][mode]
+        assert entry["counts"] == {"questions": 10, "answered": 9, "errors": 1, "missing": 0, "unknown_ids": 0}
+        assert set(entry["metrics"]["splits"]) == {"random", "popular", "adversarial"}
+        assert entry["headline"]["POPE"] == pytest.approx(100 * entry["metrics"]["average"]["f1"])
+        rows = samples(pope_run.out, "pope", mode)
+        assert sorted(r["question_id"] for r in rows) == sorted(all_ids)  # one line per question
+        for row in rows:
+            assert set(row) >= {"question_id", "prediction", "trace", "error"}
+            assert (row["trace"] is None) == (mode == "vanilla" or row["error"] is not None)
+    assert results["paper"]["POPE"] == {"vanilla": 85.17, "interp": 85.17, "blink": 85.23}
+    assert results["config"]["mode_settings"]["blink"]["blink"]["tokensr_kind"] == "conv"
+    assert results["config"]["mode_settings"]["interp"]["blink"]["tau_exp"] == float(TAU_EXP)
+    assert results["versions"]["jax"] and "device" in results["versions"]
+    table = (pope_run.out / "results.md").read_text()
+    assert "| POPE |" in table and "85.17" in table and "85.23" in table and "Blink-interp (paper)" in table
+    traced = [r["trace"] for r in samples(pope_run.out, "pope", "blink") if r["trace"]]
+    assert any(t["expansions"] for t in traced), "thresholds chosen to make the tiny model expand"
+
+
+def test_corrupt_image_is_recorded_and_skipped(pope_run):
+    for mode in MODES:
+        (error,) = pope_run.results["modes"][mode]["errors"]
+        assert error["question_id"] == "random/5" and tb.CORRUPT_POPE_IMAGE in error["error"]
+        (row,) = [r for r in samples(pope_run.out, "pope", mode) if r["error"]]
+        assert row["prediction"] is None and row["question_id"] == "random/5"
+    assert pope_run.results["modes"]["vanilla"]["metrics"]["splits"]["random"]["n"] == 4
+
+
+def test_buckets_bound_compilations(pope_run):
+    # 9 readable questions in batches of 4 = 3 batches per mode, all in the one 96-token bucket: one program
+    # per mode (vanilla; interp and blink each their own Blink program), however many batches.
+    programs = pope_run.results["config"]["programs"]
+    assert programs == {mode: [[4, 96, 3]] for mode in MODES}
+    vanilla_new, blink_new = pope_run.new_programs
+    assert vanilla_new <= 1 and blink_new <= 2
+
+
+def test_mme_all_modes_end_to_end(env):
+    out = env.root / "mme_out"
+    assert eval_run.main(cli_args(env, "mme", out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    for mode in MODES:
+        entry = results["modes"][mode]
+        assert entry["counts"]["answered"] == 8 and entry["counts"]["errors"] == 0
+        assert set(entry["metrics"]["subtasks"]) == {"existence", "artwork", "code_reasoning"}
+        assert set(entry["headline"]) == {"MME Perception", "MME Cognition", "MME total"}
+        assert sorted(r["question_id"] for r in samples(out, "mme", mode)) == sorted(env.mme_ids)
+    assert results["paper"]["MME Perception"]["blink"] == 1519.74
+    assert "| MME Cognition |" in (out / "results.md").read_text()
+
+
+def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch):
+    out = env.root / "pope_resumed"
+    real_run_eval = harness_runner.run_eval
+    monkeypatch.setattr(harness_runner, "run_eval", lambda cfg: real_run_eval(cfg, stop_after=5))
+    with pytest.raises(harness_runner.SimulatedKill):
+        eval_run.main(cli_args(env, "pope", out, "--save-traces"))
+    monkeypatch.setattr(harness_runner, "run_eval", real_run_eval)
+    written = samples(out, "pope", "vanilla")
+    assert 5 <= len(written) < 10 and not (out / "samples_pope_interp.jsonl").exists()
+    with open(out / "samples_pope_vanilla.jsonl", "a") as f:
+        f.write('{"question_id": "popular/3", "predic')  # killed in the middle of a line
+
+    assert eval_run.main(cli_args(env, "pope", out, "--save-traces")) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    for mode in MODES:
+        expected, got = pope_run.results["modes"][mode], resumed["modes"][mode]
+        assert got["metrics"] == expected["metrics"]
+        assert got["counts"] == expected["counts"] and got["headline"] == expected["headline"]
+        ids = [r["question_id"] for r in samples(out, "pope", mode)]
+        assert len(ids) == len(set(ids)) == 10  # nothing asked twice, nothing lost
+        old = {r["question_id"]: r["prediction"] for r in samples(pope_run.out, "pope", mode)}
+        assert {r["question_id"]: r["prediction"] for r in samples(out, "pope", mode)} == old
+    # a third run finds everything answered and changes nothing
+    assert eval_run.main(cli_args(env, "pope", out)) == 0
+    assert len(samples(out, "pope", "blink")) == 10
+
+
+def test_rescoring_saved_samples_gives_the_run_metrics(env, pope_run, capsys):
+    for mode in ("vanilla", "blink"):
+        capsys.readouterr()
+        assert eval_score.main(["--bench", "pope", "--samples", str(pope_run.out / f"samples_pope_{mode}.jsonl"),
+                                "--data-dir", str(env.data["pope"]), "--tfds-dir", str(env.tfds)]) == 0
+        scores = json.loads(capsys.readouterr().out)
+        assert scores["metrics"] == pope_run.results["modes"][mode]["metrics"]
+        assert scores["counts"]["errors"] == 1
+
+
+def test_report_draws_from_traces(pope_run, tmp_path):
+    out = eval_report.make_report(pope_run.out, report_dir=tmp_path, examples=4)
+    assert set(out) == {"interp", "blink"}
+    for mode, entry in out.items():
+        assert set(entry["layers"]) == set(LAYERS)
+        for stats in entry["layers"].values():
+            assert stats["n"] == 9
+            assert stats["none_rate"] + stats["expand_rate"] + stats["keep_rate"] + stats["drop_rate"] == pytest.approx(1)
+        for name in entry["files"]:
+            assert (tmp_path / name).stat().st_size > 0
+    assert "| layer | expand |" in (tmp_path / "report.md").read_text()
+    assert eval_report.region_box(3, grid=6, region_size=3, image_size=84) == (42.0, 42.0, 84.0, 84.0)
+
+
+def test_other_settings_into_the_same_out_are_refused(env, pope_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(pope_run.out, out)
+    args = cli_args(env, "pope", out)
+    args[args.index("--tau-exp") + 1] = "0.27"
+    assert eval_run.main(args) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_usage_errors_explain_the_fix(env, tmp_path, capsys):
+    assert eval_run.main(["--bench", "pope", "--data-dir", str(tmp_path)]) == 2
+    assert "python -m checkpoints_conversion.hf_to_orbax --hf-dir" in capsys.readouterr().err
+    args = cli_args(env, "pope", tmp_path / "x")
+    del args[args.index("--tokensr"):args.index("--tokensr") + 2]
+    assert eval_run.main(args) == 2
+    assert "--tokensr" in capsys.readouterr().err

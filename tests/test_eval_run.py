@@ -33,8 +33,7 @@ MODES = ("vanilla", "interp", "blink")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_run")
     # 84px images -> a 6x6 grid; region_size 3 -> 4 regions.
-    _, _ = tl.save_hf_model(root / "model", seed=0, vision_image_size=84, text_num_hidden_layers=3,
-                      vision_num_hidden_layers=2)
+    tl.save_hf_model(root / "model", seed=0, vision_image_size=84, text_num_hidden_layers=3, vision_num_hidden_layers=2)
     cfg = BlinkConfig(layers=LAYERS, region_size=3, tokensr_kind="conv", tokensr_channels=7)
     dim = tl.tiny_hf_config().text_config.hidden_size
     save_tokensr(root / "tokensr", TokenSRBank(cfg, dim, rngs=nnx.Rngs(0)), cfg, dim=dim)

@@ -74,6 +74,12 @@ def cpu8(root):
 
 
 @pytest.fixture(scope="module")
+def fresh_model(root):
+    import blink_jax
+    return blink_jax.load_pretrained(root / "model")
+
+
+@pytest.fixture(scope="module")
 def uninterrupted(root, cpu8):
     trainer = loop.Trainer(base_config(root, "full"), progress=False)
     result = trainer.run()
@@ -190,7 +196,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(root, uninterrupted
 
 
 def test_loss_goes_down_on_a_fixed_batch(root):
-    cfg = base_config(root, "fixed", steps=40, warmup_steps=0, p_random_region=0.0)
+    cfg = base_config(root, "fixed", steps=40, warmup_steps=0)
     trainer = loop.Trainer(cfg, progress=False)
     state = trainer.init_or_restore()
     hs_lr, target, _ = trainer.inputs(next(trainer.iterator), step=0)
@@ -202,11 +208,9 @@ def test_loss_goes_down_on_a_fixed_batch(root):
     assert min(losses[-5:]) < min(losses[:5])
 
 
-def test_backbone_is_bit_identical_and_has_no_optimizer_state(root, uninterrupted):
-    import blink_jax
-
+def test_backbone_is_bit_identical_and_has_no_optimizer_state(uninterrupted, fresh_model):
     trainer, _ = uninterrupted
-    fresh = blink_jax.load_pretrained(root / "model")
+    fresh = fresh_model
     before = dict(jax.tree_util.tree_flatten_with_path(fresh.params)[0])
     after = dict(jax.tree_util.tree_flatten_with_path(trainer.backbone.params)[0])
     assert before.keys() == after.keys()
@@ -241,8 +245,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(root, uninterrupted):
     assert max(logged) == SAVE_EVERY + 1  # the NaN step was not logged as a result
 
 
-def test_trained_tokensr_loads_into_blink_and_changes_outputs(root, uninterrupted):
-    import blink_jax
+def test_trained_tokensr_loads_into_blink_and_changes_outputs(root, uninterrupted, fresh_model):
     from blink_jax.blink import BlinkConfig, TokenSRBank
     from blink_jax.blink.checkpoint import load_tokensr
     from blink_jax.processing import Processor, build_prompt
@@ -255,7 +258,7 @@ def test_trained_tokensr_loads_into_blink_and_changes_outputs(root, uninterrupte
     loaded = nnx.to_pure_dict(nnx.state(bank, nnx.Param))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, result.params)
 
-    model = blink_jax.load_pretrained(root / "model")
+    model = fresh_model
     processor = Processor.from_pretrained(root / "model")
     inputs = processor([build_prompt("what colour is the circle ?")], [tl.photo(97, 70, seed=9)])
     always = dataclasses.replace(blink, tau_exp=0.0, tau_drop=0.0)  # expand at every participating layer

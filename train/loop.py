@@ -109,20 +109,22 @@ class Trainer:
                                               cfg.mse_weight, self.lr_sh)
         self.train_step = self.program.step
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep)
+        if self.is_main:
+            (self.workdir / "config.json").write_text(cfg.to_json())
 
     # ------------------------------------------------------------------------------------------------ setup
 
     def _check_workdir(self) -> None:
+        """A work directory with checkpoints must have been trained for the same TokenSR shapes."""
         saved = self.workdir / "config.json"
-        if saved.is_file():
+        checkpoints = self.workdir / "checkpoints"
+        if saved.is_file() and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
             old = TrainConfig.from_json(saved)
             clashes = [f"--{f.replace('_', '-')} was {getattr(old, f)}, now {getattr(self.cfg, f)}"
                        for f in STATE_FIELDS if getattr(old, f) != getattr(self.cfg, f)]
             if clashes:
                 raise TrainConfigError(f"work directory {self.workdir} holds a run with other TokenSR shapes ("
                                        + "; ".join(clashes) + "): use those values or a new --workdir")
-        if self.is_main:
-            saved.write_text(self.cfg.to_json())
 
     def _data_source(self):
         if self.is_main:
@@ -148,9 +150,9 @@ class Trainer:
         s = student_inputs(
             self.backbone.graphdef, self.backbone.params, put(batch["input_ids"], self.token_sh),
             put(batch["pixel_values"], self.image_sh), put(batch["attention_mask"], self.token_sh),
-            jnp.asarray(step, jnp.int32), layers=self.blink.layers, region_size=self.blink.region_size,
-            num_regions=self.num_regions, p_random=float(self.cfg.p_random_region), seed=self.cfg.seed,
-            lr_sharding=self.lr_sh, region_sharding=self.region_sh)
+            jnp.asarray(step, jnp.int32), jnp.asarray(self.cfg.p_random_region, jnp.float32),
+            jnp.asarray(self.cfg.seed, jnp.int32), layers=self.blink.layers, region_size=self.blink.region_size,
+            num_regions=self.num_regions, lr_sharding=self.lr_sh, region_sharding=self.region_sh)
         regions = sharding.to_local(s.region, self.region_sh)
         target = self.teacher(batch["image"], batch["image_digest"], regions)
         info = {"rho": jnp.mean(s.rho), "random_region_frac": jnp.mean(s.random.astype(jnp.float32))}

@@ -28,12 +28,13 @@ class StudentInputs:
     random: jax.Array  # [Lp, B] bool: region drawn at random instead of r*
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "num_regions", "p_random",
-                                             "seed", "lr_sharding", "region_sharding"))
-def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, step, *, layers: tuple[int, ...],
-                   region_size: int, num_regions: int, p_random: float, seed: int, lr_sharding,
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "num_regions", "lr_sharding",
+                                             "region_sharding"))
+def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, step, p_random, seed, *,
+                   layers: tuple[int, ...], region_size: int, num_regions: int, lr_sharding,
                    region_sharding) -> StudentInputs:
-    """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values [B, 3, S, S]."""
+    """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values [B, 3, S, S];
+    step, seed: int32 [], p_random: float32 [] (traced: changing them does not recompile the probe)."""
     model = nnx.merge(graphdef, params)
     probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size)
     key = jax.random.fold_in(jax.random.key(seed), step)

@@ -108,8 +108,20 @@ def main(argv=None) -> int:
     missing = [f"--{name.replace('_', '-')}" for name in ("model", "data_dir") if not getattr(args, name)]
     if missing:
         parser().error(f"{' and '.join(missing)} required")
+    from blink_jax import CheckpointError, ConfigError
+    from train.config import TrainConfigError
+    from train.data.pipeline import DataError
+    from train.sharding import MeshError
+
     fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
-    result = loop.train(TrainConfig(**fields), progress=args.progress)
+    try:
+        result = loop.train(TrainConfig(**fields), progress=args.progress)
+    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"trained {result.step} steps; TokenSR: {result.tokensr_dir}")
     return 0
 

@@ -27,6 +27,10 @@ from blink_jax.processing.image import center_crop, normalize, shortest_edge_siz
 log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """A data set that cannot feed training, with what to check."""
+
+
 def preprocess_uint8(img: Image.Image, image_size: int, pad_to_square: bool = True) -> np.ndarray:
     """LLaVA-1.5's preprocessing up to, not including, normalisation: uint8 [S, S, 3].
 
@@ -47,12 +51,24 @@ def _text(value) -> str:
 class Encode(grain.transforms.Map):
     """A tfds record -> the arrays of one example, or None (logged) when it cannot be used."""
 
-    def __init__(self, processor: Processor, max_prompt_len: int, pad_to_square: bool = True):
+    def __init__(self, processor: Processor, max_prompt_len: int, pad_to_square: bool = True,
+                 max_skips_in_a_row: int = 1000):
         self.processor = processor
         self.max_prompt_len = max_prompt_len
         self.pad_to_square = pad_to_square
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self._skips_in_a_row = 0
 
     def map(self, record):
+        """The endless sampler would spin forever on a data set with nothing usable: stop after a full pass."""
+        out = self._encode(record)
+        self._skips_in_a_row = self._skips_in_a_row + 1 if out is None else 0
+        if self._skips_in_a_row >= self.max_skips_in_a_row:
+            raise DataError(f"{self._skips_in_a_row} samples in a row were skipped (see the warnings above): "
+                             f"nothing usable in the data set; check --max-prompt-len and the images")
+        return out
+
+    def _encode(self, record):
         sample = _text(record["id"])
         data = record["image"]
         try:
@@ -107,11 +123,12 @@ def make_loader(source, processor: Processor, *, local_batch: int, seed: int, ma
     if limit:
         source = Limited(source, limit)
     if len(source) == 0:
-        raise ValueError("the data set is empty (every sample was text-only or had an unusable image): check "
+        raise DataError("the data set is empty (every sample was text-only or had an unusable image): check "
                          "--data-dir and the log of the dataset preparation")
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
         shuffle=True, num_epochs=None, seed=seed)
-    operations = [Encode(processor, max_prompt_len, pad_to_square), Usable(),
+    encode = Encode(processor, max_prompt_len, pad_to_square, max_skips_in_a_row=max(len(source), 1))
+    operations = [encode, Usable(),
                   grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=workers)

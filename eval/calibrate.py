@@ -272,18 +272,16 @@ def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """"12,13,14" or "12-18" or "1,3-5" -> sorted unique layer indices."""
-    layers = set()
+    """argparse type for --layers: "12,13,14" or "12-18" or "1,3-5" -> sorted unique layer indices."""
+    from eval.harness.modes import ModeError, parse_layers as parse
+
     try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: give layer indices like 12,13,14 or a range 12-18"
-                                         ) from None
+        layers = parse(text)
+    except ModeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not layers:
         raise argparse.ArgumentTypeError(f"--layers {text!r} names no layer")
-    return tuple(sorted(layers))
+    return layers
 
 
 def positive_int(text: str) -> int:

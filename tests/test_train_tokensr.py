@@ -7,9 +7,10 @@ fixtures exist so that it overlaps the in-process tests; its losses are compared
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
-import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,9 +194,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(root, uninterrupted
                                                                     for s in range(1, STEPS + 1)]
     # the second epoch and the re-run step reuse cached teacher targets
     assert sum(resumed_losses[s]["teacher_cache_hits"] for s in range(SAVE_EVERY + 1, STEPS + 1)) > 0
+    # a multi-host run exports afterwards from its last checkpoint: the same parameters
+    from blink_jax.blink.checkpoint import load_tokensr
+    from flax import nnx
+    shutil.rmtree(root / "resumed" / "tokensr")
+    bank, _ = load_tokensr(loop.export_only(root / "resumed"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                 nnx.to_pure_dict(nnx.state(bank, nnx.Param)), full.params)
 
 
-def test_loss_goes_down_on_a_fixed_batch(root):
+def test_loss_goes_down_on_a_fixed_batch(root, uninterrupted):
     cfg = base_config(root, "fixed", steps=40, warmup_steps=0)
     trainer = loop.Trainer(cfg, progress=False)
     state = trainer.init_or_restore()
@@ -246,7 +254,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(root, uninterrupted):
 
 
 def test_trained_tokensr_loads_into_blink_and_changes_outputs(root, uninterrupted, fresh_model):
-    from blink_jax.blink import BlinkConfig, TokenSRBank
+    from blink_jax.blink import TokenSRBank
     from blink_jax.blink.checkpoint import load_tokensr
     from blink_jax.processing import Processor, build_prompt
     from flax import nnx
@@ -298,10 +306,7 @@ def test_pipeline_batches_and_resumes(root):
     resumed.set_state(state)
     for want in expected:
         np.testing.assert_array_equal(next(resumed)["image_digest"], want)
-    by_digest = {}
-    for i in range(len(source)):
-        import hashlib
-        by_digest[hashlib.sha1(source[i]["image"]).digest()] = source[i]["image"]
+    by_digest = {hashlib.sha1(source[i]["image"]).digest(): source[i]["image"] for i in range(len(source))}
     for row in range(4):
         data = by_digest[first["image_digest"][row].tobytes()]
         want = preprocess_image(Image.open(io.BytesIO(data)), image_size=84)

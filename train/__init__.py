@@ -8,6 +8,7 @@ Modules, one concern each:
   student        SGS region choice and TokenSR inputs h_L[region](image), one jitted probe
   teacher        crop targets h_L[visual](crop), area-pooled, with an on-disk cache
   loss, optim    KL (+ MSE) distillation loss; AdamW with warm-up + cosine and clipping
+  step           the train state (shapes, shardings, born sharded) and the donated, jitted train step
   checkpointing  orbax CheckpointManager: train state + grain iterator, and the TokenSR export
   metrics        console progress bar, metrics.jsonl (TensorBoard when available)
   loop           the `Trainer` that ties them together

@@ -59,12 +59,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)))
         return restored["state"]
 
-    def restore_params(self, step: int, abstract_params: dict) -> dict:
-        """Only the TokenSR parameters (for exporting), without an iterator."""
-        abstract = {"params": abstract_params}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract, strict=False)))
-        return restored["state"]["params"]
+    def restore_state(self, step: int, abstract_state: dict) -> dict:
+        """Only the train state (e.g. for exporting), leaving the data item alone."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -31,13 +31,20 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output Hugging Face directory (replaced if it exists)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=t.steps, help="optimiser steps (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step (default %(default)s)")
+    g.add_argument("--vision-steps", type=int, default=t.vision_steps,
+                   help="stage 1: steps of the vision tower alone, on per-patch class labels (default %(default)s)")
+    g.add_argument("--vision-batch-size", type=int, default=t.vision_batch_size,
+                   help="stage 1: images per step (default %(default)s)")
+    g.add_argument("--vision-lr", type=float, default=t.vision_lr, help="stage 1: peak learning rate (default %(default)s)")
+    g.add_argument("--steps", type=int, default=t.steps, help="stage 2: steps of the whole model (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=t.batch_size, help="stage 2: images per step (default %(default)s)")
     g.add_argument("--questions-per-image", type=int, default=t.questions_per_image,
                    help="yes/no questions packed with each image, half yes (default %(default)s)")
     g.add_argument("--seed", type=int, default=t.seed, help="seeds the weights and the data (default %(default)s)")
-    g.add_argument("--lr", type=float, default=t.lr, help="peak AdamW learning rate (default %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="(default %(default)s)")
+    g.add_argument("--lr", type=float, default=t.lr, help="stage 2: peak AdamW learning rate (default %(default)s)")
+    g.add_argument("--aux-weight", type=float, default=t.aux_weight,
+                   help="stage 2: weight of the vision tower's per-patch loss (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="per stage (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="(default %(default)s)")
     g.add_argument("--p-zoom", type=float, default=t.p_zoom,
                    help="share of training images that are zoomed crops of a region (default %(default)s)")
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         text_width=args.text_width, text_layers=args.text_layers, text_heads=args.text_heads,
         text_kv_heads=args.text_kv_heads, text_mlp=args.text_mlp)
     settings = backbone.TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, questions_per_image=args.questions_per_image, lr=args.lr,
+        vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
+        aux_weight=args.aux_weight, steps=args.steps, batch_size=args.batch_size, questions_per_image=args.questions_per_image, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, seed=args.seed,
         eval_every=args.eval_every, val_images=args.val_images, log_every=args.log_every)
     out = Path(args.out)

@@ -18,9 +18,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from blink_jax.blink.tokensr import TokenSRBank
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from train import sharding, step as step_lib
@@ -75,11 +72,11 @@ class Trainer:
         self._check_workdir()
         log.info("%s; global batch %d (%d per host)", sharding.describe(self.mesh), cfg.batch_size, self.local_batch)
 
+        model_cfg = LlavaConfig.from_json(cfg.model)
+        self.blink = cfg.blink
+        self.blink.validate_for(model_cfg.text.num_hidden_layers, model_cfg.vision.grid)  # before a long load
         dtype = jnp.bfloat16 if cfg.backbone_dtype == "bfloat16" else jnp.float32
         self.backbone = load_backbone(cfg.model, self.mesh, dtype)
-        model_cfg: LlavaConfig = self.backbone.config
-        self.blink = cfg.blink
-        self.blink.validate_for(model_cfg.text.num_hidden_layers, model_cfg.vision.grid)
         self.dim = model_cfg.text.hidden_size
         self.num_regions = self.blink.num_regions(model_cfg.vision.grid)
         self.processor = Processor.from_pretrained(cfg.model, config=model_cfg, pad_to_square=cfg.pad_to_square)
@@ -244,19 +241,20 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
 
 
 def export_only(workdir: str | Path) -> Path:
-    """Exports the newest checkpoint of `workdir` to `<workdir>/tokensr/` (one process, any devices)."""
+    """Exports the newest checkpoint of `workdir` to `<workdir>/tokensr/` (one process, on its first device)."""
     workdir = Path(workdir).absolute()
     cfg = TrainConfig.from_json(workdir / "config.json")
     dim = LlavaConfig.from_json(cfg.model).text.hidden_size
-    make_bank = lambda: TokenSRBank(cfg.blink, dim, rngs=nnx.Rngs(0))
-    graphdef = nnx.graphdef(nnx.eval_shape(make_bank))
-    abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_bank(), nnx.Param)))
+    optim = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, end_lr_ratio=cfg.end_lr_ratio,
+                        clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    program = step_lib.train_program(cfg.blink, dim, cfg.seed, optim, cfg.temperature, cfg.mse_weight,
+                                     sharding.replicated(mesh))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep)
     latest = checkpointer.latest_step()
     if latest is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint to export")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    params = checkpointer.restore_params(latest, abstract)
+    state = checkpointer.restore_state(latest, program.abstract_state)
     checkpointer.close()
-    return export_tokensr(workdir / "tokensr", graphdef, params, cfg.blink, dim=dim, extra=provenance(cfg, latest))
+    return export_tokensr(workdir / "tokensr", program.graphdef, state["params"], cfg.blink, dim=dim,
+                          extra=provenance(cfg, latest))

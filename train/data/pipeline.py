@@ -128,6 +128,10 @@ def make_loader(source, processor: Processor, *, local_batch: int, seed: int, ma
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
         shuffle=True, num_epochs=None, seed=seed)
+    if workers:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; we parse with argparse
+            flags.FLAGS.mark_as_parsed()
     encode = Encode(processor, max_prompt_len, pad_to_square, max_skips_in_a_row=max(len(source), 1))
     operations = [encode, Usable(),
                   grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)]

@@ -1,5 +1,13 @@
 """Train a small LLaVA-1.5 from scratch on the shapes task, export it as a Hugging Face directory, evaluate it.
 
+Two stages, as LLaVA itself starts from a pretrained CLIP:
+
+1. vision: the ViT alone, with a linear probe on its feature layer that predicts, per patch, which of the
+   30 classes overlap it (sigmoid cross-entropy). Cheap (no language model) and a dense signal, so the
+   tower learns to see small shapes in far fewer images than the yes/no answers alone would teach it.
+2. llava: the whole model on packed yes/no questions (below), the probe's loss still added with
+   `aux_weight` so the tower keeps its local detail. The probe is not part of the exported model.
+
 Packing. Every question of the task has the same number of tokens, and under causal attention the prompt up
 to the image run (system prompt + `USER:` + 144 image tokens) does not depend on the question. So one
 training row holds one image and K questions:
@@ -11,7 +19,7 @@ question. Each block then computes exactly what the plain prompt `build_prompt(q
 checks this against `blink_jax.model.forward.prefill`), at ~1/8 of the cost for K = 8. The loss is the
 next-token cross-entropy of the answer word and the `</s>` after it; nothing else is supervised.
 
-Letters: B batch (images), K questions per image, T packed length, D model dim, V vocab.
+Letters: B batch (images), K questions per image, T packed length, P patches, C classes, D model dim, V vocab.
 """
 
 from __future__ import annotations
@@ -53,11 +61,11 @@ class DemoModelConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     vision_mlp: int = 512
-    text_width: int = 192
+    text_width: int = 128
     text_layers: int = 6
-    text_heads: int = 6
+    text_heads: int = 4
     text_kv_heads: int = 2
-    text_mlp: int = 512
+    text_mlp: int = 384
     max_positions: int = 512
     rope_theta: float = 10000.0
 
@@ -94,11 +102,15 @@ class DemoModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1200
+    vision_steps: int = 300  # stage 1
+    vision_batch_size: int = 32
+    vision_lr: float = 2e-3
+    steps: int = 500  # stage 2
     batch_size: int = 16  # images per step
     questions_per_image: int = 8
-    lr: float = 2e-3
-    warmup_steps: int = 60
+    lr: float = 1e-3
+    aux_weight: float = 0.5
+    warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
     p_zoom: float = 0.4
@@ -122,9 +134,9 @@ def init_model(cfg: LlavaConfig, seed: int) -> LlavaModel:
     params = {}
     for i, (path, value) in enumerate(sorted(flat_params(model).items(), key=lambda kv: str(kv[0]))):
         name = path[-1]
-        if name in ("bias",):
+        if name == "bias":
             params[path] = jnp.zeros_like(value)
-        elif name in ("scale",):
+        elif name == "scale":
             params[path] = jnp.ones_like(value)
         else:  # kernel, embedding, class_embedding
             std = 0.02
@@ -135,6 +147,13 @@ def init_model(cfg: LlavaConfig, seed: int) -> LlavaModel:
     return model_from_params(cfg, params)
 
 
+def init_probe(cfg: LlavaConfig, seed: int) -> dict[str, jax.Array]:
+    """The stage-1 patch classifier: vision feature [Dv] -> class logits [C]."""
+    key = jax.random.fold_in(jax.random.key(seed), 10_000)
+    kernel = 0.02 * jax.random.normal(key, (cfg.vision.hidden_size, len(shapes.CLASSES)), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.full((len(shapes.CLASSES),), -3.0, jnp.float32)}  # classes are rare
+
+
 # ------------------------------------------------------------------------------------------------ packing
 
 
@@ -142,28 +161,34 @@ def init_model(cfg: LlavaConfig, seed: int) -> LlavaModel:
 class PackedLayout:
     """Token layout of one packed row, shared by every row: ids, positions and the block-diagonal mask."""
     prefix: tuple[int, ...]  # [P] ids up to the end of the image run
-    tails: dict[str, tuple[int, ...]]  # class -> ids after the image run, ending with "ASSISTANT :"
+    tails: tuple[tuple[str, tuple[int, ...]], ...]  # (class, ids after the image run, ending "ASSISTANT :")
     k: int  # questions per row
     answer_ids: tuple[int, int]  # ("Yes", "No")
+    num_image_tokens: int
 
     @classmethod
     def build(cls, tokenizer, cfg: LlavaConfig, k: int) -> "PackedLayout":
-        prefix, tails = None, {}
+        prefix, tails = None, []
         for name in shapes.CLASSES:
             ids = tokenize_with_image(tokenizer, build_prompt(shapes.question_text(*name.split())),
                                       cfg.image_token_index, cfg.num_image_tokens)
             cut = max(i for i, t in enumerate(ids) if t == cfg.image_token_index) + 1
             if prefix is not None and tuple(ids[:cut]) != prefix:
                 raise ValueError("prompts differ before the image: packing needs one shared prefix")
-            prefix, tails[name] = tuple(ids[:cut]), tuple(ids[cut:])
-        if len({len(t) for t in tails.values()}) != 1:
+            prefix = tuple(ids[:cut])
+            tails.append((name, tuple(ids[cut:])))
+        if len({len(t) for _, t in tails}) != 1:
             raise ValueError("questions tokenise to different lengths: packing needs one block length")
         answer_ids = tuple(tokenizer.convert_tokens_to_ids(a) for a in ANSWERS)
-        return cls(prefix, tails, k, answer_ids)
+        return cls(prefix, tuple(tails), k, answer_ids, cfg.num_image_tokens)
+
+    @functools.cached_property
+    def tail(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.tails)
 
     @property
     def block(self) -> int:  # question tail + answer + </s>
-        return len(next(iter(self.tails.values()))) + 2
+        return len(self.tails[0][1]) + 2
 
     @property
     def length(self) -> int:
@@ -201,148 +226,217 @@ class PackedLayout:
             for j in range(self.k):
                 colour, shape, answer = qs[j] if j < len(qs) else filler
                 answer_id = self.answer_ids[0 if answer else 1]
-                ids[row, p + j * blk: p + (j + 1) * blk] = self.tails[f"{colour} {shape}"] + (answer_id, EOS_ID)
+                ids[row, p + j * blk: p + (j + 1) * blk] = self.tail[f"{colour} {shape}"] + (answer_id, EOS_ID)
                 targets[row, j] = (answer_id, EOS_ID)
                 weights[row, j] = float(j < len(qs))
         return {"input_ids": ids, "targets": targets, "weights": weights}
 
 
-def packed_logits(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array, pixel_values: jax.Array
-                  ) -> jax.Array:  # [B, K, 2, V]
-    """Logits at the rows that predict each block's answer and its `</s>`.
+def vision_features(model: LlavaModel, pixel_values: jax.Array) -> jax.Array:  # [B, P, Dv]
+    """The feature-layer patch states LLaVA projects (CLS dropped, `vision_feature_select_strategy="default"`)."""
+    states = model.vision_tower.hidden_states(pixel_values, model.config.feature_layers)
+    return jnp.concatenate([s[:, 1:] for s in states], axis=-1)
 
-    Runs the model's own decoder layers piece by piece (norm, q/k/v projections, attention, o_proj, MLP) so
+
+def packed_forward(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array, pixel_values: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:  # logits [B, K, 2, V], vision features [B, P, Dv]
+    """Logits at the rows that predict each block's answer and its `</s>`, and the vision features.
+
+    The image run sits at the end of the shared prefix, so the projected patches are spliced in by slicing.
+    The model's own decoder layers run piece by piece (norm, q/k/v projections, attention, o_proj, MLP) so
     that attention is computed in two parts, prefix-on-prefix and each block on prefix + itself, instead of
     over the whole packed row with a block mask: the same numbers (`layout.mask()` is what it implements)
     at about half the attention cost.
     """
-    h = model.embed_multimodal(input_ids, pixel_values)  # [B, T, D]
     b, p, k, blk = input_ids.shape[0], len(layout.prefix), layout.k, layout.block
+    features = vision_features(model, pixel_values)
+    text = model.language_model.embed(input_ids)  # [B, T, D]
+    image = model.multi_modal_projector(features).astype(text.dtype)
+    h = jnp.concatenate([text[:, :p - layout.num_image_tokens], image, text[:, p:]], axis=1)
     positions = jnp.broadcast_to(jnp.asarray(layout.positions()), (b, layout.length))
     prefix_mask = jnp.tril(jnp.ones((p, p), bool))[None]  # [1, P, P]
     block_mask = jnp.concatenate([jnp.ones((blk, p), bool), jnp.tril(jnp.ones((blk, blk), bool))], 1)[None]
+    fold = lambda x: x[:, p:].reshape(b * k, blk, *x.shape[2:])  # [B K, L, ., H]
+    spread = lambda x: jnp.repeat(x[:, :p], k, axis=0)  # [B K, P, ., H]
     for layer in model.language_model.layers:
         q, kk, v = layer.self_attn.project(layer.input_layernorm(h), positions)  # [B, T, N|K, H]
         out_prefix = attention(q[:, :p], kk[:, :p], v[:, :p], prefix_mask)  # [B, P, N, H]
-        fold = lambda x: x[:, p:].reshape(b * k, blk, *x.shape[2:])  # [B K, L, ., H]
-        spread = lambda x: jnp.repeat(x[:, :p], k, axis=0)  # [B K, P, ., H]
         out_blocks = attention(fold(q), jnp.concatenate([spread(kk), fold(kk)], 1),
                                jnp.concatenate([spread(v), fold(v)], 1), block_mask)  # [B K, L, N, H]
         out = jnp.concatenate([out_prefix, out_blocks.reshape(b, k * blk, *out_blocks.shape[2:])], 1)
         h = h + layer.self_attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     index = jnp.asarray(layout.target_index())  # [K, 2]
-    return model.language_model.logits(h[:, index.reshape(-1)]).reshape(b, layout.k, 2, -1)
+    logits = model.language_model.logits(h[:, index.reshape(-1)]).reshape(b, layout.k, 2, -1)
+    return logits, features
 
 
-def loss_and_metrics(model: LlavaModel, layout: PackedLayout, batch: dict) -> tuple[jax.Array, dict]:
-    logits = packed_logits(model, layout, batch["input_ids"], batch["pixel_values"])  # [B, K, 2, V]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, K, 2]
-    w = batch["weights"]
-    n = jnp.maximum(w.sum(), 1.0)
-    correct = (jnp.argmax(logits[:, :, 0], -1) == batch["targets"][:, :, 0]).astype(jnp.float32)
-    loss = (nll.sum(-1) * w).sum() / (2 * n)
-    return loss, {"loss": loss, "answer_loss": (nll[:, :, 0] * w).sum() / n, "accuracy": (correct * w).sum() / n}
+def packed_logits(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array, pixel_values: jax.Array
+                  ) -> jax.Array:  # [B, K, 2, V]
+    return packed_forward(model, layout, input_ids, pixel_values)[0]
+
+
+def probe_loss(probe: dict, features: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict]:
+    """Sigmoid cross-entropy of the patch classifier, summed over classes, mean over patches.
+    features [B, P, Dv], targets [B, P, C]."""
+    logits = features @ probe["kernel"] + probe["bias"]  # [B, P, C]
+    loss = optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1).mean()
+    said = logits > 0
+    hits = (said & (targets > 0)).sum()
+    return loss, {"probe_loss": loss, "probe_recall": hits / jnp.maximum((targets > 0).sum(), 1),
+                  "probe_precision": hits / jnp.maximum(said.sum(), 1)}
+
+
+def qa_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict]:
+    """Cross-entropy of each answer word and the `</s>` after it. logits [B, K, 2, V], targets [B, K, 2]."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, K, 2]
+    n = jnp.maximum(weights.sum(), 1.0)
+    correct = (jnp.argmax(logits[:, :, 0], -1) == targets[:, :, 0]).astype(jnp.float32)
+    loss = (nll.sum(-1) * weights).sum() / (2 * n)
+    return loss, {"qa_loss": loss, "answer_loss": (nll[:, :, 0] * weights).sum() / n,
+                  "accuracy": (correct * weights).sum() / n}
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def view_rows(views: Sequence[shapes.View], layout: PackedLayout, image_size: int,
-              questions: Sequence[Sequence[tuple[str, str, bool]]]) -> dict[str, np.ndarray]:
-    batch = layout.pack(questions)
+def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_size: int, grid: int,
+              questions: Sequence[Sequence[tuple[str, str, bool]]] | None = None) -> dict[str, np.ndarray]:
+    """Views (+ questions) -> the model's arrays: pixel_values, patch_targets (+ the packed ids)."""
+    batch = layout.pack(questions) if layout is not None else {}
     batch["pixel_values"] = np.stack([preprocess_image(v.image, image_size=image_size) for v in views])
+    batch["patch_targets"] = np.stack([shapes.patch_targets(v, grid) for v in views])
     return batch
 
 
-def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, image_size: int) -> dict[str, np.ndarray]:
-    """Batch `step` of the run: images step*B .. step*B + B - 1 of the training stream, a function of the seed."""
-    views, questions = [], []
-    for i in range(step * settings.batch_size, (step + 1) * settings.batch_size):
-        view = _resized(shapes.training_view(settings.seed, shapes.TRAIN, i, p_zoom=settings.p_zoom), image_size)
-        rng = np.random.default_rng([settings.seed, shapes.TRAIN, i, 1])
-        views.append(view)
-        questions.append(shapes.sample_questions(rng, view, settings.questions_per_image))
-    return view_rows(views, layout, image_size, questions)
+def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float):
+    return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom).resized(image_size) for i in indices]
 
 
-def _resized(view: shapes.View, image_size: int) -> shapes.View:
-    """Scenes are drawn at 168 px; a model of another size (the tests') sees them resized, sizes scaled."""
-    if view.image.size == (image_size, image_size):
-        return view
-    from PIL import Image
+def vision_batch(step: int, settings: TrainSettings, cfg: LlavaConfig) -> dict[str, np.ndarray]:
+    """Stage-1 batch `step`: images of the training stream from 10^8 on, so stage 2 never sees them again."""
+    b = settings.vision_batch_size
+    views = _views(settings, shapes.TRAIN, range(10**8 + step * b, 10**8 + (step + 1) * b), cfg.vision.image_size,
+                   settings.p_zoom)
+    return view_rows(views, None, cfg.vision.image_size, cfg.vision.grid)
 
-    s = image_size / view.image.size[0]
-    return dataclasses.replace(view, image=view.image.resize((image_size,) * 2, Image.Resampling.BICUBIC),
-                               objects=tuple((n, z * s) for n, z in view.objects))
+
+def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: LlavaConfig) -> dict[str, np.ndarray]:
+    """Stage-2 batch `step`: images step*B .. step*B + B - 1 of the training stream, a function of the seed."""
+    b = settings.batch_size
+    indices = range(step * b, (step + 1) * b)
+    views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom)
+    questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
+                                         settings.questions_per_image) for i, v in zip(indices, views)]
+    return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions)
 
 
 @dataclasses.dataclass
 class ValSet:
-    """Fixed validation images (stream VAL): full scenes and zoomed crops, with each question's size bucket."""
+    """Fixed validation images (stream VAL): full scenes or zoomed crops, with each question's size bucket."""
     name: str
     batches: list[dict[str, np.ndarray]]
     buckets: list[np.ndarray]  # per batch [B, K] bucket names ("" for padding)
 
 
-def val_set(name: str, settings: TrainSettings, layout: PackedLayout, image_size: int, n_images: int, *,
-            zoom: bool, batch_size: int) -> ValSet:
+def val_set(name: str, settings: TrainSettings, layout: PackedLayout, cfg: LlavaConfig, n_images: int, *,
+            zoom: bool) -> ValSet:
     batches, buckets = [], []
-    for start in range(0, n_images, batch_size):
-        views, questions, names = [], [], []
-        for i in range(start, min(start + batch_size, n_images)):
-            rng = shapes.item_rng(settings.seed, shapes.VAL, 2 * i + int(zoom))
-            view = shapes.training_view(settings.seed, shapes.VAL, 2 * i + int(zoom), p_zoom=float(zoom))
-            view = _resized(view, image_size)
-            qs = shapes.sample_questions(rng, view, layout.k)
-            views.append(view)
-            questions.append(qs)
-            names.append([shapes.question_bucket(view.objects, f"{c} {s}") for c, s, _ in qs]
-                         + [""] * (layout.k - len(qs)))
-        batches.append(view_rows(views, layout, image_size, questions))
-        buckets.append(np.asarray(names))
+    for start in range(0, n_images, settings.batch_size):
+        indices = range(2 * start + int(zoom), 2 * min(start + settings.batch_size, n_images), 2)
+        views = _views(settings, shapes.VAL, indices, cfg.vision.image_size, float(zoom))
+        questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.VAL, i, 1]), v, layout.k)
+                     for i, v in zip(indices, views)]
+        batches.append(view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions))
+        buckets.append(np.asarray([[shapes.question_bucket(v.objects, f"{c} {s}") for c, s, _ in qs]
+                                   + [""] * (layout.k - len(qs)) for v, qs in zip(views, questions)]))
     return ValSet(name, batches, buckets)
 
 
-# ------------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------------ steps
 
 
-def optimizer(settings: TrainSettings) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, settings.warmup_steps, settings.steps,
-                                                  end_value=0.05 * settings.lr)
+def optimizer(lr: float, steps: int, settings: TrainSettings) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(settings.warmup_steps, max(steps - 1, 1)),
+                                                  max(steps, 2), end_value=0.05 * lr)
     decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on biases and norms
     return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=settings.weight_decay, mask=decay))
 
 
-def make_steps(graphdef, layout: PackedLayout, tx: optax.GradientTransformation):
-    """(train_step, eval_step), pure functions of (params, ...) jitted once."""
+def vision_optimizer(settings: TrainSettings):
+    return optimizer(settings.vision_lr, settings.vision_steps, settings)
+
+
+def llava_optimizer(settings: TrainSettings):
+    return optimizer(settings.lr, settings.steps, settings)
+
+
+# Step functions are cached per (graphdef, layout, settings): equal configs share one compiled program.
+@functools.lru_cache(maxsize=16)
+def vision_step_fn(graphdef, feature_layers: tuple[int, ...], settings: TrainSettings):
+    """Stage 1: params = {"vision": vision tower state, "probe": probe}."""
+    tx = vision_optimizer(settings)
 
     def loss_fn(params, batch):
-        return loss_and_metrics(nnx.merge(graphdef, params), layout, batch)
+        features = vision_features_of(graphdef, params["vision"], batch["pixel_values"], feature_layers)
+        return probe_loss(params["probe"], features, batch["patch_targets"])
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch):
+    def step(params, opt_state, batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+def vision_features_of(graphdef, vision_state, pixel_values, feature_layers: tuple[int, ...]):  # [B, P, Dv]
+    """`vision_features` of a vision tower given as (graphdef, state)."""
+    states = nnx.merge(graphdef, vision_state).hidden_states(pixel_values, feature_layers)
+    return jnp.concatenate([s[:, 1:] for s in states], axis=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def llava_step_fn(graphdef, layout: PackedLayout, settings: TrainSettings):
+    """Stage 2: params = {"model": LlavaModel state, "probe": probe}."""
+    tx = llava_optimizer(settings)
+
+    def loss_fn(params, batch):
+        logits, features = packed_forward(nnx.merge(graphdef, params["model"]), layout, batch["input_ids"],
+                                          batch["pixel_values"])
+        loss, metrics = qa_loss(logits, batch["targets"], batch["weights"])
+        aux, probe_metrics = probe_loss(params["probe"], features, batch["patch_targets"])
+        return loss + settings.aux_weight * aux, {**metrics, **probe_metrics}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def answer_fn(graphdef, layout: PackedLayout):
+    """(model state, input_ids, pixel_values) -> the greedy first answer token [B, K]."""
 
     @jax.jit
-    def eval_step(params, batch):  # -> the greedy first answer token [B, K]
-        logits = packed_logits(nnx.merge(graphdef, params), layout, batch["input_ids"], batch["pixel_values"])
+    def answer(state, input_ids, pixel_values):
+        logits = packed_logits(nnx.merge(graphdef, state), layout, input_ids, pixel_values)
         return jnp.argmax(logits[:, :, 0], -1)
 
-    return train_step, eval_step
+    return answer
 
 
-def evaluate(eval_step, params, val: ValSet) -> dict:
+def evaluate(answer, state, val: ValSet) -> dict:
     """Answer accuracy over a ValSet, overall and per size bucket (sub_patch = tiny + small)."""
     correct, names = [], []
     for batch, buckets in zip(val.batches, val.buckets):
-        c = np.asarray(eval_step(params, {k: batch[k] for k in ("input_ids", "pixel_values")})) == batch["targets"][..., 0]
+        first = np.asarray(answer(state, batch["input_ids"], batch["pixel_values"]))
         keep = batch["weights"] > 0
-        correct.append(c[keep])
+        correct.append((first == batch["targets"][..., 0])[keep])
         names.append(buckets[keep])
     return accuracy_by_bucket(np.concatenate(correct), np.concatenate(names), prefix=val.name)
 
@@ -355,7 +449,11 @@ def accuracy_by_bucket(correct: np.ndarray, buckets: np.ndarray, prefix: str) ->
     for name, sel in groups.items():
         if sel.any():
             out[f"{prefix}/acc_{name}"] = float(correct[sel].mean())
+            out[f"{prefix}/n_{name}"] = int(sel.sum())
     return out
+
+
+# ------------------------------------------------------------------------------------------------ training
 
 
 @dataclasses.dataclass
@@ -364,47 +462,79 @@ class TrainResult:
     history: list[dict]
     final: dict
     seconds: float
+    cpu_seconds: float
+
+
+def _host(running: list[dict]) -> dict:
+    host = {k: float(np.mean([float(m[k]) for m in running])) for k in running[0]}
+    if not all(math.isfinite(v) for v in host.values()):
+        raise FloatingPointError(f"non-finite metrics {host}: lower the learning rate")
+    return host
 
 
 def train(model_cfg: DemoModelConfig, settings: TrainSettings, *, log: Callable[[dict], None] = lambda m: None,
           progress: bool = True) -> TrainResult:
-    """Trains from scratch; every `log_every` steps and at each eval, `log(metrics)`."""
+    """Both stages from scratch; every `log_every` steps and at each eval, `log(metrics)`."""
     from tqdm import tqdm
 
     cfg = model_cfg.llava_config()
-    tokenizer = build_tokenizer()
-    layout = PackedLayout.build(tokenizer, cfg, settings.questions_per_image)
+    layout = PackedLayout.build(build_tokenizer(), cfg, settings.questions_per_image)
     model = init_model(cfg, settings.seed)
-    graphdef, params = nnx.split(model)
-    tx = optimizer(settings)
-    opt_state = tx.init(params)
-    train_step, eval_step = make_steps(graphdef, layout, tx)
-    vals = [val_set(name, settings, layout, cfg.vision.image_size, n, zoom=zoom, batch_size=settings.batch_size)
+    probe = init_probe(cfg, settings.seed)
+    vals = [val_set(name, settings, layout, cfg, n, zoom=zoom)
             for name, n, zoom in (("val", settings.val_images, False), ("val_zoom", settings.val_images // 2, True))
             if n > 0]
-    history, start, running = [], time.time(), []
-    bar = tqdm(range(settings.steps), desc="demo backbone", disable=not progress, dynamic_ncols=True)
-    final = {}
-    for step in bar:
-        batch = train_batch(step, settings, layout, cfg.vision.image_size)
-        params, opt_state, metrics = train_step(params, opt_state, batch)
+    history, final = [], {}
+    start, cpu_start = time.time(), time.process_time()
+    bar = tqdm(total=settings.vision_steps + settings.steps, desc="demo backbone", disable=not progress,
+               dynamic_ncols=True)
+
+    def record(stage: str, step: int, running: list[dict], extra: dict | None = None) -> dict:
+        rec = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
+               "cpu_seconds": round(time.process_time() - cpu_start, 1), **_host(running), **(extra or {})}
+        history.append(rec)
+        log(rec)
+        return rec
+
+    # Stage 1: the vision tower and the patch probe.
+    vision_graph, vision_state = nnx.split(model.vision_tower)
+    params = {"vision": vision_state, "probe": probe}
+    opt_state = vision_optimizer(settings).init(params)
+    step_fn, running = vision_step_fn(vision_graph, cfg.feature_layers, settings), []
+    for step in range(settings.vision_steps):
+        params, opt_state, metrics = step_fn(params, opt_state, vision_batch(step, settings, cfg))
         running.append(metrics)
+        bar.update()
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.vision_steps:
+            rec = record("vision", step + 1, running)
+            running = []
+            bar.set_postfix(stage="vision", loss=f"{rec['probe_loss']:.3f}", recall=f"{rec['probe_recall']:.2f}")
+    nnx.update(model.vision_tower, params["vision"])
+    probe = params["probe"]
+    del params, opt_state
+
+    # Stage 2: everything, on packed questions.
+    graphdef, state = nnx.split(model)
+    params = {"model": state, "probe": probe}
+    opt_state = llava_optimizer(settings).init(params)
+    step_fn, answer, running = llava_step_fn(graphdef, layout, settings), answer_fn(graphdef, layout), []
+    for step in range(settings.steps):
+        params, opt_state, metrics = step_fn(params, opt_state, train_batch(step, settings, layout, cfg))
+        running.append(metrics)
+        bar.update()
         last = step + 1 == settings.steps
         if (step + 1) % settings.log_every == 0 or last:
-            host = {k: float(np.mean([float(m[k]) for m in running])) for k in running[0]}
-            if not all(math.isfinite(v) for v in host.values()):
-                raise FloatingPointError(f"step {step + 1}: non-finite metrics {host}; lower --lr")
-            running = []
-            record = {"step": step + 1, "seconds": round(time.time() - start, 1), **host}
+            extra = {}
             if (step + 1) % settings.eval_every == 0 or last:
                 for val in vals:
-                    record.update(evaluate(eval_step, params, val))
-            history.append(record)
-            log(record)
-            bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}",
-                            val=f"{record.get('val/accuracy', float('nan')):.3f}")
-            final = record
-    return TrainResult(nnx.merge(graphdef, params), history, final, time.time() - start)
+                    extra.update(evaluate(answer, params["model"], val))
+            final = record("llava", step + 1, running, extra)
+            running = []
+            bar.set_postfix(stage="llava", loss=f"{final['qa_loss']:.3f}", acc=f"{final['accuracy']:.3f}",
+                            val=f"{final.get('val/accuracy', float('nan')):.3f}")
+    bar.close()
+    return TrainResult(nnx.merge(graphdef, params["model"]), history, final, time.time() - start,
+                       time.process_time() - cpu_start)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -446,8 +576,10 @@ def run_info(model_cfg: DemoModelConfig, settings: TrainSettings, result: TrainR
     import flax
     import transformers
 
-    return {"command": command, "model": dataclasses.asdict(model_cfg), "settings": dataclasses.asdict(settings),
-            "train_seconds": round(result.seconds, 1), "final": result.final,
+    n_params = sum(int(np.prod(v.shape)) for v in flat_params(result.model).values())
+    return {"command": command, "model": dataclasses.asdict(model_cfg), "parameters": n_params,
+            "settings": dataclasses.asdict(settings), "train_seconds": round(result.seconds, 1),
+            "train_cpu_seconds": round(result.cpu_seconds, 1), "final": result.final,
             "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -457,50 +589,52 @@ def run_info(model_cfg: DemoModelConfig, settings: TrainSettings, result: TrainR
 # ------------------------------------------------------------------------------------------------ POPE eval
 
 
+def _class_of(text: str) -> str:
+    return text.removeprefix("Is there a ").removesuffix(" in the image?")
+
+
 def evaluate_pope(model: LlavaModel, data_dir: str | os.PathLike, *, batch_size: int = 16) -> dict:
     """Vanilla answers (the greedy first token) to a POPE-format shapes set written by `shapes.write_pope`:
     eval_pope.py's metrics per split and accuracy per size bucket (`shapes.question_bucket`)."""
+    from PIL import Image
+
     from eval.benchmarks.pope import confusion_metrics
 
     data_dir = Path(data_dir)
     scenes = shapes.read_annotations(data_dir)
     rows = {split: [json.loads(line) for line in open(data_dir / f"coco_pope_{split}.json")]
             for split in shapes.SPLITS}
-    unique: dict[str, dict[str, bool]] = {}
+    unique: dict[str, dict[str, bool]] = {}  # image -> class -> label; positives repeat across splits
     for split_rows in rows.values():
         for r in split_rows:
-            name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
-            unique.setdefault(r["image"], {})[name] = r["label"] == "yes"
+            unique.setdefault(r["image"], {})[_class_of(r["text"])] = r["label"] == "yes"
     cfg = model.config
     layout = PackedLayout.build(build_tokenizer(), cfg, max(len(q) for q in unique.values()))
-    graphdef, params = nnx.split(model)
-    _, eval_step = make_steps(graphdef, layout, optax.identity())
-    from PIL import Image
-
+    graphdef, state = nnx.split(model)
+    answer = answer_fn(graphdef, layout)
     said_yes: dict[tuple[str, str], bool] = {}
     no_id = layout.answer_ids[1]
     images = sorted(unique)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        views = [shapes.View(Image.open(data_dir / "val2014" / name).convert("RGB"), (), frozenset(), None)
-                 for name in chunk]
         questions = [[(*n.split(), label) for n, label in unique[name].items()] for name in chunk]
-        batch = view_rows(views, layout, cfg.vision.image_size, questions)
-        first = np.asarray(eval_step(params, {k: batch[k] for k in ("input_ids", "pixel_values")}))
+        pixels = np.stack([preprocess_image(Image.open(data_dir / "val2014" / name).convert("RGB"),
+                                            image_size=cfg.vision.image_size) for name in chunk])
+        first = np.asarray(answer(state, layout.pack(questions)["input_ids"], pixels))
         for row, name in enumerate(chunk):
             for j, (c, s, _) in enumerate(questions[row]):
                 said_yes[(name, f"{c} {s}")] = int(first[row, j]) != no_id  # eval_pope: anything but "No" is yes
     out = {"splits": {}, "buckets": {}}
     all_correct, all_buckets = [], []
     for split, split_rows in rows.items():
-        preds, labels, correct, buckets = [], [], [], []
+        preds, labels, buckets = [], [], []
         for r in split_rows:
-            name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+            name = _class_of(r["text"])
             preds.append("yes" if said_yes[(r["image"], name)] else "no")
             labels.append(r["label"])
-            correct.append(preds[-1] == r["label"])
-            objects = tuple((o.name, o.size) for o in scenes[r["image"]].objects)
+            objects = [(o.name, o.size) for o in scenes[r["image"]].objects]
             buckets.append(shapes.question_bucket(objects, name))
+        correct = [p == l for p, l in zip(preds, labels)]
         out["splits"][split] = confusion_metrics(preds, labels)
         out["buckets"][split] = accuracy_by_bucket(np.asarray(correct), np.asarray(buckets), prefix=split)
         all_correct += correct

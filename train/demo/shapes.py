@@ -99,13 +99,21 @@ class Scene:
 class View:
     """What one training or eval image shows: the image, the classes in it and the classes cut by its edge."""
     image: Image.Image
-    objects: tuple[tuple[str, float], ...]  # (class, side in this view's pixels) of each shape in view
+    objects: tuple[tuple[str, float, tuple[float, float, float, float]], ...]  # (class, side, box) in view pixels
     ambiguous: frozenset[str]  # classes partly in view only: never asked about
     box: tuple[int, int, int, int] | None  # the crop box in the scene's pixels; None for the full scene
 
     @property
     def present(self) -> frozenset[str]:
-        return frozenset(name for name, _ in self.objects)
+        return frozenset(name for name, *_ in self.objects)
+
+    def resized(self, size: int) -> "View":
+        """The view at `size` pixels (PIL bicubic), sizes and boxes scaled."""
+        if self.image.size == (size, size):
+            return self
+        s = size / self.image.size[0]
+        return dataclasses.replace(self, image=self.image.resize((size, size), Image.Resampling.BICUBIC),
+                                   objects=tuple((n, z * s, tuple(v * s for v in b)) for n, z, b in self.objects))
 
 
 def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -181,7 +189,7 @@ def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
 
 
 def full_view(scene: Scene, image: Image.Image | None = None) -> View:
-    objects = tuple((o.name, o.size) for o in scene.objects)
+    objects = tuple((o.name, o.size, o.box) for o in scene.objects)
     return View(render(scene) if image is None else image, objects, frozenset(), None)
 
 
@@ -205,10 +213,11 @@ def zoom_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image |
         inside = max(0.0, min(x1, box[2]) - max(x0, box[0])) * max(0.0, min(y1, box[3]) - max(y0, box[1]))
         share = inside / (o.size * o.size)
         if share >= MIN_VISIBLE:
-            objects.append((o.name, o.size * scale))
+            view_box = tuple((v - origin) * scale for v, origin in zip(o.box, box[:2] * 2))
+            objects.append((o.name, o.size * scale, view_box))
         elif share > 0:
             ambiguous.add(o.name)
-    return View(zoomed, tuple(objects), frozenset(ambiguous - {name for name, _ in objects}), box)
+    return View(zoomed, tuple(objects), frozenset(ambiguous - {name for name, *_ in objects}), box)
 
 
 def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.4,
@@ -230,6 +239,21 @@ def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.4,
     return zoom_view(scene, region_box(region, r, scene.size))
 
 
+def patch_targets(view: View, grid: int, min_cover: float = 0.25) -> np.ndarray:  # [grid * grid, classes]
+    """Multi-hot classes per patch (row-major) for the vision tower's auxiliary loss: a patch holds a class when
+    one of its shapes' boxes covers `min_cover` of the smaller of the box and the patch."""
+    out = np.zeros((grid, grid, len(CLASSES)), np.float32)
+    side = view.image.size[0] / grid
+    edges = np.arange(grid + 1) * side
+    index = {c: i for i, c in enumerate(CLASSES)}
+    for name, size, (x0, y0, x1, y1) in view.objects:
+        over_x = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)  # [grid]
+        over_y = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None)
+        cover = over_y[:, None] * over_x[None, :] / min(size * size, side * side)
+        out[..., index[name]] = np.maximum(out[..., index[name]], cover >= min_cover)
+    return out.reshape(grid * grid, len(CLASSES))
+
+
 def sample_questions(rng: np.random.Generator, view: View, n: int) -> list[tuple[str, str, bool]]:
     """Up to n (colour, shape, answer) questions, half about present classes and half about absent ones;
     half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do."""
@@ -248,15 +272,15 @@ def sample_questions(rng: np.random.Generator, view: View, n: int) -> list[tuple
     return [(*out[i][0].split(), out[i][1]) for i in order]
 
 
-def question_bucket(objects: Sequence[tuple[str, float]], name: str) -> str:
-    """The size bucket a question about class `name` is about, given the (class, size) of what is in view: for
+def question_bucket(objects: Sequence[tuple], name: str) -> str:
+    """The size bucket a question about class `name` is about, given the (class, size, ...) of what is in view: for
     a present class its largest instance; for an absent one the smallest shape in view that shares its colour
     or its shape (the one a model could mistake for it), or "none"."""
-    same = [size for n, size in objects if n == name]
+    same = [size for n, size, *_ in objects if n == name]
     if same:
         return size_bucket(max(same))
     words = set(name.split())
-    confusers = [size for n, size in objects if words & set(n.split())]
+    confusers = [size for n, size, *_ in objects if words & set(n.split())]
     return size_bucket(min(confusers)) if confusers else "none"
 
 

@@ -78,6 +78,9 @@ def make_models(size: Size, seed: int = 0, with_torch: bool = True):
 def prompt_batch(ours, batch: int, length: int, seed: int = 0):
     """Random prompts of `length` tokens with one image run after a 35-token prefix; no padding."""
     cfg = ours.config
+    if length < 36 + cfg.num_image_tokens:
+        raise ValueError(f"--length {length} cannot hold the 35-token prefix, {cfg.num_image_tokens} image tokens "
+                         f"and one text token: use at least {36 + cfg.num_image_tokens}")
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, cfg.text.vocab_size - 2, (batch, length))
     ids[:, 35:35 + cfg.num_image_tokens] = cfg.image_token_index

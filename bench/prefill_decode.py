@@ -14,6 +14,11 @@ import numpy as np
 from bench import common
 
 
+def _rate(tokens: int, seconds: float) -> float:
+    """tokens / seconds; NaN when noise made the extra time non-positive (tiny models)."""
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
 def run(size: common.Size, batches, length: int, new_tokens: int, reps: int) -> str:
     import torch
 
@@ -45,9 +50,10 @@ def run(size: common.Size, batches, length: int, new_tokens: int, reps: int) -> 
         t = common.interleaved({"tp": torch_prefill, "op": ours_prefill,
                                 "tg1": lambda: torch_generate(1), "tgn": lambda: torch_generate(new_tokens),
                                 "og1": lambda: ours_generate(1), "ogn": lambda: ours_generate(new_tokens)}, reps=reps)
-        tp, op, tg1, tgn, og1, ogn = (common.median(t[k]) for k in ("tp", "op", "tg1", "tgn", "og1", "ogn"))
-        dec_t = b * (new_tokens - 1) / max(tgn - tg1, 1e-9)
-        dec_o = b * (new_tokens - 1) / max(ogn - og1, 1e-9)
+        tp, op = common.median(t["tp"]), common.median(t["op"])
+        # Per repetition (the two runs were adjacent in time), then the median over repetitions.
+        dec_t = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["tg1"], t["tgn"])])
+        dec_o = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["og1"], t["ogn"])])
         rows.append(f"| {b} | {tp:.3f} | {op:.3f} | {op / tp:.2f} | {dec_t:.1f} | {dec_o:.1f} | {dec_o / dec_t:.2f} |")
     return "\n".join(rows)
 

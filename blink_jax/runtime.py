@@ -34,14 +34,14 @@ class InputError(ValueError):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, params, input_ids, pixel_values, attention_mask):
     model = nnx.merge(graphdef, params)
-    return forward.prefill(model, input_ids, pixel_values, attention_mask)
+    return forward.prefill(model, input_ids, pixel_values, attention_mask)[0]  # no cache: nothing decodes after
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id", "pad_token_id"))
 def _generate(graphdef, params, input_ids, pixel_values, attention_mask, *, max_new_tokens, eos_token_id,
               pad_token_id):
     model = nnx.merge(graphdef, params)
-    logits, cache = forward.prefill(model, input_ids, pixel_values, attention_mask)
+    logits, cache = forward.prefill(model, input_ids, pixel_values, attention_mask, all_logits=False)
     return forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
@@ -91,7 +91,7 @@ class Llava:
         ablation."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         if blink is None:
-            logits, _ = _prefill(self.graphdef, self.params, ids, px, mask)
+            logits = _prefill(self.graphdef, self.params, ids, px, mask)
             return ModelOutput(logits=logits)
         from blink_jax.blink.runner import blink_prefill
         return blink_prefill(self, ids, px, mask, blink, tokensr, rng)

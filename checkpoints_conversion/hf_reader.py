@@ -15,11 +15,16 @@ Keys that are not parameters and are ignored, as transformers ignores them:
   `embed_tokens`, as transformers does, so a stored head (equal or not) is never read.
 
 bf16 tensors are read as `ml_dtypes.bfloat16` numpy arrays (bit-exact, no up-cast); numpy alone has no bf16.
+
+Memory: safetensors data is read with plain positional reads, not a memory map (mapped pages a reader has
+touched stay in the process's resident set until the file is closed, i.e. the whole checkpoint), straight
+into the array in our layout: a transpose or a dtype cast goes through one small block at a time
+(`BLOCK_BYTES`). Converting therefore holds one tensor, in its final layout, at a time. Torch pickles are
+memory-mapped, and only one weight file is kept open at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -43,6 +48,8 @@ IGNORED_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
 TIED_HEAD = "language_model.lm_head.weight"
 
 # safetensors dtype tags -> numpy dtypes (bf16 through ml_dtypes)
+# Granularity of reads that cast or transpose: bounds the memory used besides the output array itself.
+BLOCK_BYTES = 8 << 20
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -54,6 +61,7 @@ class TensorRef:
     file: Path
     shape: tuple[int, ...]
     dtype: np.dtype
+    offset: int | None = None  # safetensors: byte offset of the tensor's data in the file; None for torch files
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,14 +109,24 @@ def _header(file: Path) -> dict[str, TensorRef]:
     try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
-            with safe_open(str(file), framework="pt") as f:
-                return {k: _st_ref(k, file, f.get_slice(k)) for k in f.keys()}
+            with safe_open(str(file), framework="pt") as f:  # validates the header against the file size
+                refs = {k: _st_ref(k, file, f.get_slice(k)) for k in f.keys()}
+            offsets = _st_offsets(file)
+            return {k: dataclasses.replace(ref, offset=offsets[k]) for k, ref in refs.items()}
         return {k: TensorRef(k, file, tuple(t.shape), _torch_np_dtype(t.dtype)) for k, t in _torch_load(file).items()}
     except CheckpointError:
         raise
     except Exception as e:  # safetensors / pickle errors have no common base class
         raise CheckpointError(f"cannot read weight file '{file}' (corrupt or truncated?): {e}. "
                               f"Re-download or re-save it.") from None
+
+
+def _st_offsets(file: Path) -> dict[str, int]:
+    """Stored key -> absolute byte offset of its data: an 8-byte little-endian header size, the JSON header, data."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: 8 + size + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _st_ref(key: str, file: Path, sl) -> TensorRef:
@@ -173,44 +191,131 @@ def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorRef]:
 
 def iter_tensors(source: str | os.PathLike | dict[str, TensorRef],
                  keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (canonical key, numpy array) one at a time, in the order of `keys` (default: all).
+    """Yields (canonical key, numpy array as stored) one at a time, in the order of `keys` (default: all).
 
-    `source` is a directory or the result of `list_tensors`. Each file is opened once.
+    `source` is a directory or the result of `list_tensors`.
     """
     refs = source if isinstance(source, dict) else list_tensors(source)
     keys = list(refs) if keys is None else list(keys)
     unknown = [k for k in keys if k not in refs]
     if unknown:
         raise CheckpointError(f"keys not in the checkpoint: {unknown}")
-    with contextlib.ExitStack() as stack:
-        readers: dict[Path, object] = {}
+    with _Readers() as readers:
         for key in keys:
-            ref = refs[key]
-            if ref.file not in readers:
-                readers[ref.file] = _open(ref.file, stack)
-            yield key, _read(readers[ref.file], ref)
+            yield key, _read(readers.get(refs[key].file), refs[key])
 
 
-def _open(file: Path, stack: contextlib.ExitStack):
+class _SafetensorsFile:
+    """Unbuffered positional reads of one safetensors file into caller-owned arrays (no memory map)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.f = open(file, "rb", buffering=0)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def _read_bytes(self, ref: TensorRef, position: int, out: np.ndarray) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        self.f.seek(position)
+        done = 0
+        while done < len(view):
+            n = self.f.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"tensor '{ref.key}' in '{self.file}' ends early: the file is truncated; "
+                                      f"re-download it")
+            done += n
+
+    def fill(self, ref: TensorRef, out: np.ndarray, transpose: bool = False) -> None:
+        """Reads `ref` into the contiguous array `out` (any float dtype): `out` holds the stored tensor reshaped,
+        or with `transpose` the stored 2-D matrix transposed. A cast or a transpose goes block by block."""
+        if not transpose and out.dtype == ref.dtype:
+            self._read_bytes(ref, ref.offset, out)
+            return
+        if transpose and len(ref.shape) != 2:
+            raise CheckpointError(f"tensor '{ref.key}' has shape {ref.shape}: only 2-D tensors are transposed")
+        rows = ref.shape[0] if ref.shape else 1
+        row_items = int(np.prod(ref.shape[1:], dtype=np.int64)) if ref.shape else 1
+        row_bytes = row_items * ref.dtype.itemsize
+        per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        block = np.empty((min(per_block, rows), row_items), ref.dtype)
+        dest = out.reshape(row_items, rows) if transpose else out.reshape(rows, row_items)
+        for start in range(0, rows, per_block):
+            n = min(per_block, rows - start)
+            self._read_bytes(ref, ref.offset + start * row_bytes, block[:n])
+            if transpose:
+                dest[:, start:start + n] = block[:n].T
+            else:
+                dest[start:start + n] = block[:n]
+
+
+class _Readers:
+    """The open weight file, one at a time: a memory-mapped torch file's touched pages count as resident
+    until it is closed, so the previous file is closed before the next one is opened."""
+
+    def __init__(self):
+        self.file, self.reader = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+
+    def _close(self) -> None:
+        if isinstance(self.reader, _SafetensorsFile):
+            self.reader.close()
+        self.file, self.reader = None, None
+
+    def get(self, file: Path):
+        if file != self.file:
+            self._close()
+            self.reader, self.file = _open(file), file
+        return self.reader
+
+
+def _open(file: Path):
     try:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-            return stack.enter_context(safe_open(str(file), framework="pt"))
+            return _SafetensorsFile(file)
         return _torch_load(file)
     except Exception as e:
         raise CheckpointError(f"cannot read weight file '{file}': {e}") from None
 
 
 def _read(reader, ref: TensorRef) -> np.ndarray:
+    """The stored tensor as a numpy array of its stored dtype."""
+    if isinstance(reader, _SafetensorsFile):
+        out = np.empty(ref.shape, ref.dtype)
+        try:
+            reader.fill(ref, out)
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{ref.key}' from '{ref.file}' (corrupt file?): {e}") from None
+        return out
     try:
-        tensor = reader[ref.key] if isinstance(reader, dict) else reader.get_tensor(ref.key)
-        array = _to_numpy(tensor)
+        array = _to_numpy(reader[ref.key])
     except Exception as e:
         raise CheckpointError(f"cannot read tensor '{ref.key}' from '{ref.file}' (corrupt file?): {e}") from None
     if array.shape != ref.shape:
         raise CheckpointError(f"tensor '{ref.key}' in '{ref.file}' has shape {array.shape}, its header says "
                               f"{ref.shape}: the file is corrupt")
     return array
+
+
+def _read_ours(reader, step: "Step", dtype: np.dtype | None) -> np.ndarray:
+    """One parameter in our layout and `dtype` (None: as stored), as a contiguous array of its own."""
+    ref, transform = step.ref, step.entry.transform
+    if isinstance(reader, _SafetensorsFile) and transform.layout in ("reshape", "transpose"):
+        out = np.empty(step.shape, ref.dtype if dtype is None else dtype)
+        try:
+            reader.fill(ref, out, transpose=transform.layout == "transpose")
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{ref.key}' from '{ref.file}' (corrupt file?): {e}") from None
+        return out
+    x = _read(reader, ref)
+    if dtype is not None:
+        x = x.astype(dtype, copy=False)
+    return np.ascontiguousarray(transform.to_ours(x, step.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,13 +374,14 @@ def _ignored(canon: str, cfg: LlavaConfig) -> bool:
 
 
 def iter_plan(steps: list[Step], dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:
-    """Yields (our parameter path, array in our layout) one at a time, cast to `dtype` (None: as stored)."""
+    """Yields (our parameter path, array in our layout) one at a time, cast to `dtype` (None: as stored).
+
+    Nothing here keeps a yielded array: once the consumer drops it, it is freed before the next is read.
+    """
     dtype = np_dtype(dtype)
-    refs = {s.entry.hf_key: s.ref for s in steps}
-    for step, (_, x) in zip(steps, iter_tensors(refs, [s.entry.hf_key for s in steps])):
-        if dtype is not None:
-            x = x.astype(dtype, copy=False)
-        yield step.entry.path, np.ascontiguousarray(step.entry.transform.to_ours(x, step.shape))
+    with _Readers() as readers:
+        for step in steps:
+            yield step.entry.path, _read_ours(readers.get(step.ref.file), step, dtype)
 
 
 def iter_params(model_dir: str | os.PathLike, cfg: LlavaConfig, dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:

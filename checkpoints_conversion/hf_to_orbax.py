@@ -37,8 +37,23 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
     params = hf_reader.iter_plan(steps, dtype)
     if progress:
         from tqdm import tqdm
-        params = tqdm(params, total=len(steps), unit="tensor", desc=f"converting {Path(hf_dir).name}")
+        params = _counted(params, tqdm(total=len(steps), unit="tensor", desc=f"converting {Path(hf_dir).name}"))
     return orbax_io.write_converted(out_dir, hf_dir, params, dtype, overwrite=overwrite)
+
+
+def _counted(items, bar):
+    """Yields `items`, updating the progress bar. Unlike `tqdm(items)`, it keeps no reference to the last item
+    while the next one is read, so two large tensors are never held at once."""
+    try:
+        iterator = iter(items)
+        while True:
+            try:
+                yield next(iterator)
+            except StopIteration:
+                return
+            bar.update()
+    finally:
+        bar.close()
 
 
 # ------------------------------------------------------------------------------------------------ verify

@@ -4,13 +4,20 @@ On disk (`out/`):
 
     blink_jax_checkpoint.json    marker: format, version, dtype, groups (written last)
     config.json, generation_config.json, tokenizer*.json, ...   copied from the HF directory
-    params/<group>/              one orbax PyTree checkpoint per group, e.g. params/language_model.layers.0/
+    params/<group>/              one orbax PyTree checkpoint per group, e.g. params/language_model.layers.0.mlp.up_proj/
 
-A group is one transformer layer (`vision_tower.encoder.layers.i`, `language_model.layers.i`) or one
-top-level module (`language_model.embed_tokens`, `multi_modal_projector.linear_1`, ...). Each group is
-saved as soon as its last tensor arrives and then dropped, so converting holds about one layer in memory,
-never the whole model. Inside a group the pytree is a nested dict of the path below the group, e.g.
-`{"self_attn": {"q_proj": {"kernel": array}}}`; arrays are numpy (bf16 as `ml_dtypes.bfloat16`).
+A group is one module: the parameters that share a path up to their own name (a kernel and its bias, a
+norm's scale and bias, `language_model.embed_tokens`). Each group is saved as soon as its last tensor
+arrives and then dropped, so converting holds one weight (plus a bias) in memory at a time. Inside a group
+the pytree is a nested dict of the path below the group, e.g. `{"kernel": array, "bias": array}`; arrays are
+numpy (bf16 as `ml_dtypes.bfloat16`). Readers take the groups from the marker, so directories written with
+coarser groups (one per layer, by earlier versions) read the same.
+
+Orbax is told not to copy the arrays it saves (its numpy handler deep-copies by default) and not to
+compress (OCDBT keeps an array's compressed chunks in memory until the save commits; weights compress by a
+few percent). Arrays are saved as one chunk each: smaller chunks that are not contiguous in memory (orbax
+splits the largest axis first) are copied, and held, until the save commits. Each save then adds nothing
+to the array it writes.
 
 Atomicity: everything is written into a hidden sibling `.{name}.tmp-<pid>` and renamed into place at the
 end, so a crash or kill never leaves a directory that `is_converted_dir` accepts.
@@ -39,15 +46,22 @@ PARAMS_DIR = "params"
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
              "processor_config.json", "chat_template.json", "chat_template.jinja")
-LAYER_CONTAINERS = (("vision_tower", "encoder", "layers"), ("language_model", "layers"))
 
 
 def group_of(path: tuple) -> tuple:
-    """The group a parameter path is saved in: its layer (path up to the layer index) or its module."""
-    for container in LAYER_CONTAINERS:
-        if path[:len(container)] == container:
-            return path[:len(container) + 1]
-    return path[:2]
+    """The group a parameter path is saved in: its module (the path without the parameter's own name)."""
+    return path[:-1]
+
+
+def saving_checkpointer():
+    """A synchronous orbax checkpointer that neither copies nor compresses the numpy arrays it saves."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+                                               (jax.Array, th.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
 
 
 def _dtype_name(dtype) -> str:
@@ -111,8 +125,6 @@ class _GroupWriter:
     """Collects parameters and saves each group as soon as it is complete."""
 
     def __init__(self, root: Path, shapes: dict[tuple, tuple], dtype):
-        import orbax.checkpoint as ocp
-
         self.root, self.shapes, self.dtype = root, shapes, dtype
         self.members: dict[tuple, set] = {}
         for path in shapes:
@@ -121,7 +133,7 @@ class _GroupWriter:
         self.written: list[tuple] = []
         self.seen: set = set()
         self.dtypes: set = set()
-        self.checkpointer = ocp.PyTreeCheckpointer()  # synchronous: save returns when the files are final
+        self.checkpointer = saving_checkpointer()  # synchronous: save returns when the files are final
 
     def add(self, path: tuple, array: np.ndarray) -> None:
         if path not in self.shapes:
@@ -171,6 +183,7 @@ def write_converted(out_dir: str | os.PathLike, cfg_source_dir: str | os.PathLik
         writer = _GroupWriter((tmp / PARAMS_DIR).absolute(), param_shapes(cfg), dtype)
         for path, array in tensors_iter:
             writer.add(path, array)
+            del array  # freed now, not when the next tensor (already read by then) replaces it
         writer.finish()
         marker = {"format": FORMAT, "version": VERSION,
                   "dtype": _dtype_name(dtype) if dtype is not None else "as-stored",

@@ -7,7 +7,7 @@ tensor through `transform.to_hf` in the dtype it is stored in, so HF -> orbax ->
 `LlavaForConditionalGeneration.from_pretrained(out)` loads with no missing or unexpected keys.
 
 `model.safetensors` is written streaming: the header is computed from orbax metadata, then one group at a
-time is restored and its tensors appended, so memory holds about one layer. The output appears atomically.
+time is restored and its tensors appended, so memory holds about one group (module). The output appears atomically.
 """
 
 from __future__ import annotations

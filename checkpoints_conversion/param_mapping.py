@@ -21,21 +21,29 @@ Path = tuple  # a parameter path, e.g. ("language_model", "layers", 0, "self_att
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """torch tensor -> our array (`to_ours`) and back (`to_hf`), given our array's shape."""
+    """torch tensor -> our array (`to_ours`) and back (`to_hf`), given our array's shape.
+
+    `layout` tells the streaming reader how our array's memory relates to the stored bytes, so it can fill
+    our array straight from the file without a second full-size copy: "reshape" (the same bytes, another
+    shape), "transpose" (the stored 2-D matrix transposed, then reshaped) or None (apply `to_ours`).
+    """
     name: str
     to_ours: Callable[[np.ndarray, tuple], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layout: str | None = None
 
 
-IDENTITY = Transform("identity", lambda x, shape: x.reshape(shape), lambda x: x)
+IDENTITY = Transform("identity", lambda x, shape: x.reshape(shape), lambda x: x, "reshape")
 # torch Linear weight (out, in) -> kernel (in, out)
-LINEAR = Transform("linear", lambda x, shape: x.T.reshape(shape), lambda x: x.T)
+LINEAR = Transform("linear", lambda x, shape: x.T.reshape(shape), lambda x: x.T, "transpose")
 # torch Linear weight (N*H, D) -> Einsum kernel (D, N, H)
-HEADS_OUT = Transform("heads_out", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T)
+HEADS_OUT = Transform("heads_out", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T,
+                      "transpose")
 # torch Linear weight (D, N*H) -> Einsum kernel (N, H, D)
-HEADS_IN = Transform("heads_in", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T)
+HEADS_IN = Transform("heads_in", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T,
+                     "transpose")
 # (N*H,) bias -> (N, H)
-HEADS_BIAS = Transform("heads_bias", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+HEADS_BIAS = Transform("heads_bias", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1), "reshape")
 # torch Conv2d weight (O, I, kh, kw) -> flax kernel (kh, kw, I, O)
 CONV = Transform("conv", lambda x, shape: x.transpose(2, 3, 1, 0).reshape(shape), lambda x: x.transpose(3, 2, 0, 1))
 

@@ -59,8 +59,11 @@ def buffer_order(t: int, num_sr: int, vis_end: jax.Array) -> jax.Array:
 
 
 def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pixel_values: jax.Array,
-                  attention_mask: jax.Array, static: BlinkStatic, thresholds: Thresholds, key: jax.Array):
-    """-> (logits [B, T, V] float32 at the prompt's positions, KVCache of length T + P, Trace)."""
+                  attention_mask: jax.Array, static: BlinkStatic, thresholds: Thresholds, key: jax.Array, *,
+                  all_logits: bool = True):
+    """-> (logits [B, T, V] float32 at the prompt's positions, KVCache of length T + P, Trace).
+
+    `all_logits=False`: the last prompt position's logits only ([B, 1, V]), for generation."""
     cfg = model.config
     grid = cfg.vision.grid
     b, t = input_ids.shape
@@ -85,7 +88,8 @@ def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pi
         valid = jnp.concatenate([prompt_valid, jnp.broadcast_to(state.expanded[:, None], (b, num_sr))],
                                 axis=1) if carries_sr else prompt_valid
         buffer_pos = jnp.concatenate([positions, sr_pos], axis=1) if carries_sr else positions
-        h, q, k, v = layer(h, buffer_pos, causal_mask(order, valid))
+        # The prompt is in causal order; the SR slots sit physically last, causally between visual and text.
+        h, q, k, v = layer(h, buffer_pos, causal_mask(order, valid), causal=True, tail=num_sr if carries_sr else 0)
         ks.append(k)
         vs.append(v)
         valids.append(valid)
@@ -106,7 +110,7 @@ def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pi
         sr_pos = dtr.select_on_expand(action, dtr.sr_position_ids(visual_pos, state.region, grid, r, s), sr_pos)
         trace.append((rho, r_star, action, state.region, s_v.reshape(b, grid, grid)))
 
-    logits = model.language_model.logits(h[:, :t])
+    logits = model.language_model.logits(h[:, :t] if all_logits else h[:, t - 1:t])
     # Layers up to the first participating one get the SR slots too, always empty, so that every layer's
     # cache has one length and decoding writes at one index.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, num_sr)) + ((0, 0),) * (x.ndim - 2))

@@ -66,7 +66,8 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
 @functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static"))
 def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static):
     model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-    return _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key)
+    logits, _, trace = _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key)
+    return logits, trace  # no cache: nothing decodes after
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static", "max_new_tokens", "eos_token_id",
@@ -74,7 +75,7 @@ def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, 
 def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static, max_new_tokens,
               eos_token_id, pad_token_id):
     model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-    logits, cache, trace = _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key)
+    logits, cache, trace = _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key, all_logits=False)
     tokens = forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     return tokens, trace
@@ -110,7 +111,7 @@ def blink_prefill(llava, ids, px, mask, blink: BlinkConfig, tokensr, rng=None):
     from blink_jax.runtime import ModelOutput
 
     bank_def, bank_state, static, thresholds, key = _prepare(llava, blink, tokensr, rng)
-    logits, _, trace = _prefill(llava.graphdef, llava.params, bank_def, bank_state, ids, px, mask, thresholds, key,
+    logits, trace = _prefill(llava.graphdef, llava.params, bank_def, bank_state, ids, px, mask, thresholds, key,
                                 static=static)
     return ModelOutput(logits=logits, trace=to_host(trace, blink.layers))
 

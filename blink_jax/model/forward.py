@@ -44,8 +44,13 @@ def causal_mask(order: jax.Array, valid: jax.Array) -> jax.Array:
     return sees | jnp.eye(order.shape[1], dtype=bool)[None]
 
 
-def prefill(model: LlavaModel, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array):
-    """Vanilla LLaVA prefill. -> (logits [B, T, V] float32, KVCache with S = T)."""
+def prefill(model: LlavaModel, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
+            all_logits: bool = True):
+    """Vanilla LLaVA prefill. -> (logits [B, T, V] float32, KVCache with S = T).
+
+    `all_logits=False` computes the logits of the last position only ([B, 1, V]), all that generation needs:
+    the LM head over every prompt position is a large share of a prefill (XLA does not slice through it).
+    """
     h = model.embed_multimodal(input_ids, pixel_values)
     valid = attention_mask > 0
     positions = position_ids(attention_mask)
@@ -53,10 +58,10 @@ def prefill(model: LlavaModel, input_ids: jax.Array, pixel_values: jax.Array, at
     mask = causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), valid)
     ks, vs = [], []
     for layer in model.language_model.layers:
-        h, _, k, v = layer(h, positions, mask)
+        h, _, k, v = layer(h, positions, mask, causal=True)
         ks.append(k)
         vs.append(v)
-    logits = model.language_model.logits(h)
+    logits = model.language_model.logits(h if all_logits else h[:, -1:])
     cache = KVCache(k=tuple(ks), v=tuple(vs), valid=(valid,) * len(ks), index=jnp.int32(t),
                     next_position=positions[:, -1] + 1)
     return logits, cache

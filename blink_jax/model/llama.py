@@ -32,8 +32,8 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x), positions, self.rope_theta)
         return q, k, self.v_proj(x)
 
-    def output(self, q, k, v, mask) -> jax.Array:  # -> [B, T, D]
-        return self.o_proj(attention(q, k, v, mask))
+    def output(self, q, k, v, mask, causal: bool = False, tail: int = 0) -> jax.Array:  # -> [B, T, D]
+        return self.o_proj(attention(q, k, v, mask, causal=causal, tail=tail))
 
 
 class MLP(nnx.Module):
@@ -55,11 +55,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, past: tuple | None = None):
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, past: tuple | None = None,
+                 causal: bool = False, tail: int = 0):
         """One block.
 
         h: [B, T, D]; positions: [B, T]; mask: [B, T, S] over the keys attended to, which are this call's own
         T keys, or with `past = (k_cache, v_cache, write_index)` the cache after writing them at write_index.
+        `causal=True` (no `past`) promises that `mask` hides every later slot but the last `tail` ones, so
+        attention skips those keys (see `ops.attention`).
         Returns (h [B, T, D], q [B, T, N, H], k, v) with k/v the keys attended to ([B, S, K, H]).
         """
         q, k, v = self.self_attn.project(self.input_layernorm(h), positions)
@@ -67,7 +70,8 @@ class DecoderLayer(nnx.Module):
             k_cache, v_cache, index = past
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        h = h + self.self_attn.output(q, k, v, mask)
+        causal = causal and past is None
+        h = h + self.self_attn.output(q, k, v, mask, causal=causal, tail=tail if causal else 0)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, q, k, v
 

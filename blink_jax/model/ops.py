@@ -1,6 +1,7 @@
 """Small numerical building blocks shared by the vision tower and the language model.
 
-Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, H head dim, D model dim.
+Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, G query heads per kv head,
+Q query rows of one block (G x block rows), H head dim, D model dim.
 """
 
 from __future__ import annotations
@@ -64,18 +65,63 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+# Query rows per attention block on CPU. Materialising every [T, S] logit at once makes attention bound by
+# memory traffic (each softmax pass streams B*N*T*S floats); a block of queries keeps its logits in cache,
+# and under a causal mask it skips the keys after the block (about half the work). Tuned on a 2-core x86 host
+# for T ~ 650 (bench/RESULTS.md); accelerators get one block (XLA fuses there).
+CPU_QUERY_BLOCK = 64
+CPU_QUERY_BLOCK_CAUSAL = 128
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool = False,
+              tail: int = 0) -> jax.Array:
     """Softmax attention with grouped kv heads.
 
     q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] bool (True = may attend) or None -> [B, T, N, H].
+    `causal=True` promises (S == T) that the mask hides from each of the first T - tail queries every later
+    key among the first T - tail; the last `tail` slots (Blink's SR slots: physically last, causally before
+    the text) are unconstrained. Keys that a block of queries cannot see are then never computed.
     A query row with no visible key (left padding) gets a uniform, finite output instead of NaN.
     """
     b, t, n, h = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    if causal and s != t:
+        raise ValueError(f"causal attention needs as many keys as queries, got {s} keys for {t} queries")
+    if not 0 <= tail <= t or (tail and not causal):
+        raise ValueError(f"tail={tail} needs causal=True and 0 <= tail <= {t}")
+    on_cpu = jax.default_backend() == "cpu"
+    block = (CPU_QUERY_BLOCK_CAUSAL if causal else CPU_QUERY_BLOCK) if on_cpu else t
+    # Heads-major layouts make both products plain batched matmuls over (B, K).
+    qh = jnp.transpose((q * (1.0 / math.sqrt(h))).reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, H]
+    vh = jnp.transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
+    head = t - tail if causal else t  # rows whose visible keys end at the row itself (plus the tail)
+    starts = list(range(0, head, block)) + list(range(head, t, block))
+    outs = []
+    for start in starts:
+        stop = min(start + block, head if start < head else t)
+        rows = stop - start
+        m_b = None if mask is None else mask[:, start:stop]  # [B, rows, S]
+        if causal and stop <= head:  # keys [0, stop) and the tail
+            k_b, v_b = _key_slots(kh, 2, stop, head), _key_slots(vh, 2, stop, head)
+            m_b = None if m_b is None else _key_slots(m_b, 2, stop, head)
+        else:
+            k_b, v_b = kh, vh
+        q_b = qh[:, :, :, start:stop].reshape(b, kv, g * rows, h)
+        logits = jnp.einsum("BKQH,BKSH->BKQS", q_b, k_b, preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, kv, g, rows, -1)
+        if m_b is not None:
+            logits = jnp.where(m_b[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * rows, -1)
+        outs.append(jnp.einsum("BKQS,BKSH->BKQH", probs, v_b).reshape(b, kv, g, rows, h))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+
+
+def _key_slots(x: jax.Array, axis: int, stop: int, head: int) -> jax.Array:
+    """`x` along `axis` restricted to the slots [0, stop) and the tail [head, end)."""
+    first = jax.lax.slice_in_dim(x, 0, stop, axis=axis)
+    if head == x.shape[axis]:
+        return first
+    return jnp.concatenate([first, jax.lax.slice_in_dim(x, head, x.shape[axis], axis=axis)], axis=axis)

@@ -1,0 +1,49 @@
+"""Each bench script runs end to end on a tiny config with one repetition. Nothing here times anything: the
+numbers belong in bench/RESULTS.md, measured on a quiet machine with the commands written there."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import blink_cost, compilations, conversion, prefill_decode, train_tokensr
+
+TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
+
+
+def table_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_prefill_decode(capsys):
+    prefill_decode.main(TINY + ["--new-tokens", "3"])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0].startswith("| batch | prefill torch") and len(rows) == 2
+
+
+def test_blink_cost(capsys):
+    blink_cost.main(TINY + ["--layers", "1,2", "--region-size", "3"])
+    rows = table_rows(capsys.readouterr().out)
+    assert "two-pass" in rows[0] and len(rows) == 2
+
+
+def test_compilations(capsys):
+    compilations.main(["--questions", "6", "--bucket", "32", "--batch-size", "4", "--modes", "vanilla,interp"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", "interp"]
+    for row in rows[1:]:
+        buckets, programs = row.split("|")[3:5]
+        assert int(programs.split()[0]) <= int(buckets)  # a count, not a timing
+
+
+def test_conversion(capsys, tmp_path):
+    conversion.main(["--size", "tiny", "--reps", "1", "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "peak - baseline" in out and len(table_rows(out)) == 2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_train_tokensr(capsys):
+    train_tokensr.main(["--size", "tiny", "--batch-size", "2", "--images", "4", "--steps", "1", "--layers", "1,2",
+                        "--channels", "8", "--max-prompt-len", "96"])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[1].startswith("| computed from crops") and rows[2].startswith("| warm cache")

@@ -1,6 +1,9 @@
 """Blink's cost: Blink-interp forced to expand at every participating layer vs vanilla prefill, and vs the
 two-pass baseline (vanilla on the image, then vanilla again on the salient region's crop).
 
+Times are wall-clock medians; ratios are medians of the per-repetition ratios, in wall time and in process
+CPU time (less disturbed by other jobs on a shared host; all three variants run on XLA).
+
     python -m bench.blink_cost [--size mid|tiny] [--batch 1,8] [--length 650] [--layers 3,4,5] [--reps 5]
 """
 
@@ -18,8 +21,9 @@ from blink_jax.blink import BlinkConfig
 def run(size: common.Size, batches, length: int, layers, region_size: int, reps: int) -> str:
     _, ours = common.make_models(size, with_torch=False)
     blink = BlinkConfig(layers=tuple(layers), region_size=region_size, expansion="fixed")
-    rows = ["| batch | vanilla (s) | Blink, expand every layer (s) | Blink/vanilla | two-pass (s) | two-pass/vanilla |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| batch | vanilla (s) | Blink, expand every layer (s) | Blink/vanilla | two-pass (s) | two-pass/vanilla "
+            "| Blink/vanilla, CPU time | two-pass/vanilla, CPU time |", "|---|---|---|---|---|---|---|---|"]
+    raw = []
     for b in batches:
         ids, px, mask = common.prompt_batch(ours, b, length)
         crop = np.roll(px, 7, axis=-1)  # stands for the zoomed crop: same shapes, other pixels
@@ -34,10 +38,16 @@ def run(size: common.Size, batches, length: int, layers, region_size: int, reps:
             vanilla(px)
             return vanilla(crop)
 
-        t = common.interleaved({"v": vanilla, "b": blink_fixed, "2": two_pass}, reps=reps)
+        cpu = {}
+        t = common.interleaved({"v": vanilla, "b": blink_fixed, "2": two_pass}, reps=reps, cpu=cpu)
+        raw.append(common.raw_line(f"batch {b} wall seconds per repetition", t))
+        raw.append(common.raw_line(f"batch {b} CPU seconds per repetition", cpu))
         v, bl, tp = (common.median(t[k]) for k in ("v", "b", "2"))
-        rows.append(f"| {b} | {v:.3f} | {bl:.3f} | {bl / v:.2f} | {tp:.3f} | {tp / v:.2f} |")
-    return "\n".join(rows)
+        # Ratios are medians of the per-repetition ratios (wall, then CPU time); times are wall medians.
+        rows.append(f"| {b} | {v:.3f} | {bl:.3f} | {common.paired_ratio(t['b'], t['v']):.2f} | {tp:.3f} "
+                    f"| {common.paired_ratio(t['2'], t['v']):.2f} | {common.paired_ratio(cpu['b'], cpu['v']):.2f} "
+                    f"| {common.paired_ratio(cpu['2'], cpu['v']):.2f} |")
+    return "\n".join(rows + [""] + raw)
 
 
 def main(argv=None):

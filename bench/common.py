@@ -90,18 +90,39 @@ def prompt_batch(ours, batch: int, length: int, seed: int = 0):
     return ids, pixels, mask
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Times each callable `reps` times, round-robin, after `warmup` untimed rounds."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each callable, `reps` times, round-robin, after `warmup` untimed rounds.
+
+    With `cpu` (a dict), also records each call's process CPU seconds (all threads) there: on a shared,
+    oversubscribed host, CPU time is much less disturbed by the other jobs than wall time (they take turns on
+    the cores), so it is the better measure between two programs of one runtime (XLA vs XLA).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    if cpu is not None:
+        cpu.update({name: [] for name in fns})
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu[name].append(time.process_time() - start_cpu)
     return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of a[i] / b[i]: each pair ran back to back, so slow drifts of the host's load
+    cancel."""
+    return median([x / y for x, y in zip(a, b)])
+
+
+def raw_line(label, times: dict[str, list[float]]) -> str:
+    """One line with every repetition's seconds, for the record under a table of medians."""
+    return f"{label}: " + "; ".join(f"{name} {[round(x, 3) for x in xs]}" for name, xs in times.items())
 
 
 def median(xs):

@@ -2,14 +2,14 @@
 multi-GB sharded safetensors LLaVA checkpoint (real key names, index file, config.json).
 
     python -m bench.conversion [--size 7b-short|tiny] [--text-layers 2] [--vision-layers 2] [--shard-mb 1000]
-                               [--reps 2] [--work DIR] [--keep]
+                               [--reps 2] [--work DIR] [--keep] [--compare-with OLD_SOURCE_TREE]
 
 The checkpoint is LLaVA-1.5-7B-shaped (4096 wide, 32064-token vocabulary) with fewer layers, so it is a few GB
 and its largest tensors are the token embedding and the LM head (32064 x 4096 fp32, 525 MB). It is written
 one tensor at a time in small blocks, so the writer itself never holds a tensor.
 
 Peak memory is the converter process's own peak resident set (`ru_maxrss`, which counts the pages of
-memory-mapped files it touched too; `bench.peak_rss` runs the converter and reports it), against the
+memory-mapped files it touched too; `bench/peak_rss.py` runs the converter and reports it), against the
 baseline of a child that imports the same modules, reads the config and traces the parameter shapes, and
 converts nothing. Target: peak - baseline < 1.5 x the largest tensor. Conversion and baseline runs alternate.
 """
@@ -99,52 +99,62 @@ def write_checkpoint(out: Path, size: common.Size, *, shard_bytes: int, dtype=np
             "tensors": len(tensors)}
 
 
-def _peak_child(args: list[str], env: dict) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of `python -m bench.peak_rss ARGS`, which reports its own ru_maxrss."""
+PEAK_RSS = Path(__file__).resolve().with_name("peak_rss.py")
+
+
+def _peak_child(args: list[str], tree: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of `peak_rss.py ARGS` importing the converter from the source `tree`."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.peak_rss", *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(PEAK_RSS), *args], env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"bench.peak_rss {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"peak_rss {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("peak_rss_bytes=")][-1]
     return wall, int(line.split("=")[1])
 
 
-def run(size: common.Size, work: Path, *, shard_bytes: int, reps: int, keep: bool = False) -> str:
+def run(size: common.Size, work: Path, *, shard_bytes: int, reps: int, trees: dict[str, Path],
+        keep: bool = False) -> str:
+    """Converts the checkpoint `reps` times with each source tree's converter (interleaved, a baseline run
+    before each conversion)."""
     hf_dir, out_dir = work / "hf", work / "converted"
     t0 = time.perf_counter()
     info = write_checkpoint(hf_dir, size, shard_bytes=shard_bytes)
     written = time.perf_counter() - t0
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     convert = ["convert", "--hf-dir", str(hf_dir), "--out", str(out_dir), "--overwrite", "--no-progress"]
     baseline = ["baseline", str(hf_dir)]
-    times, peaks, bases = [], [], []
+    runs = {name: {"time": [], "peak": [], "base": []} for name in trees}
     for _ in range(reps):
-        _, base = _peak_child(baseline, env)
-        bases.append(base)
-        wall, peak = _peak_child(convert, env)
-        times.append(wall)
-        peaks.append(peak)
-    base, peak, wall = common.median(bases), common.median(peaks), common.median(times)
-    over = peak - base
+        for name, tree in trees.items():
+            runs[name]["base"].append(_peak_child(baseline, tree)[1])
+            wall, peak = _peak_child(convert, tree)
+            runs[name]["time"].append(wall)
+            runs[name]["peak"].append(peak)
     mb = lambda x: x / 2 ** 20
     rows = [f"checkpoint: {info['total_bytes'] / 2 ** 30:.2f} GiB in {info['shards']} shards, {info['tensors']} tensors, "
             f"largest '{info['largest_key']}' {mb(info['largest_bytes']):.0f} MiB (written in {written:.0f} s)",
             "",
-            "| conversion (s) | throughput (MiB/s) | baseline RSS (MiB) | peak RSS (MiB) | peak - baseline (MiB) "
-            "| (peak - baseline) / largest tensor | target |",
-            "|---|---|---|---|---|---|---|",
-            f"| {wall:.1f} | {mb(info['total_bytes']) / wall:.0f} | {mb(base):.0f} | {mb(peak):.0f} | {mb(over):.0f} "
-            f"| {over / info['largest_bytes']:.2f} | < 1.5 |",
-            "",
-            f"per run: conversion s {[round(t, 1) for t in times]}, peak MiB {[round(mb(p)) for p in peaks]}, "
-            f"baseline MiB {[round(mb(b)) for b in bases]}"]
+            "| converter | conversion (s) | throughput (MiB/s) | baseline RSS (MiB) | peak RSS (MiB) "
+            "| peak - baseline (MiB) | (peak - baseline) / largest tensor | target |",
+            "|---|---|---|---|---|---|---|---|"]
+    raw = []
+    for name, r in runs.items():
+        base, peak, wall = common.median(r["base"]), common.median(r["peak"]), common.median(r["time"])
+        over = peak - base
+        rows.append(f"| {name} | {wall:.1f} | {mb(info['total_bytes']) / wall:.0f} | {mb(base):.0f} | {mb(peak):.0f} "
+                    f"| {mb(over):.0f} | {over / info['largest_bytes']:.2f} | < 1.5 |")
+        raw.append(f"{name} per run: conversion s {[round(t, 1) for t in r['time']]}, peak MiB "
+                   f"{[round(mb(p)) for p in r['peak']]}, baseline MiB {[round(mb(b)) for b in r['base']]}")
+    if len(runs) == 2:
+        (a, ra), (b, rb) = runs.items()
+        rows.append(f"| {b} / {a} | {common.median(rb['time']) / common.median(ra['time']):.2f} | | | "
+                    f"{common.median(rb['peak']) / common.median(ra['peak']):.2f} | | | |")
     if not keep:
         shutil.rmtree(hf_dir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
-    return "\n".join(rows)
+    return "\n".join(rows + [""] + raw)
 
 
 def main(argv=None):
@@ -157,12 +167,18 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2, help="conversions (and baseline runs)")
     p.add_argument("--work", default=None, help="directory for the checkpoint and its conversion (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the files")
+    p.add_argument("--compare-with", default=None,
+                   help="another source tree of this project (e.g. `git archive HEAD | tar -x -C /tmp/old`): its "
+                        "converter runs too, interleaved, as 'before'")
     a = p.parse_args(argv)
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this tree": here} if a.compare_with is None else {"before": Path(a.compare_with).resolve(),
+                                                                 "after": here}
     size = common.TINY if a.size == "tiny" else dataclasses.replace(
         SHORT_7B, text_layers=a.text_layers, vision_layers=a.vision_layers)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench_conversion_"))
     try:
-        table = run(size, work, shard_bytes=a.shard_mb * 10 ** 6, reps=a.reps, keep=a.keep)
+        table = run(size, work, shard_bytes=a.shard_mb * 10 ** 6, reps=a.reps, trees=trees, keep=a.keep)
     finally:
         if not a.work and not a.keep:
             shutil.rmtree(work, ignore_errors=True)

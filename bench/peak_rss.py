@@ -1,10 +1,11 @@
 """Runs the HF -> orbax converter (or only its imports and setup) and prints this process's peak RSS.
 
-    python -m bench.peak_rss convert --hf-dir HF --out OUT [converter options]
-    python -m bench.peak_rss baseline HF_DIR
+    python bench/peak_rss.py convert --hf-dir HF --out OUT [converter options]
+    python bench/peak_rss.py baseline HF_DIR
 
 `baseline` imports what the converter imports, reads the config and traces the parameter shapes, and
-converts nothing: the interpreter's baseline that `bench.conversion` subtracts.
+converts nothing: the interpreter's baseline that `bench.conversion` subtracts. The converter is imported from
+PYTHONPATH, so another source tree's converter can be measured (`bench.conversion --compare-with`).
 """
 
 from __future__ import annotations

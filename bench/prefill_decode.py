@@ -1,6 +1,7 @@
 """Prefill and greedy decoding: blink-jax vanilla vs transformers' PyTorch LLaVA, same weights, same threads.
 
     python -m bench.prefill_decode [--size mid|tiny] [--batch 1,8] [--length 650] [--new-tokens 32] [--reps 5]
+                                   [--no-decode]
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
-def run(size: common.Size, batches, length: int, new_tokens: int, reps: int) -> str:
+def run(size: common.Size, batches, length: int, new_tokens: int, reps: int, decode: bool = True) -> str:
     import torch
 
     torch.set_num_threads(os.cpu_count())
     hf, ours = common.make_models(size)
-    rows = ["| batch | prefill torch (s) | prefill ours (s) | ours/torch | decode torch (tok/s) | decode ours (tok/s) "
-            "| ours/torch speed |", "|---|---|---|---|---|---|---|"]
+    rows = ["| batch | prefill torch (s) | prefill ours (s) | ours/torch | ours/torch per repetition (median) "
+            "| ours/torch CPU time | decode torch (tok/s) | decode ours (tok/s) | ours/torch speed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    raw = []
     for b in batches:
         ids, px, mask = common.prompt_batch(ours, b, length)
         t_ids, t_px, t_mask = (torch.tensor(x) for x in (ids, px, mask))
@@ -47,15 +50,24 @@ def run(size: common.Size, batches, length: int, new_tokens: int, reps: int) -> 
                                  eos_token_id=-1)
 
         # Decode speed = the extra tokens over the extra time of generating `new_tokens` instead of 1.
-        t = common.interleaved({"tp": torch_prefill, "op": ours_prefill,
-                                "tg1": lambda: torch_generate(1), "tgn": lambda: torch_generate(new_tokens),
-                                "og1": lambda: ours_generate(1), "ogn": lambda: ours_generate(new_tokens)}, reps=reps)
+        fns = {"tp": torch_prefill, "op": ours_prefill}
+        if decode:
+            fns.update({"tg1": lambda: torch_generate(1), "tgn": lambda: torch_generate(new_tokens),
+                        "og1": lambda: ours_generate(1), "ogn": lambda: ours_generate(new_tokens)})
+        cpu = {}
+        t = common.interleaved(fns, reps=reps, cpu=cpu)
+        raw.append(common.raw_line(f"batch {b} wall seconds per repetition", t))
+        raw.append(common.raw_line(f"batch {b} CPU seconds per repetition", cpu))
         tp, op = common.median(t["tp"]), common.median(t["op"])
-        # Per repetition (the two runs were adjacent in time), then the median over repetitions.
-        dec_t = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["tg1"], t["tgn"])])
-        dec_o = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["og1"], t["ogn"])])
-        rows.append(f"| {b} | {tp:.3f} | {op:.3f} | {op / tp:.2f} | {dec_t:.1f} | {dec_o:.1f} | {dec_o / dec_t:.2f} |")
-    return "\n".join(rows)
+        paired, paired_cpu = common.paired_ratio(t["op"], t["tp"]), common.paired_ratio(cpu["op"], cpu["tp"])
+        dec = "| - | - | - |"
+        if decode:
+            # Per repetition (the two runs were adjacent in time), then the median over repetitions.
+            dec_t = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["tg1"], t["tgn"])])
+            dec_o = common.median([_rate(b * (new_tokens - 1), n - one) for one, n in zip(t["og1"], t["ogn"])])
+            dec = f"| {dec_t:.1f} | {dec_o:.1f} | {dec_o / dec_t:.2f} |"
+        rows.append(f"| {b} | {tp:.3f} | {op:.3f} | {op / tp:.2f} | {paired:.2f} | {paired_cpu:.2f} {dec}")
+    return "\n".join(rows + [""] + raw)
 
 
 def main(argv=None):
@@ -65,9 +77,10 @@ def main(argv=None):
     p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
+    p.add_argument("--no-decode", action="store_true", help="time the prefill only")
     a = p.parse_args(argv)
     size = common.MID if a.size == "mid" else common.TINY
-    table = run(size, [int(b) for b in a.batch.split(",")], a.length, a.new_tokens, a.reps)
+    table = run(size, [int(b) for b in a.batch.split(",")], a.length, a.new_tokens, a.reps, decode=not a.no_decode)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 
 

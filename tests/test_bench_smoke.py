@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import blink_cost, compilations, conversion, prefill_decode, train_tokensr
+from bench import before_after, blink_cost, compilations, conversion, prefill_decode, train_tokensr
 
 TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
 
@@ -26,10 +26,16 @@ def test_blink_cost(capsys):
     assert "two-pass" in rows[0] and len(rows) == 2
 
 
-def test_compilations(capsys):
-    compilations.main(["--questions", "6", "--bucket", "32", "--batch-size", "4", "--modes", "vanilla,interp"])
+def test_before_after(capsys):
+    before_after.main(TINY + ["--new-tokens", "3", "--layers", "1,2"])
     rows = table_rows(capsys.readouterr().out)
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", "interp"]
+    assert [r.split("|")[2].strip() for r in rows[1:]] == ["before", "after", "after/before", "after/before, CPU time"]
+
+
+def test_compilations(capsys):
+    compilations.main(["--questions", "4", "--bucket", "32", "--batch-size", "4", "--modes", "interp"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["interp"]
     for row in rows[1:]:
         buckets, programs = row.split("|")[3:5]
         assert int(programs.split()[0]) <= int(buckets)  # a count, not a timing

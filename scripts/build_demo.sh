@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone and its POPE-format eval
+# set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the three-mode eval.
+# Deterministic from the seeds below on the same software. WORK holds the intermediate files (default a
+# temporary directory); demo/ receives what ships.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+WORK="${WORK:-$(mktemp -d)}"
+echo "intermediate files in $WORK"
+
+# 1. Backbone from scratch (both stages), written as a Hugging Face directory, plus the POPE-format shapes set.
+python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0
+
+# 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
+python -m train.demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
+
+# 3. TokenSR on the frozen demo backbone, Blink geometry for a 6-layer decoder and a 12x12 grid.
+python -m train.tokensr --model demo/model --data-dir "$WORK/mix" --workdir "$WORK/tokensr" --mesh cpu \
+  --layers 2-4 --region-size 3 --scale 2 --channels 128 --batch-size 16 --steps 300 --lr 1e-3 \
+  --warmup-steps 20 --save-every 100 --max-prompt-len 192 --no-progress
+rm -rf demo/tokensr && cp -r "$WORK/tokensr/tokensr" demo/tokensr
+
+# 4. The three modes on the bundled data (what `python -m eval.run --bench pope` does with no arguments).
+python -m eval.run --bench pope --out "$WORK/eval" --save-traces

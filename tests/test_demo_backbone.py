@@ -1,0 +1,389 @@
+"""The demo model (issue 7): the shapes data and its POPE files, the tokenizer, packed training, the HF export.
+
+One tiny model (56 px images, 2-layer decoder) is trained for a few steps once per module and shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from blink_jax.processing import Processor, build_prompt, preprocess_image, tokenize_with_image
+from train.demo import backbone, shapes
+from train.demo.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = backbone.DemoModelConfig.tiny()
+TINY_SETTINGS = backbone.TrainSettings(vision_steps=3, vision_batch_size=4, steps=8, batch_size=4,
+                                       questions_per_image=4, lr=3e-3, warmup_steps=1, eval_every=8, val_images=4,
+                                       log_every=1, seed=3, ground_layers=(1,))
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+def test_scenes_are_a_function_of_seed_stream_index():
+    a = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.TRAIN, 7)))
+    b = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.TRAIN, 7)))
+    c = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.VAL, 7)))
+    assert a.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and a.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    v1 = shapes.training_view(1, shapes.TRAIN, 11, p_zoom=0.5)
+    v2 = shapes.training_view(1, shapes.TRAIN, 11, p_zoom=0.5)
+    assert v1.objects == v2.objects and v1.box == v2.box
+    np.testing.assert_array_equal(np.asarray(v1.image), np.asarray(v2.image))
+
+
+def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
+    scenes = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i)) for i in range(40)]
+    sizes = [o.size for s in scenes for o in s.objects]
+    assert min(sizes) < 6 and max(sizes) > 26
+    assert np.mean([o.bucket in shapes.SUB_PATCH for s in scenes for o in s.objects]) > 0.4
+    for s in scenes:
+        assert 1 <= len(s.objects) <= 7
+        for i, a in enumerate(s.objects):
+            assert 0 <= a.box[0] and a.box[2] <= s.size and 0 <= a.box[1] and a.box[3] <= s.size
+            for c in (a.cx, a.cy):  # near a patch centre
+                assert abs(c - (c // shapes.PATCH + 0.5) * shapes.PATCH) <= shapes.ALIGN + 1e-9
+            for b in s.objects[i + 1:]:
+                assert not shapes._overlap(a.box, b.box, gap=0.0)
+
+
+def test_zoom_view_is_the_tokensr_teacher_crop_and_lists_what_it_shows():
+    from blink_jax.processing.image import normalize
+    from train.teacher import crop_box, crop_pixels
+
+    scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, 3))
+    full = shapes.render(scene)
+    for r, region in ((3, 5), (4, 8), (6, 0)):
+        box = shapes.region_box(region, r)
+        assert box == crop_box(region, shapes.IMAGE_SIZE // shapes.PATCH, r, shapes.PATCH)
+        view = shapes.zoom_view(scene, box, full)
+        np.testing.assert_array_equal(normalize(np.asarray(view.image)),
+                                      crop_pixels(np.asarray(full), region, 12, r, shapes.PATCH))
+        scale = shapes.IMAGE_SIZE / (box[2] - box[0])
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            inside = max(0, min(x1, box[2]) - max(x0, box[0])) * max(0, min(y1, box[3]) - max(y0, box[1]))
+            share = inside / o.size ** 2
+            if share >= shapes.MIN_VISIBLE:
+                [(size, vbox)] = [(z, b) for n, z, b in view.objects if n == o.name and
+                                  abs(b[0] - (o.box[0] - box[0]) * scale) < 1e-6]
+                assert size == pytest.approx(o.size * scale) and vbox[2] - vbox[0] == pytest.approx(size)
+            elif share > 0:
+                assert o.name in view.ambiguous or o.name in view.present
+
+
+def test_training_questions_are_balanced_and_true():
+    rng = np.random.default_rng(0)
+    answers = Counter()
+    for i in range(30):
+        view = shapes.training_view(0, shapes.TRAIN, i, p_zoom=0.5)
+        for colour, shape, answer in shapes.sample_questions(rng, view, 8):
+            name = f"{colour} {shape}"
+            assert name not in view.ambiguous
+            assert (name in view.present) == answer
+            answers[answer] += 1
+    assert answers[True] > 100 and abs(answers[True] - answers[False]) <= 0.1 * sum(answers.values())
+
+
+def test_patch_targets_name_each_shape_at_its_centre_patch_and_ignore_the_rest_it_covers():
+    img = Image.new("RGB", (168, 168))
+    # a 6 px shape inside patch (row 1, col 2); a 30 px one centred in patch (6, 4), touching rows 5-7 x cols 3-5
+    view = shapes.View(img, (("red circle", 6.0, (30.0, 16.0, 36.0, 22.0)),
+                             ("blue cross", 30.0, (45.0, 73.0, 75.0, 103.0))), frozenset(), None)
+    t = shapes.patch_targets(view, 12).reshape(12, 12, -1)
+    assert t.shape[-1] == len(shapes.CLASSES) + 1
+    red, blue = shapes.CLASSES.index("red circle"), shapes.CLASSES.index("blue cross")
+    assert t[1, 2, red] == 1 and t[6, 4, blue] == 1 and t[..., :-1].sum() == 2
+    ignored = t.sum(-1) == 0
+    assert ignored.sum() == 8 and ignored[5:8, 3:6].sum() == 8
+    assert t[..., -1].sum() == 144 - 10  # "nothing" everywhere else
+
+
+# ---------------------------------------------------------------------------------------------- POPE files
+
+
+@pytest.fixture(scope="module")
+def pope_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pope")
+    counts = shapes.write_pope(out, n_images=24, seed=4, questions_per_image=4)
+    assert counts == {split: 24 * 4 for split in shapes.SPLITS}
+    return out
+
+
+def _class_of(text: str) -> str:
+    assert text.startswith("Is there a ") and text.endswith(" in the image?"), text
+    return text[len("Is there a "):-len(" in the image?")]
+
+
+def test_pope_files_have_popes_format_and_labels(pope_dir):
+    annotations = json.loads((pope_dir / "shapes_annotations.json").read_text())
+    present = {item["image"]: {o["name"] for o in item["objects"]} for item in annotations["images"]}
+    positives = {}
+    for split in shapes.SPLITS:
+        lines = (pope_dir / f"coco_pope_{split}.json").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert [r["question_id"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(set(r) == {"question_id", "image", "text", "label"} for r in rows)
+        assert [r["label"] for r in rows] == ["yes", "no"] * (len(rows) // 2)
+        for r in rows:
+            img = pope_dir / "val2014" / r["image"]
+            assert img.is_file() and r["image"].startswith("COCO_val2014_")
+            assert (_class_of(r["text"]) in present[r["image"]]) == (r["label"] == "yes")
+        positives[split] = [(r["image"], r["text"]) for r in rows if r["label"] == "yes"]
+        assert len(set((r["image"], r["text"]) for r in rows)) == len(rows)  # no question twice
+    assert positives["random"] == positives["popular"] == positives["adversarial"]
+    with Image.open(pope_dir / "val2014" / shapes.pope_image_name(0)) as img:
+        assert img.size == (168, 168) and img.format == "PNG"
+
+
+def test_pope_popular_and_adversarial_negatives_follow_popes_sampling(pope_dir):
+    annotations = json.loads((pope_dir / "shapes_annotations.json").read_text())
+    present = {item["image"]: {o["name"] for o in item["objects"]} for item in annotations["images"]}
+    frequency = Counter(name for names in present.values() for name in names)
+    cooccur = Counter((a, b) for names in present.values() for a in names for b in names)
+    for split in ("popular", "adversarial"):
+        rows = [json.loads(line) for line in (pope_dir / f"coco_pope_{split}.json").read_text().splitlines()]
+        for image, names in present.items():
+            negatives = [_class_of(r["text"]) for r in rows if r["image"] == image and r["label"] == "no"]
+            absent = [c for c in shapes.CLASSES if c not in names]
+            if split == "popular":
+                score = lambda c: frequency[c]
+            else:
+                score = lambda c: sum(cooccur[(g, c)] for g in names)
+            best = sorted((score(c) for c in absent), reverse=True)[:len(negatives)]
+            assert sorted((score(c) for c in negatives), reverse=True) == best
+
+
+def test_pope_files_read_through_the_pope_benchmark(pope_dir):
+    from eval.benchmarks.pope import Pope
+
+    docs = list(Pope().read_official(pope_dir))
+    assert len(docs) == 3 * 24 * 4
+    assert all((pope_dir / d["image_file"]).is_file() for d in docs)
+    assert Counter(d["label"] for d in docs) == {"yes": 3 * 48, "no": 3 * 48}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (BOS_ID, EOS_ID, PAD_ID,
+                                                                                         UNK_ID)
+    assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID == again.convert_tokens_to_ids("<image>")
+    for name in shapes.CLASSES:
+        question = shapes.question_text(*name.split())
+        prompt = build_prompt(question)
+        ids = tok(prompt).input_ids
+        assert ids == again(prompt).input_ids
+        assert ids[0] == BOS_ID and UNK_ID not in ids and ids.count(IMAGE_ID) == 1
+        assert tok.decode(tok(question).input_ids, skip_special_tokens=True) == question
+    assert tok.decode(tok("Yes").input_ids + [EOS_ID], skip_special_tokens=True) == "Yes"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_packed_rows_compute_what_plain_prompts_compute():
+    from flax import nnx
+
+    from blink_jax.model.forward import prefill
+
+    cfg = TINY.llava_config()
+    tok = build_tokenizer()
+    model = backbone.init_model(cfg, seed=1)
+    layout = backbone.PackedLayout.build(tok, cfg, k=3)
+    questions = [[("red", "circle", True), ("blue", "cross", False)],
+                 [("white", "diamond", False), ("green", "square", True), ("purple", "triangle", True)]]
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 56, 56)).astype(np.float32)
+    batch = layout.pack(questions)
+    np.testing.assert_array_equal(batch["weights"], [[1, 1, 0], [1, 1, 1]])
+    assert not layout.mask()[len(layout.prefix) + layout.block, len(layout.prefix)]  # blocks do not see each other
+    graphdef, state = nnx.split(model)
+    packed = jax.jit(lambda st, ids, px: backbone.packed_forward(nnx.merge(graphdef, st), layout, ids, px)[0])(
+        state, batch["input_ids"], pixels)  # [B, K, L - 1, V]
+    np.testing.assert_array_equal(batch["block_targets"][..., -2:], batch["targets"])
+    # The slow way: each question as its own prompt (+ its answer word), through the model's own prefill.
+    rows, ids = [], []
+    for row, qs in enumerate(questions):
+        for j, (colour, shape, answer) in enumerate(qs):
+            prompt = build_prompt(shapes.question_text(colour, shape))
+            ids.append(tokenize_with_image(tok, prompt, IMAGE_ID, cfg.num_image_tokens)
+                       + [tok.convert_tokens_to_ids("Yes" if answer else "No")])
+            rows.append((row, j))
+    ids = np.asarray(ids, np.int32)
+    plain = jax.jit(lambda st, i, px, m: prefill(nnx.merge(graphdef, st), i, px, m)[0])(
+        state, ids, pixels[[r for r, _ in rows]], np.ones_like(ids))
+    for n, (row, j) in enumerate(rows):
+        block = slice(ids.shape[1] - (layout.block - 1), None)  # the question's rows, up to the answer word
+        np.testing.assert_array_equal(batch["block_targets"][row, j, :-1], ids[n, block][1:])
+        np.testing.assert_allclose(np.asarray(packed[row, j]), np.asarray(plain[n, block]), atol=2e-5, rtol=1e-5)
+
+
+def test_image_attention_maps_are_the_answering_rows_attention_over_image_tokens():
+    """packed_forward's grounding maps against the slow way: the plain prompt through the decoder layers one by
+    one, the answering row's softmax over the image keys per head, then the mean over heads."""
+    from flax import nnx
+
+    from blink_jax.model.forward import causal_mask, position_ids
+
+    cfg = TINY.llava_config()
+    tok = build_tokenizer()
+    model = backbone.init_model(cfg, seed=2)
+    layout = backbone.PackedLayout.build(tok, cfg, k=2)
+    questions = [[("red", "circle", True), ("blue", "cross", False)]]
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 56, 56)).astype(np.float32)
+    maps = backbone.packed_forward(model, layout, layout.pack(questions)["input_ids"], pixels, (0, 1))[2]
+    assert maps.shape == (2, 1, 2, cfg.num_image_tokens)
+    np.testing.assert_allclose(np.asarray(maps.sum(-1)), 1.0, rtol=1e-5)
+    heads, kv = cfg.text.num_attention_heads, cfg.text.num_key_value_heads
+    for j, (colour, shape, _) in enumerate(questions[0]):
+        ids = np.asarray([tokenize_with_image(tok, build_prompt(shapes.question_text(colour, shape)), IMAGE_ID,
+                                              cfg.num_image_tokens)], np.int32)
+        image = np.flatnonzero(ids[0] == IMAGE_ID)
+        h = model.embed_multimodal(ids, pixels)
+        mask = np.ones_like(ids)
+        t = ids.shape[1]
+        cmask = causal_mask(np.arange(t)[None], mask > 0)
+        for layer_index, layer in enumerate(model.language_model.layers):
+            h_next, q, k, _ = layer(h, position_ids(mask), cmask, causal=True)
+            q, k = np.asarray(q[0, -1]), np.asarray(k[0, image])  # [N, H], [P, Kv, H]
+            probs = []
+            for n in range(heads):
+                logits = k[:, n // (heads // kv)] @ q[n] / np.sqrt(q.shape[-1])
+                probs.append(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
+            np.testing.assert_allclose(np.asarray(maps[layer_index, 0, j]), np.mean(probs, 0), atol=1e-5)
+            h = h_next
+
+
+def test_question_patches_mark_the_asked_objects_patches():
+    view = shapes.training_view(0, shapes.VAL, 4, p_zoom=0.0)
+    name, _, (x0, y0, x1, y1) = view.objects[0]
+    colour, shape = name.split()
+    cfg = TINY.llava_config()
+    layout = backbone.PackedLayout.build(build_tokenizer(), cfg, k=2)
+    absent = next(c for c in shapes.CLASSES if c not in view.present)
+    patches = layout.question_patches([view], [[(colour, shape, True), (*absent.split(), False)]], grid=12)
+    assert patches.shape == (1, 2, 144)
+    np.testing.assert_array_equal(patches[0, 1], shapes.patch_targets(view, 12)[:, -1])  # "no": the background
+    assert not (patches[0, 0] * patches[0, 1]).any()
+    grid = patches[0, 0].reshape(12, 12)
+    assert grid[int((y0 + y1) / 2 // 14), int((x0 + x1) / 2 // 14)] == 1  # the centre's patch
+    rows, cols = np.nonzero(grid)  # and no patch outside the object's box
+    assert (rows * 14 < y1).all() and ((rows + 1) * 14 > y0).all() and (cols * 14 < x1).all() and ((cols + 1) * 14 > x0).all()
+
+
+def test_ground_loss_is_minus_log_mass_on_the_object():
+    maps = jnp.asarray([[[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]])  # [A=1, B=1, K=2, P=3]
+    patches = jnp.asarray([[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # the second question is a "no"
+    loss, metrics = backbone.ground_loss(maps, patches)
+    np.testing.assert_allclose(float(loss), -np.log(0.75 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["ground_mass"]), 0.75, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return backbone.train(TINY, TINY_SETTINGS, progress=False)
+
+
+def test_a_few_training_steps_reduce_the_loss_and_log(trained):
+    vision = [h for h in trained.history if h["stage"] == "vision"]
+    llava = [h for h in trained.history if h["stage"] == "llava"]
+    assert len(vision) == TINY_SETTINGS.vision_steps and len(llava) == TINY_SETTINGS.steps
+    losses = [h["qa_loss"] for h in llava]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5
+    assert {"val/accuracy", "val_zoom/accuracy", "grad_norm", "accuracy", "probe_loss"} <= set(llava[-1])
+    assert trained.final == llava[-1]
+
+
+def test_training_is_a_function_of_the_seed(trained):
+    cfg = TINY.llava_config()
+    layout = backbone.PackedLayout.build(build_tokenizer(), cfg, 4)
+    b1, b2 = (backbone.train_batch(2, TINY_SETTINGS, layout, cfg) for _ in range(2))
+    assert b1.keys() == {"input_ids", "targets", "block_targets", "weights", "pixel_values", "patch_targets",
+                         "question_patches"}
+    for key in b1:
+        np.testing.assert_array_equal(b1[key], b2[key])
+    # The same run again (the compiled steps are cached, so this is quick): the very same weights.
+    again = backbone.flat_params(backbone.train(TINY, TINY_SETTINGS, progress=False).model)
+    first = backbone.flat_params(trained.model)
+    for path, value in first.items():
+        np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(value), err_msg=str(path))
+
+
+def _logits_both_ways(model_dir: Path, image: Image.Image, question: str):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    import blink_jax
+
+    ours = blink_jax.load_pretrained(model_dir)
+    processor = Processor.from_pretrained(model_dir)
+    inputs = processor([build_prompt(question)], [image])
+    our_logits = ours(**inputs).logits
+    hf = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(inputs["input_ids"]).long(),
+                    pixel_values=torch.from_numpy(inputs["pixel_values"]),
+                    attention_mask=torch.from_numpy(inputs["attention_mask"]).long()).logits
+    return np.asarray(our_logits), theirs.numpy()
+
+
+def test_exported_hf_directory_loads_in_both_loaders_with_equal_logits(trained, tmp_path):
+    out = backbone.save_hf(trained.model, TINY, tmp_path / "model", dtype=np.float16,
+                           extra_files={"note.txt": "tiny"})
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "note.txt"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".model.tmp-*"))
+    view = shapes.training_view(0, shapes.VAL, 0, p_zoom=0.0)
+    ours, theirs = _logits_both_ways(out, view.image.resize((56, 56)), "Is there a red circle in the image?")
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # fp16 storage: the loaded weights are the trained ones rounded to fp16
+    import blink_jax
+
+    loaded = backbone.flat_params(blink_jax.load_pretrained(out).module)
+    for path, value in backbone.flat_params(trained.model).items():
+        np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value).astype(np.float16).astype(np.float32))
+
+
+BUNDLED = REPO / "demo" / "model"
+BUNDLED_POPE = REPO / "demo" / "data" / "pope"
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").is_file(), reason="no bundled demo model in demo/model")
+def test_bundled_model_loads_in_both_loaders_with_equal_logits():
+    image_dir = BUNDLED_POPE / "val2014"
+    image = Image.open(image_dir / shapes.pope_image_name(0)).convert("RGB") if image_dir.is_dir() else \
+        shapes.render(shapes.random_scene(shapes.item_rng(0, shapes.VAL, 0)))
+    ours, theirs = _logits_both_ways(BUNDLED, image, "Is there a blue triangle in the image?")
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_tokensr_training_data_is_in_the_llava_mix_layout(tmp_path):
+    from train.data.llava_mix import ANNOTATION_FILE, check_image, first_question
+
+    assert shapes.write_mix(tmp_path, 6, seed=0) == 6
+    records = json.loads((tmp_path / ANNOTATION_FILE).read_text())
+    assert [r["conversations"][1]["value"] for r in records] == ["Yes", "No"] * 3
+    pope_images = {shapes.render(s).tobytes() for s in shapes.pope_scenes(3, 0, 1)}
+    for r in records:
+        data = (tmp_path / r["image"]).read_bytes()
+        assert check_image(data) is None
+        assert Image.open(tmp_path / r["image"]).tobytes() not in pope_images  # its own scenes
+        colour, shape = first_question(r["conversations"]).removeprefix("Is there a ").split()[:2]
+        assert f"{colour} {shape}" in shapes.CLASSES
+        assert r["conversations"][0]["value"].startswith("<image>\n")

@@ -1,0 +1,462 @@
+"""Procedural scenes of small coloured shapes, zoomed crops of them, and yes/no questions about them.
+
+A scene is a dark background with 3-7 non-overlapping shapes (6 colours x 5 shapes = 30 object classes),
+each from 5 px (well below one 14 px patch) to 28 px (two patches) across, centred near a patch centre
+(`ALIGN`). Scenes are drawn at 4x and box-downsampled, so even a 5 px shape is antialiased and, zoomed,
+still shows its outline.
+
+The "world" is not uniform, so POPE's popular and adversarial negatives mean something: colours and shapes
+have fixed popularity weights, and each scene favours a palette of two colours and one shape, so classes
+that share a colour or a shape co-occur more often than chance.
+
+Everything is a pure function of `(seed, stream, index)` through `np.random.default_rng([seed, stream, index])`:
+the training, validation and POPE streams never share a scene, and any item can be regenerated alone.
+
+`write_pope` writes POPE's release layout: `coco_pope_{random,popular,adversarial}.json` (JSONL lines
+`question_id`, `image`, `text`, `label`), the images as `val2014/COCO_val2014_<12 digits>.png`, and
+`shapes_annotations.json` with every object's class, box and size, for per-size breakdowns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 168
+PATCH = 14
+SUPERSAMPLE = 4
+
+COLOURS = {"red": (220, 45, 40), "green": (40, 185, 70), "blue": (50, 105, 240), "yellow": (235, 210, 40),
+           "white": (235, 235, 235), "purple": (165, 70, 215)}
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # the POPE "objects"
+COLOUR_WEIGHTS = np.array([0.25, 0.2, 0.18, 0.15, 0.12, 0.1])
+SHAPE_WEIGHTS = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+
+# (name, smallest, largest + 1) side in pixels of a 168 px image; "tiny" and "small" are below one patch,
+# "large" ones span up to three.
+SIZE_BUCKETS = (("tiny", 5, 8), ("small", 8, 14), ("medium", 14, 21), ("large", 21, 29))
+SIZE_BUCKET_PROBS = (0.3, 0.25, 0.25, 0.2)
+SUB_PATCH = ("tiny", "small")
+
+TRAIN, VAL, POPE, MIX = 0, 1, 2, 3  # random streams
+SPLITS = ("random", "popular", "adversarial")
+MIN_VISIBLE = 0.6
+# Shapes sit on patch centres, moved by up to this many pixels. A CLIP ViT has no translation equivariance
+# inside a patch; one trained from scratch for minutes does not learn shapes at every sub-patch offset.
+ALIGN = 2.0  # a shape cut by a crop counts as in the crop when this share of its box is inside
+
+
+def question_text(colour: str, shape: str) -> str:
+    return f"Is there a {colour} {shape} in the image?"
+
+
+def size_bucket(size: float) -> str:
+    for name, lo, hi in SIZE_BUCKETS:
+        if lo <= size < hi:
+            return name
+    return SIZE_BUCKETS[0][0] if size < SIZE_BUCKETS[0][1] else SIZE_BUCKETS[-1][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    cx: float  # centre, pixels of the 168 px image
+    cy: float
+    size: float  # side of the bounding box, pixels
+    rgb: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:  # (left, top, right, bottom)
+        h = self.size / 2
+        return self.cx - h, self.cy - h, self.cx + h, self.cy + h
+
+    @property
+    def bucket(self) -> str:
+        return size_bucket(self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    size: int
+    background: tuple[int, int, int]
+    tint: tuple[float, float, float]  # a linear gradient of this colour along `angle`, -0.5..0.5 across the image
+    angle: float
+    objects: tuple[Shape, ...]
+
+    @property
+    def classes(self) -> frozenset[str]:
+        return frozenset(o.name for o in self.objects)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What one training or eval image shows: the image, the classes in it and the classes cut by its edge."""
+    image: Image.Image
+    objects: tuple[tuple[str, float, tuple[float, float, float, float]], ...]  # (class, side, box) in view pixels
+    ambiguous: frozenset[str]  # classes partly in view only: never asked about
+    box: tuple[int, int, int, int] | None  # the crop box in the scene's pixels; None for the full scene
+
+    @property
+    def present(self) -> frozenset[str]:
+        return frozenset(name for name, *_ in self.objects)
+
+    def resized(self, size: int) -> "View":
+        """The view at `size` pixels (PIL bicubic), sizes and boxes scaled."""
+        if self.image.size == (size, size):
+            return self
+        s = size / self.image.size[0]
+        return dataclasses.replace(self, image=self.image.resize((size, size), Image.Resampling.BICUBIC),
+                                   objects=tuple((n, z * s, tuple(v * s for v in b)) for n, z, b in self.objects))
+
+
+def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, index])
+
+
+def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: tuple[int, int] = (3, 7),
+                 min_classes: int = 1, align: float | None = ALIGN) -> Scene:
+    """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
+
+    With `align`, each shape is centred on a patch centre, moved by up to `align` px each way; with None,
+    anywhere."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    while True:
+        palette = rng.choice(len(colours), size=2, replace=False, p=COLOUR_WEIGHTS)
+        favourite = rng.choice(len(shapes), p=SHAPE_WEIGHTS)
+        n = int(rng.integers(n_objects[0], n_objects[1] + 1))
+        specs = []
+        for _ in range(n):
+            c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.choice(len(colours), p=COLOUR_WEIGHTS)
+            s = favourite if rng.random() < 0.35 else rng.choice(len(shapes), p=SHAPE_WEIGHTS)
+            name, lo, hi = SIZE_BUCKETS[rng.choice(len(SIZE_BUCKETS), p=SIZE_BUCKET_PROBS)]
+            specs.append((colours[c], shapes[s], float(rng.uniform(lo, hi))))
+        specs.sort(key=lambda x: -x[2])  # big ones first: they are the hardest to fit
+        placed: list[Shape] = []
+        for colour, shape, side in specs:
+            for _ in range(50):
+                if align is None:
+                    cx, cy = rng.uniform(side / 2 + 1, size - side / 2 - 1, size=2)
+                else:
+                    centres = (np.arange(size // PATCH) + 0.5) * PATCH
+                    centres = centres[(centres - side / 2 - align >= 1) & (centres + side / 2 + align <= size - 1)]
+                    cx, cy = rng.choice(centres, size=2) + rng.uniform(-align, align, size=2)
+                candidate = Shape(colour, shape, float(cx), float(cy), side, _jitter(rng, COLOURS[colour]))
+                if all(not _overlap(candidate.box, o.box, gap=2.0) for o in placed):
+                    placed.append(candidate)
+                    break
+        background = tuple(int(x) for x in rng.integers(15, 80, size=3))
+        tint = tuple(float(x) for x in rng.uniform(-25, 25, size=3))
+        scene = Scene(size, background, tint, float(rng.uniform(0, 2 * np.pi)), tuple(placed))
+        if len(scene.classes) >= min_classes:
+            return scene
+
+
+def _jitter(rng, rgb) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in rgb)
+
+
+def _overlap(a, b, gap: float) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
+    """The scene as an RGB image of scene.size pixels; shapes drawn at `supersample`x, then box-averaged."""
+    n = scene.size
+    t = (np.arange(n, dtype=np.float32) + 0.5) / n - 0.5
+    ramp = np.cos(scene.angle) * t[None, :] + np.sin(scene.angle) * t[:, None]  # [n, n] in about -0.7..0.7
+    bg = np.asarray(scene.background, np.float32) + ramp[..., None] * np.asarray(scene.tint, np.float32)
+    # The background is smooth: drawn at 1x and blown up, it box-averages back to exactly itself.
+    img = Image.fromarray(np.clip(np.round(bg), 0, 255).astype(np.uint8))
+    img = img.resize((n * supersample,) * 2, resample=Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x0, y0, x1, y1 = (v * supersample for v in o.box)
+        cx, cy = o.cx * supersample, o.cy * supersample
+        if o.shape == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=o.rgb)
+        elif o.shape == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=o.rgb)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=o.rgb)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=o.rgb)
+        elif o.shape == "cross":
+            arm = (x1 - x0) / 6
+            draw.rectangle([x0, cy - arm, x1 - 1, cy + arm - 1], fill=o.rgb)
+            draw.rectangle([cx - arm, y0, cx + arm - 1, y1 - 1], fill=o.rgb)
+        else:
+            raise ValueError(f"unknown shape {o.shape!r}: expected one of {SHAPES}")
+    return img.reduce(supersample)
+
+
+def full_view(scene: Scene, image: Image.Image | None = None) -> View:
+    objects = tuple((o.name, o.size, o.box) for o in scene.objects)
+    return View(render(scene) if image is None else image, objects, frozenset(), None)
+
+
+def region_box(region: int, region_size: int, size: int = IMAGE_SIZE, patch: int = PATCH) -> tuple[int, int, int, int]:
+    """Pixel box of `region` (row-major) of the region grid with region_size x region_size patches per region,
+    the box Blink's TokenSR teacher crops (`train.teacher.crop_box`)."""
+    per_row = size // patch // region_size
+    row, col = divmod(int(region), per_row)
+    side = region_size * patch
+    return col * side, row * side, (col + 1) * side, (row + 1) * side
+
+
+def zoom_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image | None = None) -> View:
+    """The scene's pixel `box` resized back to full size with PIL bicubic, as the TokenSR teacher sees a crop."""
+    image = render(scene) if image is None else image
+    zoomed = image.crop(box).resize((scene.size, scene.size), resample=Image.Resampling.BICUBIC)
+    scale = scene.size / (box[2] - box[0])
+    objects, ambiguous = [], set()
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        inside = max(0.0, min(x1, box[2]) - max(x0, box[0])) * max(0.0, min(y1, box[3]) - max(y0, box[1]))
+        share = inside / (o.size * o.size)
+        if share >= MIN_VISIBLE:
+            view_box = tuple((v - origin) * scale for v, origin in zip(o.box, box[:2] * 2))
+            objects.append((o.name, o.size * scale, view_box))
+        elif share > 0:
+            ambiguous.add(o.name)
+    return View(zoomed, tuple(objects), frozenset(ambiguous - {name for name, *_ in objects}), box)
+
+
+def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.4,
+                  region_sizes: Sequence[int] = (3, 4, 6)) -> View:
+    """Item `index` of a stream: a full scene, or with probability p_zoom a zoomed crop of one of its regions
+    (usually one holding a shape, so the crop is rarely empty)."""
+    rng = item_rng(seed, stream, index)
+    scene = random_scene(rng)
+    if rng.random() >= p_zoom:
+        return full_view(scene)
+    r = int(rng.choice(region_sizes))
+    per_row = scene.size // PATCH // r
+    if scene.objects and rng.random() < 0.85:
+        o = scene.objects[rng.integers(len(scene.objects))]
+        side = r * PATCH
+        region = min(int(o.cy // side), per_row - 1) * per_row + min(int(o.cx // side), per_row - 1)
+    else:
+        region = int(rng.integers(per_row * per_row))
+    return zoom_view(scene, region_box(region, r, scene.size))
+
+
+def patch_targets(view: View, grid: int) -> np.ndarray:  # [grid * grid, classes + 1]
+    """Per patch (row-major), the target of the vision tower's auxiliary loss, as weights over the classes
+    and a last "nothing" column: the patch holding a shape's centre gets its class (shared when several
+    centres fall in one patch), a patch with no part of any shape gets "nothing", and the other patches a
+    shape overlaps get an all-zero row, i.e. no loss: whether they show the whole shape is not theirs to say."""
+    out = np.zeros((grid, grid, len(CLASSES) + 1), np.float32)
+    side = view.image.size[0] / grid
+    edges = np.arange(grid + 1) * side
+    index = {c: i for i, c in enumerate(CLASSES)}
+    touched = np.zeros((grid, grid), bool)
+    for name, size, (x0, y0, x1, y1) in view.objects:
+        over_x = np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0) > 0  # [grid]
+        over_y = np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0) > 0
+        touched |= over_y[:, None] & over_x[None, :]
+        row = min(int((y0 + y1) / 2 // side), grid - 1)
+        col = min(int((x0 + x1) / 2 // side), grid - 1)
+        out[row, col, index[name]] = 1.0
+    out[..., -1] = ~touched
+    return out.reshape(grid * grid, len(CLASSES) + 1)
+
+
+def class_patches(view: View, name: str, grid: int) -> np.ndarray:  # [grid * grid] float32
+    """1 on the patches (row-major) that any instance of class `name` overlaps, else 0."""
+    out = np.zeros((grid, grid), np.float32)
+    edges = np.arange(grid + 1) * (view.image.size[0] / grid)
+    for other, _, (x0, y0, x1, y1) in view.objects:
+        if other == name:
+            over_x = np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0) > 0
+            over_y = np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0) > 0
+            out[over_y[:, None] & over_x[None, :]] = 1.0
+    return out.reshape(-1)
+
+
+def sample_questions(rng: np.random.Generator, view: View, n: int) -> list[tuple[str, str, bool]]:
+    """Up to n (colour, shape, answer) questions, half about present classes and half about absent ones;
+    half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do."""
+    present = sorted(view.present)
+    absent = [c for c in CLASSES if c not in view.present and c not in view.ambiguous]
+    hard = [c for c in absent if any(set(c.split()) & set(p.split()) for p in present)]
+    n_pos = n // 2 if present else 0
+    positives = [present[i] for i in rng.choice(len(present), size=n_pos, replace=n_pos > len(present))] \
+        if n_pos else []
+    negatives = []
+    for _ in range(n // 2):
+        pool = hard if hard and rng.random() < 0.5 else absent
+        negatives.append(pool[rng.integers(len(pool))])
+    out = [(name, True) for name in positives] + [(name, False) for name in negatives]
+    order = rng.permutation(len(out))
+    return [(*out[i][0].split(), out[i][1]) for i in order]
+
+
+def question_bucket(objects: Sequence[tuple], name: str) -> str:
+    """The size bucket a question about class `name` is about, given the (class, size, ...) of what is in view: for
+    a present class its largest instance; for an absent one the smallest shape in view that shares its colour
+    or its shape (the one a model could mistake for it), or "none"."""
+    same = [size for n, size, *_ in objects if n == name]
+    if same:
+        return size_bucket(max(same))
+    words = set(name.split())
+    confusers = [size for n, size, *_ in objects if words & set(n.split())]
+    return size_bucket(min(confusers)) if confusers else "none"
+
+
+# ---------------------------------------------------------------------------------------------------- POPE
+
+
+def pope_image_name(index: int) -> str:
+    return f"COCO_val2014_{index + 1:012d}.png"
+
+
+def pope_scenes(n_images: int, seed: int, positives: int) -> list[Scene]:
+    return [random_scene(item_rng(seed, POPE, i), min_classes=positives) for i in range(n_images)]
+
+
+def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int = 2) -> dict[str, list[dict]]:
+    """POPE's three splits over `scenes`: the same positives in each (sampled from the image's classes), and
+    `questions_per_image / 2` negatives per image sampled as POPE does: uniformly among absent classes
+    (random), the most frequent absent classes of the data set (popular), or the absent classes that
+    co-occur most with the image's own (adversarial). Lines alternate yes/no, question ids from 1."""
+    if questions_per_image % 2 or questions_per_image < 2:
+        raise ValueError(f"questions_per_image={questions_per_image}: give an even number >= 2 (half yes, half no)")
+    k = questions_per_image // 2
+    index = {c: i for i, c in enumerate(CLASSES)}
+    has = np.zeros((len(scenes), len(CLASSES)), np.int64)
+    for row, scene in enumerate(scenes):
+        for name in scene.classes:
+            has[row, index[name]] = 1
+    frequency = has.sum(0)  # images holding each class
+    cooccur = has.T @ has  # images holding both
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for i, scene in enumerate(scenes):
+        rng = np.random.default_rng([seed, POPE, i, 1])
+        gt = sorted(scene.classes, key=index.get)
+        if len(gt) < k:
+            raise ValueError(f"scene {i} has {len(gt)} classes, fewer than the {k} positives asked for")
+        positives = [gt[j] for j in rng.choice(len(gt), size=k, replace=False)]
+        absent = [c for c in CLASSES if c not in scene.classes]
+        score = cooccur[[index[g] for g in gt]].sum(0)
+        negatives = {
+            "random": [absent[j] for j in rng.choice(len(absent), size=k, replace=False)],
+            "popular": sorted(absent, key=lambda c: (-frequency[index[c]], index[c]))[:k],
+            "adversarial": sorted(absent, key=lambda c: (-score[index[c]], -frequency[index[c]], index[c]))[:k],
+        }
+        for split in SPLITS:
+            for pos, neg in zip(positives, negatives[split]):
+                for name, label in ((pos, "yes"), (neg, "no")):
+                    rows = splits[split]
+                    rows.append({"question_id": len(rows) + 1, "image": pope_image_name(i),
+                                 "text": question_text(*name.split()), "label": label})
+    return splits
+
+
+def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_per_image: int = 2) -> dict:
+    """Writes a POPE-format eval set of `n_images` scenes to `out_dir`. -> a summary (counts per split)."""
+    out = Path(out_dir)
+    (out / "val2014").mkdir(parents=True, exist_ok=True)
+    scenes = pope_scenes(n_images, seed, questions_per_image // 2)
+    for i, scene in enumerate(scenes):
+        render(scene).save(out / "val2014" / pope_image_name(i), optimize=True)
+    splits = pope_questions(scenes, seed, questions_per_image)
+    for split, rows in splits.items():
+        with open(out / f"coco_pope_{split}.json", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    annotations = {
+        "generator": "train.demo.shapes.write_pope", "seed": seed, "n_images": n_images,
+        "questions_per_image": questions_per_image, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+        "size_buckets": {name: [lo, hi] for name, lo, hi in SIZE_BUCKETS},
+        "images": [{"image": pope_image_name(i), "objects": [
+            {"name": o.name, "box": [round(v, 2) for v in o.box], "size": round(o.size, 2), "bucket": o.bucket}
+            for o in scene.objects]} for i, scene in enumerate(scenes)],
+    }
+    (out / "shapes_annotations.json").write_text(json.dumps(annotations, indent=1) + "\n")
+    return {split: len(rows) for split, rows in splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------- TokenSR data
+
+MIX_ANNOTATIONS = "llava_v1_5_mix665k.json"  # the file name `train.data.llava_mix` reads
+MIX_IMAGE_DIR = "coco/train2017"
+
+
+def mix_image_name(index: int) -> str:
+    return f"{index:012d}.png"
+
+
+def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int) -> int:
+    """Writes a TokenSR training set in the LLaVA-1.5 mix layout that `python -m train.tokensr --data-dir`
+    reads: `llava_v1_5_mix665k.json` (one single-turn conversation per image, "<image>\\n" + a yes/no question
+    about the scene, half yes) and the images under `coco/train2017/`. Scenes come from their own stream (MIX),
+    so they are none of the backbone's training, validation or POPE scenes. -> the number of examples."""
+    out = Path(out_dir)
+    (out / MIX_IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_images):
+        rng = item_rng(seed, MIX, i)
+        scene = random_scene(rng)
+        view = full_view(scene)
+        view.image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
+        want_yes = i % 2 == 0
+        colour, shape, answer = next(q for q in sample_questions(rng, view, 2) if q[2] == want_yes)
+        records.append({"id": f"shapes-{i:06d}", "image": f"{MIX_IMAGE_DIR}/{mix_image_name(i)}", "conversations": [
+            {"from": "human", "value": "<image>\n" + question_text(colour, shape)},
+            {"from": "gpt", "value": "Yes" if answer else "No"}]})
+    tmp = out / (MIX_ANNOTATIONS + ".tmp")
+    tmp.write_text(json.dumps(records) + "\n")
+    os.replace(tmp, out / MIX_ANNOTATIONS)
+    return len(records)
+
+
+def read_annotations(data_dir: str | os.PathLike) -> dict[str, Scene]:
+    """image file name -> Scene (objects only; no background) from `shapes_annotations.json`."""
+    raw = json.loads((Path(data_dir) / "shapes_annotations.json").read_text())
+    scenes = {}
+    for item in raw["images"]:
+        objects = tuple(Shape(*o["name"].split(), cx=(o["box"][0] + o["box"][2]) / 2,
+                              cy=(o["box"][1] + o["box"][3]) / 2, size=o["size"], rgb=(0, 0, 0))
+                        for o in item["objects"])
+        scenes[item["image"]] = Scene(raw["image_size"], (0, 0, 0), (0.0, 0.0, 0.0), 0.0, objects)
+    return scenes
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m train.demo.shapes",
+        description="Write a shapes data set: the POPE-format eval set (coco_pope_{random,popular,adversarial}.json, "
+                    "val2014/*.png, shapes_annotations.json) or, with --format llava-mix, TokenSR training data in "
+                    "the LLaVA-1.5 mix layout (llava_v1_5_mix665k.json, coco/train2017/*.png).")
+    p.add_argument("--out", required=True, help="output folder, e.g. demo/data/pope")
+    p.add_argument("--format", default="pope", choices=("pope", "llava-mix"), help="(default %(default)s)")
+    p.add_argument("--images", type=int, default=150, help="scenes (default %(default)s)")
+    p.add_argument("--questions-per-image", type=int, default=2, help="pope: per split, half yes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images {args.images}: give at least 1")
+    if args.format == "llava-mix":
+        n = write_mix(args.out, args.images, args.seed)
+        print(f"wrote {args.out}: {n} images with one question each ({MIX_ANNOTATIONS})")
+        return 0
+    counts = write_pope(args.out, args.images, args.seed, args.questions_per_image)
+    print(f"wrote {args.out}: {args.images} images, questions per split {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

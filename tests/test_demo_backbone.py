@@ -277,10 +277,13 @@ def test_question_patches_mark_the_asked_objects_patches():
     cfg = TINY.llava_config()
     layout = backbone.PackedLayout.build(build_tokenizer(), cfg, k=2)
     absent = next(c for c in shapes.CLASSES if c not in view.present)
-    patches = layout.question_patches([view], [[(colour, shape, True), (*absent.split(), False)]], grid=12)
-    assert patches.shape == (1, 2, 144)
-    np.testing.assert_array_equal(patches[0, 1], shapes.patch_targets(view, 12)[:, -1])  # "no": the background
-    assert not (patches[0, 0] * patches[0, 1]).any()
+    questions = [[(colour, shape, True), (*absent.split(), False)]]
+    patches = layout.question_patches([view], questions, grid=12)
+    assert patches.shape == (1, 2, 144) and not patches[0, 1].any()  # a "no" has no object to look at
+    background = layout.question_patches([view], questions, grid=12, background=True)
+    np.testing.assert_array_equal(background[0, 0], patches[0, 0])
+    np.testing.assert_array_equal(background[0, 1], shapes.patch_targets(view, 12)[:, -1])  # or the empty patches
+    assert not (background[0, 0] * background[0, 1]).any()
     grid = patches[0, 0].reshape(12, 12)
     assert grid[int((y0 + y1) / 2 // 14), int((x0 + x1) / 2 // 14)] == 1  # the centre's patch
     rows, cols = np.nonzero(grid)  # and no patch outside the object's box

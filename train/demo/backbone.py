@@ -8,10 +8,8 @@ Two stages, as LLaVA itself starts from a pretrained CLIP:
 2. llava: the whole model on packed yes/no questions (below), the probe's loss still added with
    `aux_weight` so the tower keeps its local detail. The probe is not part of the exported model.
    A grounding loss (`ground_weight`) on the middle layers (`ground_layers`) teaches the row that answers to
-   attend, among the image tokens, to the patches of the object asked about when it is there, and to the
-   empty background when it is not: the attention Blink's saliency reads. Without it a decoder this small,
-   from scratch, sat at chance (0.50 validation accuracy) after 400 steps; with the object-only half of it,
-   still at chance after 300 (the attention found the objects, but what it brought back did not yet decide).
+   attend, among the image tokens, to the patches of the object asked about when it is there (and, with
+   `ground_background`, to the empty background when it is not): the attention Blink's saliency reads.
 
 Packing. Every question of the task has the same number of tokens, and under causal attention the prompt up
 to the image run (system prompt + `USER:` + 144 image tokens) does not depend on the question. So one
@@ -112,14 +110,15 @@ class TrainSettings:
     vision_steps: int = 500  # stage 1
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
-    steps: int = 1000  # stage 2
+    steps: int = 1800  # stage 2
     batch_size: int = 8  # images per step
     questions_per_image: int = 12
-    lr: float = 1.5e-3
+    lr: float = 1e-3
     lm_weight: float = 0.5
     aux_weight: float = 0.5
-    ground_weight: float = 0.5
-    ground_layers: tuple[int, ...] = (2, 3)
+    ground_weight: float = 1.0
+    ground_layers: tuple[int, ...] = (1, 2, 3)
+    ground_background: bool = False  # also ground the "no" questions, on the empty patches
     warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
@@ -248,13 +247,13 @@ class PackedLayout:
         return {"input_ids": ids, "targets": targets, "block_targets": block_targets, "weights": weights}
 
     def question_patches(self, views: Sequence[shapes.View], questions: Sequence[Sequence[tuple[str, str, bool]]],
-                         grid: int) -> np.ndarray:  # [B, K, P]
+                         grid: int, background: bool = False) -> np.ndarray:  # [B, K, P]
         """Per question, where the answering row should look among the image tokens: the patches of the object
-        asked about when it is in view, else the empty patches (no shape touches them), so that what attention
-        brings back already says yes (an object of that kind) or no (background)."""
+        asked about when it is in view; for a "no", nothing (all zero), or with `background` the empty patches
+        (no shape touches them), so that what attention brings back says yes (that object) or no (background)."""
         out = np.zeros((len(views), self.k, grid * grid), np.float32)
         for row, (view, qs) in enumerate(zip(views, questions)):
-            empty = shapes.patch_targets(view, grid)[:, -1]
+            empty = shapes.patch_targets(view, grid)[:, -1] if background else np.zeros(grid * grid, np.float32)
             for j, (colour, shape, answer) in enumerate(qs):
                 out[row, j] = shapes.class_patches(view, f"{colour} {shape}", grid) if answer else empty
         return out
@@ -375,11 +374,12 @@ def qa_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[
 
 
 def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_size: int, grid: int,
-              questions: Sequence[Sequence[tuple[str, str, bool]]] | None = None) -> dict[str, np.ndarray]:
+              questions: Sequence[Sequence[tuple[str, str, bool]]] | None = None, *,
+              background: bool = False) -> dict[str, np.ndarray]:
     """Views (+ questions) -> the model's arrays: pixel_values, patch_targets (+ the packed ids)."""
     batch = layout.pack(questions) if layout is not None else {}
     if layout is not None:
-        batch["question_patches"] = layout.question_patches(views, questions, grid)
+        batch["question_patches"] = layout.question_patches(views, questions, grid, background)
     batch["pixel_values"] = np.stack([preprocess_image(v.image, image_size=image_size) for v in views])
     batch["patch_targets"] = np.stack([shapes.patch_targets(v, grid) for v in views])
     return batch
@@ -404,7 +404,8 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
     views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
                                          settings.questions_per_image) for i, v in zip(indices, views)]
-    return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions)
+    return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
+                     background=settings.ground_background)
 
 
 @dataclasses.dataclass

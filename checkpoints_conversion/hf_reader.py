@@ -108,11 +108,7 @@ def _header(file: Path) -> dict[str, TensorRef]:
     """Stored key -> TensorRef, reading only the file's header (safetensors) or mapping it (torch zip)."""
     try:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(file), framework="pt") as f:  # validates the header against the file size
-                refs = {k: _st_ref(k, file, f.get_slice(k)) for k in f.keys()}
-            offsets = _st_offsets(file)
-            return {k: dataclasses.replace(ref, offset=offsets[k]) for k, ref in refs.items()}
+            return _st_header(file)
         return {k: TensorRef(k, file, tuple(t.shape), _torch_np_dtype(t.dtype)) for k, t in _torch_load(file).items()}
     except CheckpointError:
         raise
@@ -121,19 +117,29 @@ def _header(file: Path) -> dict[str, TensorRef]:
                               f"Re-download or re-save it.") from None
 
 
-def _st_offsets(file: Path) -> dict[str, int]:
-    """Stored key -> absolute byte offset of its data: an 8-byte little-endian header size, the JSON header, data."""
+def _st_header(file: Path) -> dict[str, TensorRef]:
+    """Stored key -> TensorRef from a safetensors header (an 8-byte little-endian size, then JSON; the data
+    follows), checked against the file's size and the dtype's item size. Needs no deep-learning framework."""
+    file_size = file.stat().st_size
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= file_size - 8:
+            raise ValueError(f"header size {size} does not fit in the file's {file_size} bytes")
         header = json.loads(f.read(size))
-    return {k: 8 + size + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
-
-
-def _st_ref(key: str, file: Path, sl) -> TensorRef:
-    tag = sl.get_dtype()
-    if tag not in _ST_DTYPES:
-        raise CheckpointError(f"checkpoint key '{key}' in '{file}' has dtype {tag}, which this converter cannot read")
-    return TensorRef(key, file, tuple(sl.get_shape()), np.dtype(_ST_DTYPES[tag]))
+    refs = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        tag, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        if tag not in _ST_DTYPES:
+            raise CheckpointError(f"checkpoint key '{key}' in '{file}' has dtype {tag}, which this converter "
+                                  f"cannot read")
+        dtype = np.dtype(_ST_DTYPES[tag])
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or 8 + size + end > file_size:
+            raise ValueError(f"tensor '{key}' (bytes {begin}..{end}) does not match its shape {shape} and dtype "
+                             f"{tag}, or runs past the end of the file")
+        refs[key] = TensorRef(key, file, shape, dtype, offset=8 + size + int(begin))
+    return refs
 
 
 def _torch_load(file: Path) -> dict:

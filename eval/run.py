@@ -3,6 +3,9 @@
     python -m eval.run --bench pope --model DIR --data-dir DIR --modes vanilla,interp,blink --tokensr DIR \\
         [--ablation random|fixed|no-drop|high-tau] [--limit N] [--batch-size B] [--out DIR] [--save-traces]
 
+With no --model, `--bench pope` runs the bundled demo (`eval.demo`): a small LLaVA-1.5 trained on drawn shapes,
+its trained TokenSR and a POPE-format shapes set, all three modes, in a few minutes on a CPU.
+
 Writes to --out: samples_<bench>_<mode>.jsonl, results.json, results.md (and traces_<bench>_<mode>.jsonl with
 --save-traces). Rerunning the same command resumes a killed run. The work is in `eval.harness.runner`.
 """
@@ -13,9 +16,6 @@ import argparse
 import sys
 
 from eval.benchmarks import NAMES
-
-# A bundled demo model directory, used when --model is not given; None until the project ships one.
-DEMO_MODEL: str | None = None
 
 NO_MODEL = """\
 eval.run needs LLaVA-1.5 weights: pass --model DIR, a Hugging Face LLaVA directory (e.g. a download of
@@ -32,23 +32,26 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=NAMES, help="the benchmark")
-    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted)")
-    p.add_argument("--data-dir", help="the benchmark's release files, in their official layout")
+    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted); default: the bundled demo "
+                                   "model (pope only)")
+    p.add_argument("--data-dir", help="the benchmark's release files, in their official layout (default with the "
+                                      "demo model: its shapes set)")
     p.add_argument("--modes", default=None,
                    help="comma-separated vanilla,interp,blink (default: all three with --tokensr, else vanilla,interp)")
     p.add_argument("--tokensr", help="trained TokenSR directory (needed by mode blink)")
     p.add_argument("--ablation", choices=("random", "fixed", "no-drop", "high-tau"),
                    help="a BLINK.md §6 ablation, applied to interp and blink")
     p.add_argument("--limit", type=int, help="at most N questions per split/subtask")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="questions per forward (default 8; demo 16)")
     p.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this")
     p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (16 for short answers)")
-    p.add_argument("--out", help="output directory (default: eval_out/<bench>)")
+    p.add_argument("--out", help="output directory (default: eval_out/<bench>; demo eval_out/pope_demo)")
     p.add_argument("--layers", help="Blink's participating layers, e.g. 12-18 (interp; blink keeps its own)")
     p.add_argument("--region-size", type=int, help="Blink's region side r (interp)")
     p.add_argument("--tau-exp", type=float, help="expansion threshold (interp and blink)")
     p.add_argument("--tau-drop", type=float, help="drop threshold (interp and blink)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                   help="compute dtype (default bfloat16; demo float32)")
     p.add_argument("--tfds-dir", help="where prepared datasets go (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--save-traces", action="store_true", help="write traces_<bench>_<mode>.jsonl for eval.report")
     p.add_argument("--retry-errors", action="store_true", help="ask again the questions recorded as errors")
@@ -60,10 +63,31 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    model = args.model or DEMO_MODEL
-    if model is None:
-        print(NO_MODEL.format(bench=args.bench), file=sys.stderr)
-        return EXIT_USAGE
+    defaults = {"batch_size": 8, "dtype": "bfloat16", "out": f"eval_out/{args.bench}"}
+    if args.model is None:
+        from eval.demo import DEMO
+
+        demo_data = DEMO.data_dir(args.bench)
+        if demo_data is None:
+            print(NO_MODEL.format(bench=args.bench), file=sys.stderr)
+            print(f"(the bundled demo model has data for --bench {' / '.join(b for b, _ in DEMO.data_dirs)} only)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        missing = DEMO.missing()
+        if missing:
+            print(f"eval.run: the bundled demo is incomplete, {', '.join(map(str, missing))} missing: restore the "
+                  f"demo/ folder from the repository (git checkout -- demo) or pass --model", file=sys.stderr)
+            return EXIT_USAGE
+        args.model = str(DEMO.model)
+        args.data_dir = args.data_dir or str(DEMO.data_dir(args.bench))
+        args.tokensr = args.tokensr or str(DEMO.tokensr)
+        defaults = {"batch_size": DEMO.batch_size, "dtype": DEMO.dtype, "out": DEMO.out, "tau_exp": DEMO.tau_exp,
+                    "tau_drop": DEMO.tau_drop}
+        print(f"eval.run: no --model, running the bundled demo ({args.model})", file=sys.stderr)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    model = args.model
     if args.data_dir is None:
         print(f"eval.run: --data-dir is required: the folder with {args.bench}'s release files", file=sys.stderr)
         return EXIT_USAGE
@@ -82,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
         cfg = EvalConfig(
-            bench=args.bench, model=model, data_dir=args.data_dir, out=args.out or f"eval_out/{args.bench}",
+            bench=args.bench, model=model, data_dir=args.data_dir, out=args.out,
             modes=modes, tokensr=args.tokensr, ablation=args.ablation, limit=args.limit, batch_size=args.batch_size,
             bucket=args.bucket, max_new_tokens=args.max_new_tokens, layers=parse_layers(args.layers),
             region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, dtype=args.dtype,

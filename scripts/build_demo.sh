@@ -17,9 +17,12 @@ python -m train.demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 -
 
 # 3. TokenSR on the frozen demo backbone, Blink geometry for a 6-layer decoder and a 12x12 grid.
 python -m train.tokensr --model demo/model --data-dir "$WORK/mix" --workdir "$WORK/tokensr" --mesh cpu \
-  --layers 2-4 --region-size 3 --scale 2 --channels 128 --batch-size 16 --steps 300 --lr 1e-3 \
-  --warmup-steps 20 --save-every 100 --max-prompt-len 192 --no-progress
+  --layers 1-3 --region-size 3 --scale 2 --channels 128 --batch-size 16 --steps 300 --lr 1e-3 \
+  --warmup-steps 20 --save-every 100 --max-prompt-len 256 --no-progress
 rm -rf demo/tokensr && cp -r "$WORK/tokensr/tokensr" demo/tokensr
+cp "$WORK/tokensr/metrics.jsonl" demo/tokensr/train_metrics.jsonl
+cp "$WORK/tokensr/config.json" demo/tokensr/train_config.json
 
 # 4. The three modes on the bundled data (what `python -m eval.run --bench pope` does with no arguments).
 python -m eval.run --bench pope --out "$WORK/eval" --save-traces
+python -m train.demo.breakdown --run "$WORK/eval"

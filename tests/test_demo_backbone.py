@@ -390,3 +390,29 @@ def test_tokensr_training_data_is_in_the_llava_mix_layout(tmp_path):
         colour, shape = first_question(r["conversations"]).removeprefix("Is there a ").split()[:2]
         assert f"{colour} {shape}" in shapes.CLASSES
         assert r["conversations"][0]["value"].startswith("<image>\n")
+
+
+def test_breakdown_counts_each_question_once_in_its_bucket_and_label(pope_dir, tmp_path):
+    from train.demo import breakdown
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [(split, json.loads(line)) for split in shapes.SPLITS
+            for line in open(pope_dir / f"coco_pope_{split}.json")]
+    # "vanilla" always says Yes; "blink" is always right and expanded on every other question.
+    with open(run / "samples_pope_vanilla.jsonl", "w") as f:
+        for split, r in rows:
+            f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "prediction": "Yes", "error": None,
+                                "trace": None}) + "\n")
+    with open(run / "samples_pope_blink.jsonl", "w") as f:
+        for i, (split, r) in enumerate(rows):
+            f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "prediction": r["label"].title(),
+                                "error": None, "trace": {"expansions": i % 2}}) + "\n")
+    result = breakdown.breakdown(run, pope_dir)
+    n = len(rows)
+    assert result["vanilla"]["by_label"] == {"yes": [n // 2, n // 2], "no": [0, n // 2]}
+    assert result["blink"]["by_label"] == {"yes": [n // 2, n // 2], "no": [n // 2, n // 2]}
+    assert sum(c[1] for c in result["blink"]["by_bucket"].values()) == n
+    assert result["blink"]["expanded"] == [n // 2, n]
+    table = breakdown.markdown(result)
+    assert table.splitlines()[0] == "| questions about | n | vanilla | blink |"

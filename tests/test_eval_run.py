@@ -185,8 +185,9 @@ def test_other_settings_into_the_same_out_are_refused(env, pope_run, tmp_path, c
 
 
 def test_usage_errors_explain_the_fix(env, tmp_path, capsys):
-    assert eval_run.main(["--bench", "pope", "--data-dir", str(tmp_path)]) == 2
-    assert "python -m checkpoints_conversion.hf_to_orbax --hf-dir" in capsys.readouterr().err
+    assert eval_run.main(["--bench", "mme", "--data-dir", str(tmp_path)]) == 2  # the demo model is POPE only
+    err = capsys.readouterr().err
+    assert "python -m checkpoints_conversion.hf_to_orbax --hf-dir" in err and "--bench pope only" in err
     args = cli_args(env, "pope", tmp_path / "x")
     del args[args.index("--tokensr"):args.index("--tokensr") + 2]
     assert eval_run.main(args) == 2

@@ -1,0 +1,99 @@
+"""Where Blink helps or hurts on the demo: an eval.run output on the shapes POPE set, broken down per mode by the
+size of the object each question is about, by the answer, and by what Blink did (from `--save-traces`).
+
+    python -m train.demo.breakdown --run eval_out/pope_demo [--data-dir demo/data/pope]
+
+Size buckets come from `shapes_annotations.json` (`shapes.question_bucket`: for a "yes" the object's size, for
+a "no" the smallest object in view sharing its colour or shape, i.e. what it could be mistaken for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+from train.demo import shapes
+
+BUCKETS = tuple(name for name, _, _ in shapes.SIZE_BUCKETS) + ("none",)
+
+
+def _said_yes(prediction: str | None) -> bool:
+    from eval.benchmarks.pope import parse_yes_no
+
+    return parse_yes_no(prediction or "") != "no"
+
+
+def breakdown(run: Path, data_dir: Path) -> dict:
+    """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": ..., "expanded": (n_expanded_any, n)}}"""
+    scenes = shapes.read_annotations(data_dir)
+    rows = {}
+    for split in shapes.SPLITS:
+        for line in open(data_dir / f"coco_pope_{split}.json"):
+            r = json.loads(line)
+            rows[f"{split}/{r['question_id']}"] = r
+    out = {}
+    for samples in sorted(run.glob("samples_pope_*.jsonl")):
+        mode = samples.stem.removeprefix("samples_pope_")
+        by_bucket, by_label = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
+        expanded = [0, 0]
+        for line in open(samples):
+            s = json.loads(line)
+            if s["error"] is not None or s["question_id"] not in rows:
+                continue
+            r = rows[s["question_id"]]
+            name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+            bucket = shapes.question_bucket([(o.name, o.size) for o in scenes[r["image"]].objects], name)
+            correct = _said_yes(s["prediction"]) == (r["label"] == "yes")
+            for table, key in ((by_bucket, bucket), (by_label, r["label"])):
+                table[key][0] += correct
+                table[key][1] += 1
+            if s.get("trace"):
+                expanded[0] += s["trace"]["expansions"] > 0
+                expanded[1] += 1
+        out[mode] = {"by_bucket": dict(by_bucket), "by_label": dict(by_label), "expanded": expanded}
+    return out
+
+
+def markdown(result: dict) -> str:
+    modes = sorted(result, key=lambda m: (["vanilla", "interp", "blink"] + [m]).index(m))
+    lines = ["| questions about | n | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+    keys = [("bucket", b) for b in BUCKETS] + [("label", "yes"), ("label", "no")]
+    for kind, key in keys:
+        cells = [result[m][f"by_{kind}"].get(key) for m in modes]
+        if not any(cells):
+            continue
+        n = next(c[1] for c in cells if c)
+        label = {"bucket": f"{key} objects", "label": f'answer "{key}"'}[kind]
+        if key == "none":
+            label = "no look-alike in view"
+        lines.append(f"| {label} | {n} | " + " | ".join(f"{c[0] / c[1]:.3f}" if c else "-" for c in cells) + " |")
+    exp = [result[m]["expanded"] for m in modes]
+    lines.append("| expanded at least once | | " + " | ".join(
+        f"{e[0] / e[1]:.1%}" if e[1] else "-" for e in exp) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.demo.breakdown", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="an eval.run output directory (samples_pope_<mode>.jsonl)")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "demo" / "data" / "pope"),
+                   help="the shapes POPE set the run read (default: the bundled one)")
+    args = p.parse_args(argv)
+    run, data = Path(args.run), Path(args.data_dir)
+    if not list(run.glob("samples_pope_*.jsonl")):
+        print(f"no samples_pope_<mode>.jsonl in '{run}': give an eval.run --bench pope output directory",
+              file=sys.stderr)
+        return 2
+    if not (data / "shapes_annotations.json").is_file():
+        print(f"'{data}' has no shapes_annotations.json: give the shapes set the run read (--data-dir)",
+              file=sys.stderr)
+        return 2
+    print(markdown(breakdown(run, data)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import before_after, blink_cost, compilations, conversion, prefill_decode, train_tokensr
+from bench import before_after, blink_cost, compilations, components, conversion, prefill_decode, train_tokensr
 
 TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
 
@@ -24,6 +24,12 @@ def test_blink_cost(capsys):
     blink_cost.main(TINY + ["--layers", "1,2", "--region-size", "3"])
     rows = table_rows(capsys.readouterr().out)
     assert "two-pass" in rows[0] and len(rows) == 2
+
+
+def test_components(capsys):
+    components.main(["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[1].strip().split()[0] for r in rows[1:]] == ["GEMM", "LM"]
 
 
 def test_before_after(capsys):

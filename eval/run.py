@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"demo/ folder from the repository (git checkout -- demo) or pass --model", file=sys.stderr)
             return EXIT_USAGE
         args.model = str(DEMO.model)
-        args.data_dir = args.data_dir or str(DEMO.data_dir(args.bench))
+        args.data_dir = args.data_dir or str(demo_data)
         args.tokensr = args.tokensr or str(DEMO.tokensr)
         defaults = {"batch_size": DEMO.batch_size, "dtype": DEMO.dtype, "out": DEMO.out, "tau_exp": DEMO.tau_exp,
                     "tau_drop": DEMO.tau_drop}

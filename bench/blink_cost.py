@@ -21,8 +21,10 @@ from blink_jax.blink import BlinkConfig
 def run(size: common.Size, batches, length: int, layers, region_size: int, reps: int) -> str:
     _, ours = common.make_models(size, with_torch=False)
     blink = BlinkConfig(layers=tuple(layers), region_size=region_size, expansion="fixed")
+    never = BlinkConfig(layers=tuple(layers), region_size=region_size, tau_exp=1.01)  # rho <= 1: never expands
     rows = ["| batch | vanilla (s) | Blink, expand every layer (s) | Blink/vanilla | two-pass (s) | two-pass/vanilla "
-            "| Blink/vanilla, CPU time | two-pass/vanilla, CPU time |", "|---|---|---|---|---|---|---|---|"]
+            "| Blink/vanilla, CPU time | two-pass/vanilla, CPU time | Blink never expanding/vanilla |",
+            "|---|---|---|---|---|---|---|---|---|"]
     raw = []
     for b in batches:
         ids, px, mask = common.prompt_batch(ours, b, length)
@@ -34,19 +36,22 @@ def run(size: common.Size, batches, length: int, layers, region_size: int, reps:
         def blink_fixed():
             return jax.block_until_ready(ours(input_ids=ids, pixel_values=px, attention_mask=mask, blink=blink).logits)
 
+        def blink_never():  # the same buffered program, SR slots all masked: its cost without the extra tokens
+            return jax.block_until_ready(ours(input_ids=ids, pixel_values=px, attention_mask=mask, blink=never).logits)
+
         def two_pass():
             vanilla(px)
             return vanilla(crop)
 
         cpu = {}
-        t = common.interleaved({"v": vanilla, "b": blink_fixed, "2": two_pass}, reps=reps, cpu=cpu)
+        t = common.interleaved({"v": vanilla, "b": blink_fixed, "n": blink_never, "2": two_pass}, reps=reps, cpu=cpu)
         raw.append(common.raw_line(f"batch {b} wall seconds per repetition", t))
         raw.append(common.raw_line(f"batch {b} CPU seconds per repetition", cpu))
         v, bl, tp = (common.median(t[k]) for k in ("v", "b", "2"))
         # Ratios are medians of the per-repetition ratios (wall, then CPU time); times are wall medians.
         rows.append(f"| {b} | {v:.3f} | {bl:.3f} | {common.paired_ratio(t['b'], t['v']):.2f} | {tp:.3f} "
                     f"| {common.paired_ratio(t['2'], t['v']):.2f} | {common.paired_ratio(cpu['b'], cpu['v']):.2f} "
-                    f"| {common.paired_ratio(cpu['2'], cpu['v']):.2f} |")
+                    f"| {common.paired_ratio(cpu['2'], cpu['v']):.2f} | {common.paired_ratio(t['n'], t['v']):.2f} |")
     return "\n".join(rows + [""] + raw)
 
 

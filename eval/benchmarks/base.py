@@ -16,6 +16,8 @@ benchmark has none), `index` (order in the release files), `image_file` and `ima
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import io
 import json
@@ -119,7 +121,7 @@ def decode_record(record: Mapping[str, Any]) -> dict:
     return {k: (bytes(v) if k.endswith("_bytes") else _decode(v)) for k, v in record.items()}
 
 
-class Benchmark:
+class Benchmark(abc.ABC):
     """One benchmark. Subclasses set the class attributes and implement the data/prompt/scoring hooks."""
 
     name: ClassVar[str]
@@ -132,17 +134,17 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------------- data
 
+    @abc.abstractmethod
     def source_files(self, data_dir: Path) -> list[Path]:
         """The annotation files the builder reads (not the images): checked up front and fingerprinted."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_official(self, data_dir: Path) -> Iterator[dict]:
         """Records for the builder, in release order (`index` is added)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def extra_features(self) -> dict:
         """tfds features beyond `common_features()`."""
-        raise NotImplementedError
 
     def limit(self, docs: Sequence[dict], n: int | None) -> list[dict]:
         """The first `n` questions of every subset (all when `n` is None)."""
@@ -182,13 +184,13 @@ class Benchmark:
 
     # ---------------------------------------------------------------------------------------- scoring
 
+    @abc.abstractmethod
     def process_results(self, doc: Mapping[str, Any], prediction: str) -> dict:
         """Pure: one doc and the model's answer -> what the aggregation needs of this question."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def aggregate(self, results: Sequence[dict]) -> dict:
         """Pure: per-question results -> metrics (a JSON-able dict)."""
-        raise NotImplementedError
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float | None]:
         """The BLINK.md §7 rows this benchmark fills (paper row -> value on the paper's scale)."""

@@ -118,15 +118,13 @@ def run(size: common.Size, batches, length: int, new_tokens: int, layers, reps: 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["mid", "tiny"], default="mid")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--length", type=int, default=650, help="prompt length in tokens")
+    common.add_model_args(p)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--layers", default="3,4,5", help="Blink's participating layers")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant, interleaved")
     a = p.parse_args(argv)
-    size = common.MID if a.size == "mid" else common.TINY
-    table = run(size, [int(b) for b in a.batch.split(",")], a.length, a.new_tokens,
+    size = common.SIZES[a.size]
+    table = run(size, common.batch_sizes(a.batch), a.length, a.new_tokens,
                 [int(x) for x in a.layers.split(",")], a.reps)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 

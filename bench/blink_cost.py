@@ -57,15 +57,13 @@ def run(size: common.Size, batches, length: int, layers, region_size: int, reps:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["mid", "tiny"], default="mid")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--length", type=int, default=650, help="prompt length in tokens")
+    common.add_model_args(p)
     p.add_argument("--layers", default="3,4,5", help="participating layers (mid has 8 layers: 3-5 mirrors 12-18 of 32)")
     p.add_argument("--region-size", type=int, default=6, help="region side r (24x24 grid -> 16 regions)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
     a = p.parse_args(argv)
-    size = common.MID if a.size == "mid" else common.TINY
-    table = run(size, [int(b) for b in a.batch.split(",")], a.length, [int(x) for x in a.layers.split(",")],
+    size = common.SIZES[a.size]
+    table = run(size, common.batch_sizes(a.batch), a.length, [int(x) for x in a.layers.split(",")],
                 a.region_size, a.reps)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 

@@ -34,9 +34,22 @@ class Size:
 MID = Size()
 TINY = Size(vision_width=32, vision_layers=2, vision_heads=4, text_width=48, text_layers=3, text_heads=6,
             text_kv_heads=3, text_ffn=61, vocab=128, image_size=84)
+SIZES = {"mid": MID, "tiny": TINY}  # --size choices of the timing scripts (tiny: for the smoke test)
 # 7B-shaped (LLaVA-1.5-7B), for accelerator runs.
 LLAVA_7B = Size(vision_width=1024, vision_layers=24, vision_heads=16, text_width=4096, text_layers=32,
                 text_heads=32, text_kv_heads=32, text_ffn=11008, vocab=32064)
+
+
+def add_model_args(p, *, batch: str | None = "1,8") -> None:
+    """The timing scripts' shared flags: --size, --length and (unless batch is None) --batch "1,8"."""
+    p.add_argument("--size", choices=sorted(SIZES), default="mid", help="model size (tiny: for the smoke test)")
+    p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
+    if batch is not None:
+        p.add_argument("--batch", default=batch, help="comma-separated batch sizes")
+
+
+def batch_sizes(text: str) -> list[int]:
+    return [int(b) for b in text.split(",")]
 
 
 def hf_config(size: Size):

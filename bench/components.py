@@ -72,12 +72,11 @@ def run(size: common.Size, batch: int, length: int, reps: int) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["mid", "tiny"], default="mid")
+    common.add_model_args(p, batch=None)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=650, help="prompt length in tokens")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions, interleaved")
     a = p.parse_args(argv)
-    size = common.MID if a.size == "mid" else common.TINY
+    size = common.SIZES[a.size]
     print(f"machine: {common.machine()}\nsize: {size}\nbatch {a.batch}, {a.length} tokens\n\n"
           f"{run(size, a.batch, a.length, a.reps)}")
 

@@ -72,15 +72,13 @@ def run(size: common.Size, batches, length: int, new_tokens: int, reps: int, dec
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["mid", "tiny"], default="mid", help="model size (tiny: for the smoke test)")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
+    common.add_model_args(p)
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
     p.add_argument("--no-decode", action="store_true", help="time the prefill only")
     a = p.parse_args(argv)
-    size = common.MID if a.size == "mid" else common.TINY
-    table = run(size, [int(b) for b in a.batch.split(",")], a.length, a.new_tokens, a.reps, decode=not a.no_decode)
+    size = common.SIZES[a.size]
+    table = run(size, common.batch_sizes(a.batch), a.length, a.new_tokens, a.reps, decode=not a.no_decode)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 
 

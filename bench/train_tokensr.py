@@ -103,7 +103,7 @@ def run(size: common.Size, work: Path, *, batch_size: int, images: int, steps: i
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["mid", "tiny"], default="mid")
+    p.add_argument("--size", choices=sorted(common.SIZES), default="mid")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--images", type=int, default=12, help="photos in the synthetic LLaVA mix")
     p.add_argument("--steps", type=int, default=4, help="timed steps per trainer, interleaved")
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=512, help="TokenSR bottleneck width")
     p.add_argument("--max-prompt-len", type=int, default=704)
     a = p.parse_args(argv)
-    size = common.MID if a.size == "mid" else common.TINY
+    size = common.SIZES[a.size]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         table = run(size, Path(work), batch_size=a.batch_size, images=a.images, steps=a.steps,

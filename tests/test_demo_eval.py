@@ -38,8 +38,30 @@ def test_demo_runs_three_modes_on_the_bundled_files(demo_run):
         assert settings[kind]["blink"]["tau_drop"] == DEMO.tau_drop
 
 
-def test_demo_metrics_are_the_official_rules_on_its_predictions(demo_run, tmp_path):
+def _by_hand(rows: list[dict], labels: dict[str, str]) -> dict[str, float]:
+    """eval_pope.py's rule written out: an answer is "no" if its first sentence has the word No, no or not."""
+    said_no = lambda text: bool({"No", "no", "not"} & set(text.split(".")[0].replace(",", "").split(" ")))
+    pairs = [(not said_no(r["prediction"]), labels[r["question_id"]] == "yes") for r in rows]
+    tp = sum(p and l for p, l in pairs)
+    fp = sum(p and not l for p, l in pairs)
+    precision, recall = tp / max(tp + fp, 1), tp / max(sum(l for _, l in pairs), 1)
+    return {"accuracy": sum(p == l for p, l in pairs) / len(pairs),
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+
+
+def test_demo_metrics_follow_popes_rules_and_rescore_identically(demo_run, tmp_path):
     out, results = demo_run
+    labels = {}
+    for split in ("random", "popular", "adversarial"):
+        for line in open(DEMO.data_dir("pope") / f"coco_pope_{split}.json"):
+            row = json.loads(line)
+            labels[f"{split}/{row['question_id']}"] = row["label"]
+    for mode, entry in results["modes"].items():
+        rows = [json.loads(line) for line in open(out / f"samples_pope_{mode}.jsonl")]
+        for split, metrics in entry["metrics"]["splits"].items():
+            hand = _by_hand([r for r in rows if r["question_id"].startswith(split + "/")], labels)
+            assert metrics["accuracy"] == pytest.approx(hand["accuracy"])
+            assert metrics["f1"] == pytest.approx(hand["f1"])
     for mode, entry in results["modes"].items():
         scores = tmp_path / f"{mode}.json"
         assert eval_score.main(["--bench", "pope", "--samples", str(out / f"samples_pope_{mode}.jsonl"),

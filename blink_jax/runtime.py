@@ -77,7 +77,10 @@ class Llava:
                 raise InputError(
                     f"input_ids row {row} holds {count} image tokens (id {cfg.image_token_index}), expected "
                     f"{cfg.num_image_tokens}: the prompt needs exactly one '<image>', expanded by the processor")
-        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        if isinstance(pixel_values, jax.Array):  # already on the device: no round trip through the host
+            pixel_values = pixel_values.astype(jnp.float32)
+        else:
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
         size = cfg.vision.image_size
         expected = (input_ids.shape[0], cfg.vision.num_channels, size, size)
         if pixel_values.shape != expected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import before_after, blink_cost, compilations, components, conversion, prefill_decode, train_tokensr
+from bench import accelerator, before_after, blink_cost, compilations, components, conversion, prefill_decode, train_tokensr
 
 TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
 
@@ -59,3 +59,43 @@ def test_train_tokensr(capsys):
                         "--channels", "8", "--max-prompt-len", "96"])
     rows = table_rows(capsys.readouterr().out)
     assert rows[1].startswith("| computed from crops") and rows[2].startswith("| warm cache")
+
+
+def test_accelerator(capsys):
+    accelerator.main(TINY + ["--dtype", "bfloat16", "--torch-device", "cpu", "--peak-tflops", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[2].strip() for r in rows[1:]] == ["ours vanilla", "ours Blink, expand every layer",
+                                                           "torch vanilla"]
+    assert all(r.rstrip(" |").endswith("%") for r in rows[1:])  # an MFU, given the peak
+
+
+def test_accelerator_default_layers():
+    assert accelerator.default_layers(32) == tuple(range(12, 19))  # BLINK.md's 12-18 on LLaVA-1.5-7B
+    assert accelerator.default_layers(8) == (3, 4, 5)
+    assert accelerator.parse_layers("12-14") == (12, 13, 14) and accelerator.parse_layers("1,3") == (1, 3)
+
+
+def test_prefill_flops_match_xla_cost_analysis():
+    """The analytic count behind MFU agrees with XLA's own count of the compiled prefill (which also counts
+    the elementwise work, a few percent at this width)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench import common
+    from blink_jax.config import LlavaConfig
+    from blink_jax.loading import abstract_model
+    from blink_jax.model import forward
+
+    size = common.Size(vision_width=128, vision_layers=3, vision_heads=4, text_width=256, text_layers=2,
+                       text_heads=4, text_kv_heads=2, text_ffn=704, vocab=1000)
+    batch, length = 2, 650
+    cfg = LlavaConfig.from_hf_config(common.hf_config(size))
+    graphdef, state = nnx.split(abstract_model(cfg))
+    prefill = jax.jit(lambda p, i, x, m: forward.prefill(nnx.merge(graphdef, p), i, x, m)[0])
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    pixels = jax.ShapeDtypeStruct((batch, 3, size.image_size, size.image_size), jnp.float32)
+    cost = prefill.lower(state, ids, pixels, ids).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    ours = accelerator.prefill_flops(size, batch, length)
+    assert 0.9 < ours / xla <= 1.0, (ours, xla)

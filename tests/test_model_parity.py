@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -140,6 +141,20 @@ def test_bad_inputs_name_the_problem():
         ours(input_ids=ids, pixel_values=pixels[:, :, :20], attention_mask=mask)
     with pytest.raises(InputError, match="pad on the left"):
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask[:, ::-1])
+    with pytest.raises(InputError, match="pixel_values has shape"):  # device arrays are checked too
+        ours(input_ids=ids, pixel_values=jnp.asarray(pixels)[:, :, :20], attention_mask=mask)
+
+
+def test_device_pixels_give_the_same_logits():
+    ours = from_hf(tl.make_hf_model(seed=0))
+    ids, pixels, mask = batch(ours.config)
+    host = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    device = ours(input_ids=ids, pixel_values=jnp.asarray(pixels, jnp.bfloat16).astype(jnp.float32),
+                  attention_mask=mask).logits
+    np.testing.assert_allclose(np.asarray(device), np.asarray(
+        ours(input_ids=ids, pixel_values=np.asarray(jnp.asarray(pixels, jnp.bfloat16), np.float32),
+             attention_mask=mask).logits), rtol=0, atol=0)
+    assert not np.array_equal(np.asarray(host), np.asarray(device))  # the bf16 rounding reached the logits
 
 
 def test_models_of_one_config_share_compiled_programs():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import accelerator, before_after, blink_cost, compilations, components, conversion, prefill_decode, train_tokensr
+from bench import (accelerator, before_after, blink_cost, compilations, components, conversion, gemm_backends,
+                   prefill_decode, train_tokensr)
 
 TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
 
@@ -99,3 +100,9 @@ def test_prefill_flops_match_xla_cost_analysis():
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
     ours = accelerator.prefill_flops(size, batch, length)
     assert 0.9 < ours / xla <= 1.0, (ours, xla)
+
+
+def test_gemm_backends(capsys):
+    gemm_backends.main(["--rows", "32", "--inner", "16", "--outer", "16", "--reps", "1", "--inner-reps", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [*gemm_backends.BACKENDS, "torch (MKL)"]

@@ -69,6 +69,29 @@ def test_demo_metrics_follow_popes_rules_and_rescore_identically(demo_run, tmp_p
         assert json.loads(scores.read_text())["metrics"] == entry["metrics"]
 
 
+def test_demo_paired_comparison_counts_the_saved_answers(demo_run):
+    out, results = demo_run
+    labels = {}
+    for split in ("random", "popular", "adversarial"):
+        for line in open(DEMO.data_dir("pope") / f"coco_pope_{split}.json"):
+            row = json.loads(line)
+            labels[f"{split}/{row['question_id']}"] = row["label"]
+    said_no = lambda text: bool({"No", "no", "not"} & set(text.split(".")[0].replace(",", "").split(" ")))
+    right = {}
+    for mode in results["modes"]:
+        rows = [json.loads(line) for line in open(out / f"samples_pope_{mode}.jsonl")]
+        right[mode] = {r["question_id"]: (not said_no(r["prediction"])) == (labels[r["question_id"]] == "yes")
+                       for r in rows}
+    paired = results["paired"]
+    assert paired["reference"] == "vanilla" and list(paired["modes"]) == ["interp", "blink"]
+    for mode, c in paired["modes"].items():
+        assert c["units"] == 18
+        assert c["only_this"] == sum(right[mode][q] and not right["vanilla"][q] for q in right[mode])
+        assert c["only_reference"] == sum(right["vanilla"][q] and not right[mode][q] for q in right[mode])
+        assert c["difference"] == pytest.approx((c["only_this"] - c["only_reference"]) / 18)
+    assert "## Paired comparison against Vanilla" in (out / "results.md").read_text()
+
+
 def test_demo_tokensr_matches_the_demo_model():
     from blink_jax.blink.checkpoint import load_tokensr
     from blink_jax.config import LlavaConfig

@@ -15,7 +15,7 @@ from eval.benchmarks.pope import parse_yes_no
 from eval.benchmarks.scienceqa import parse_answer, pred_index
 from eval.harness.io import append_lines, open_append_jsonl, read_jsonl
 from eval.harness.paper import paper_value
-from eval.harness.results import score_records
+from eval.harness.results import answered_results, score_records
 
 SHORT = "Answer the question using a single word or phrase."
 
@@ -192,6 +192,11 @@ def test_mmbench_tsv_prompt_and_circular_accuracy(tmp_path, tfds_dir, cn):
     assert m["accuracy"] == pytest.approx(3 / 4) and m["circular_accuracy"] == pytest.approx(2 / 3)
     assert m["questions"] == 3 and m["categories"]["color"] == 0.0
     assert scores["headline"]["MMBench-CN" if cn else "MMBench"] == pytest.approx(200 / 3)
+    # Paired comparisons count the same unit: a question with its rotations.
+    results = answered_results(bench, docs, {q: {"prediction": p} for q, p in
+                                             {"0": "A", "1000000": "A", "1": "B", "2": "dog"}.items()})
+    units = bench.correctness(results)
+    assert len(units) == m["questions"] and sum(units.values()) / len(units) == pytest.approx(m["circular_accuracy"])
 
 
 # ------------------------------------------------------------------------------------------- ScienceQA
@@ -230,6 +235,7 @@ def test_mmvet_submission_format(tmp_path, tfds_dir):
     (path,) = bench.export(samples, docs, tmp_path, "blink")
     assert path.name == "mmvet_blink.json" and json.loads(path.read_text()) == {"v1_0": "A dog on grass."}
     assert score(bench, docs, {"v1_0": "x"})["headline"] == {"MM-Vet": None}
+    assert bench.correctness(answered_results(bench, docs, {"v1_0": {"prediction": "x"}})) is None  # judged elsewhere
 
 
 # ------------------------------------------------------------------------------------------ harness bits

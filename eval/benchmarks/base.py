@@ -192,6 +192,14 @@ class Benchmark(abc.ABC):
     def aggregate(self, results: Sequence[dict]) -> dict:
         """Pure: per-question results -> metrics (a JSON-able dict)."""
 
+    def correctness(self, results: Mapping[str, dict]) -> dict[str, bool] | None:
+        """question_id -> `process_results(...)` of the answered questions => scoring unit -> right or wrong, for
+        paired comparisons between modes (`eval.harness.paired`). The default reads each result's "correct";
+        None when the benchmark has no per-answer correctness (MM-Vet's judge scores elsewhere)."""
+        if not all("correct" in r for r in results.values()):
+            return None
+        return {q: bool(r["correct"]) for q, r in results.items()}
+
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float | None]:
         """The BLINK.md §7 rows this benchmark fills (paper row -> value on the paper's scale)."""
         return {}

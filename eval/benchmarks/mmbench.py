@@ -151,6 +151,14 @@ class MmBench(Benchmark):
             "categories": {c: mean([all(g) for g in gs.values()]) for c, gs in sorted(categories.items())},
         }
 
+    def correctness(self, results: Mapping[str, dict]) -> dict[str, bool]:
+        """Circular evaluation's unit: a question counts as right only when every rotation of it is."""
+        groups: dict[str, list[bool]] = {}
+        for r in results.values():
+            if r["answer"]:
+                groups.setdefault(r["group"], []).append(r["correct"])
+        return {g: all(c) for g, c in groups.items()}
+
     def headline(self, metrics: Mapping) -> dict:
         return {self.paper_rows[0]: 100 * metrics["circular_accuracy"] if metrics.get("rows") else None}
 

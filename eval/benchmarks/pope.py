@@ -85,7 +85,10 @@ class Pope(Benchmark):
                        "image_file": f"val2014/{row['image']}", "question": row["text"], "label": row["label"]}
 
     def process_results(self, doc: Mapping, prediction: str) -> dict:
-        return {"subset": doc["subset"], "pred": parse_yes_no(prediction), "label": doc["label"]}
+        pred = parse_yes_no(prediction)
+        return {"subset": doc["subset"], "pred": pred, "label": doc["label"],
+                "correct": (pred != "no") == (doc["label"] != "no")}  # eval_pope's positives: all but 'no'
+
 
     def aggregate(self, results: Sequence[dict]) -> dict:
         per_split = {}

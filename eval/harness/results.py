@@ -35,19 +35,24 @@ def latest_records(records: Iterable[dict]) -> dict[str, dict]:
     return latest
 
 
+def answered_results(bench: Benchmark, docs: Mapping[str, dict], latest: Mapping[str, dict]) -> dict[str, dict]:
+    """question_id -> `bench.process_results` of its answer, for the answered (not errored) questions of `docs`."""
+    return {q: bench.process_results(docs[q], r.get("prediction") or "") for q, r in latest.items()
+            if q in docs and r.get("error") is None}
+
+
 def score_records(bench: Benchmark, docs: Mapping[str, dict], records: Iterable[dict]) -> dict:
     """Samples (dicts with question_id, prediction, error) + docs by id -> metrics, headline, counts, errors."""
     latest = latest_records(records)
     unknown = [q for q in latest if q not in docs]
     kept = [r for q, r in latest.items() if q in docs]
-    answered = [r for r in kept if r.get("error") is None]
     errors = [{"question_id": r["question_id"], "error": r["error"]} for r in kept if r.get("error") is not None]
-    results = [bench.process_results(docs[str(r["question_id"])], r.get("prediction") or "") for r in answered]
-    metrics = bench.aggregate(results)
+    results = answered_results(bench, docs, latest)
+    metrics = bench.aggregate(list(results.values()))
     return {
         "metrics": metrics,
         "headline": bench.headline(metrics),
-        "counts": {"questions": len(docs), "answered": len(answered), "errors": len(errors),
+        "counts": {"questions": len(docs), "answered": len(results), "errors": len(errors),
                    "missing": len(docs) - len(kept), "unknown_ids": len(unknown)},
         "errors": errors,
     }
@@ -87,8 +92,10 @@ def versions() -> dict[str, Any]:
     return out
 
 
-def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, versions_: dict) -> dict:
-    """modes: [{"name", "kind", "label", "ablation", "settings", "score": score_records(...), "files": {...}}]."""
+def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, versions_: dict,
+                     paired: Mapping | None = None) -> dict:
+    """modes: [{"name", "kind", "label", "ablation", "settings", "score": score_records(...), "files": {...}}];
+    paired: `eval.harness.paired.against_first(...)`, if the benchmark has per-answer correctness."""
     return {
         "bench": bench.name, "title": bench.title, "task_version": bench.version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -98,6 +105,7 @@ def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, vers
                               "settings": m["settings"], **m["score"], "files": m.get("files", {})} for m in modes},
         "paper": {row: {m["name"]: paper_value(row, m["kind"], m.get("ablation")) for m in modes}
                   for row in bench.paper_rows},
+        "paired": dict(paired or {}),
     }
 
 
@@ -147,7 +155,30 @@ def markdown_table(doc: Mapping) -> str:
               "|" + "---|" * (len(names) + 1)]
     for key in ("questions", "answered", "errors", "missing"):
         lines.append("| " + " | ".join([key] + [str(modes[n]["counts"][key]) for n in names]) + " |")
+    lines += paired_lines(doc)
     config = doc.get("config", {})
     lines += ["", f"Model `{config.get('model')}`, data `{config.get('data_dir')}`, commit "
               f"`{doc.get('versions', {}).get('git_commit')}`; paper: BLINK.md §7 (LLaVA-1.5-7B)."]
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(doc: Mapping) -> list[str]:
+    """The paired comparison of each mode against the reference mode (`eval.harness.paired`), as a table."""
+    paired = doc.get("paired") or {}
+    if not paired.get("modes"):
+        return []
+    modes = doc["modes"]
+    ref = modes[paired["reference"]]["label"]
+    lines = ["", f"## Paired comparison against {ref}", "",
+             f"Same questions, scored per unit; only the units one mode gets right and the other wrong tell them "
+             f"apart. 95% interval: bootstrap over units; p: McNemar's exact test.", "",
+             f"| mode | units | right only here | right only in {ref} | accuracy difference (points) | 95% interval "
+             f"| McNemar p |", "|---|---|---|---|---|---|---|"]
+    for name, c in paired["modes"].items():
+        if not c["units"]:
+            lines.append(f"| {modes[name]['label']} | 0 | — | — | — | — | — |")
+            continue
+        low, high = c["ci95"]
+        lines.append(f"| {modes[name]['label']} | {c['units']} | {c['only_this']} | {c['only_reference']} "
+                     f"| {100 * c['difference']:+.2f} | [{100 * low:+.2f}, {100 * high:+.2f}] | {c['mcnemar_p']:.3g} |")
+    return lines

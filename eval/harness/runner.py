@@ -22,11 +22,13 @@ import numpy as np
 
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark
+from eval.harness import paired
 from eval.harness import traces as trace_io
 from eval.harness.batching import Batch, pad_batch, plan_batches, prefetch
 from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, open_append_jsonl, read_jsonl
 from eval.harness.modes import ModeSpec, build_modes
-from eval.harness.results import latest_records, markdown_table, results_document, score_file, versions
+from eval.harness.results import (answered_results, latest_records, markdown_table, results_document,
+                                  score_records, versions)
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -251,7 +253,7 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
     """Scores every mode's samples file and writes results.json, results.md and the benchmark's exports."""
     out, bench = Path(cfg.out), runner.bench
     docs = {d["question_id"]: d for d in runner.docs}
-    entries = []
+    entries, correct = [], {}
     for mode in modes:
         path = samples_path(out, bench.name, mode.name)
         if not path.exists():
@@ -261,9 +263,13 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
         files = {"samples": path.name, **({"traces": traces_path(out, bench.name, mode.name).name}
                                           if cfg.save_traces and mode.blink is not None else {}),
                  "exports": [p.name for p in exports]}
+        latest = latest_records(read_jsonl(path))
         entries.append({"name": mode.name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
-                        "settings": mode.settings(), "score": score_file(bench, docs, path), "files": files})
-    document = results_document(bench, entries, config_document(cfg, runner, modes), versions())
+                        "settings": mode.settings(), "score": score_records(bench, docs, latest.values()),
+                        "files": files})
+        correct[mode.name] = bench.correctness(answered_results(bench, docs, latest))
+    document = results_document(bench, entries, config_document(cfg, runner, modes), versions(),
+                                paired.against_first(correct))
     atomic_write_json(out / "results.json", document)
     atomic_write_text(out / "results.md", markdown_table(document))
     return document

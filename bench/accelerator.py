@@ -32,9 +32,6 @@ PEAK_TFLOPS = {
                  ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
                  ("TPU v5", 459.0), ("TPU v6", 918.0)),
 }
-SIZES = {**common.SIZES, "7b": common.LLAVA_7B}
-
-
 def default_layers(text_layers: int) -> tuple[int, ...]:
     """Layers 12-18 of 32 (BLINK.md), scaled to a decoder of `text_layers` layers."""
     first, last = int(12 * text_layers / 32 + 0.5), int(18 * text_layers / 32 + 0.5)  # halves round up
@@ -186,7 +183,7 @@ def run(size: common.Size, dtype: str, batches, length: int, layers, region_size
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="7b", help="model shape (tiny: smoke test)")
+    p.add_argument("--size", choices=sorted(common.ALL_SIZES), default="7b", help="model shape (tiny: smoke test)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameters and activations")
     p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
@@ -199,7 +196,7 @@ def main(argv=None):
     p.add_argument("--torch-device", choices=("cuda", "cpu", "none"), default="cuda",
                    help="where transformers' model runs ('cuda' is skipped when torch sees no GPU)")
     a = p.parse_args(argv)
-    size = SIZES[a.size]
+    size = common.ALL_SIZES[a.size]
     layers = parse_layers(a.layers) if a.layers else default_layers(size.text_layers)
     if not 0 <= layers[0] <= layers[-1] < size.text_layers:
         p.error(f"--layers {a.layers} must lie within the decoder's {size.text_layers} layers")

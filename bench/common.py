@@ -38,11 +38,13 @@ SIZES = {"mid": MID, "tiny": TINY}  # --size choices of the timing scripts (tiny
 # 7B-shaped (LLaVA-1.5-7B), for accelerator runs.
 LLAVA_7B = Size(vision_width=1024, vision_layers=24, vision_heads=16, text_width=4096, text_layers=32,
                 text_heads=32, text_kv_heads=32, text_ffn=11008, vocab=32064)
+ALL_SIZES = {**SIZES, "7b": LLAVA_7B}  # for scripts that can run it (accelerators, or compile-only)
 
 
-def add_model_args(p, *, batch: str | None = "1,8") -> None:
-    """The timing scripts' shared flags: --size, --length and (unless batch is None) --batch "1,8"."""
-    p.add_argument("--size", choices=sorted(SIZES), default="mid", help="model size (tiny: for the smoke test)")
+def add_model_args(p, *, batch: str | None = "1,8", sizes=None) -> None:
+    """The timing scripts' shared flags: --size (of `sizes`, default SIZES), --length and (unless batch is None)
+    --batch "1,8"."""
+    p.add_argument("--size", choices=sorted(sizes or SIZES), default="mid", help="model size (tiny: for the smoke test)")
     p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
     if batch is not None:
         p.add_argument("--batch", default=batch, help="comma-separated batch sizes")

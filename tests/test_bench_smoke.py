@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import (accelerator, before_after, blink_cost, compilations, components, conversion, gemm_backends,
-                   prefill_decode, train_tokensr)
+                   prefill_decode, scan_layers, train_tokensr)
 
 TINY = ["--size", "tiny", "--batch", "1", "--length", "80", "--reps", "1"]
 
@@ -106,3 +106,13 @@ def test_gemm_backends(capsys):
     gemm_backends.main(["--rows", "32", "--inner", "16", "--outer", "16", "--reps", "1", "--inner-reps", "1"])
     rows = table_rows(capsys.readouterr().out)
     assert [r.split("|")[1].strip() for r in rows[1:]] == [*gemm_backends.BACKENDS, "torch (MKL)"]
+
+
+def test_scan_layers(capsys):
+    scan_layers.main(TINY)  # also checks that both variants give the same logits
+    rows = table_rows(capsys.readouterr().out)
+    assert [r.split("|")[2].strip() for r in rows[1:]] == ["unrolled", "scan"]
+    scan_layers.main(["--size", "tiny", "--length", "80", "--compile-only"])
+    assert len(table_rows(capsys.readouterr().out)) == 3
+    with pytest.raises(SystemExit):
+        scan_layers.main(["--size", "7b"])  # 7b runs only compile-only on a host

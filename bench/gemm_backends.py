@@ -1,4 +1,4 @@
-"""The decoder MLP's GEMM (fp32) under each of XLA:CPU's matmul back ends, beside torch's, in rounds.
+"""The decoder MLP's GEMM (fp32, and bf16 operands) under each of XLA:CPU's matmul back ends, beside torch's.
 
     python -m bench.gemm_backends [--rows 5200] [--inner 1024] [--outer 2816] [--reps 3]
 
@@ -25,11 +25,18 @@ BACKENDS = {
     "XLA + YNN dot fusion": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "XLA + oneDNN dot fusion": "--xla_cpu_experimental_onednn_fusion_type=dot",
 }
+# (name, XLA_FLAGS, operand dtype): every back end in fp32, then bf16 operands (this CPU has AVX512_BF16).
+VARIANTS = [(name, flags, "float32") for name, flags in BACKENDS.items()] + [
+    ("XLA default, bf16 operands", "", "bfloat16"),
+    ("XLA + oneDNN, bf16 operands", "--xla_cpu_use_onednn=true", "bfloat16"),
+]
 
 _CHILD = """
 import json, statistics, sys, time
 import numpy as np
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16"
 rows, inner, outer, reps, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+dtype = sys.argv[6]
 rng = np.random.default_rng(0)
 a = rng.standard_normal((rows, inner), np.float32)
 b = rng.standard_normal((inner, outer), np.float32)
@@ -40,7 +47,7 @@ if kind == "torch":
     run = lambda: ta @ tb
 else:
     import jax
-    ja, jb = jax.device_put(a), jax.device_put(b)
+    ja, jb = jax.device_put(a.astype(dtype)), jax.device_put(b.astype(dtype))
     f = jax.jit(lambda x, y: x @ y)
     run = lambda: f(ja, jb).block_until_ready()
 run()
@@ -53,12 +60,12 @@ print(json.dumps(statistics.median(times)))
 """
 
 
-def _time(flags: str | None, rows: int, inner: int, outer: int, reps: int) -> float:
+def _time(flags: str | None, rows: int, inner: int, outer: int, reps: int, dtype: str = "float32") -> float:
     env = dict(os.environ)
     kind = "torch" if flags is None else "jax"
     if flags is not None:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(rows), str(inner), str(outer), str(reps), kind],
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(rows), str(inner), str(outer), str(reps), kind, dtype],
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the {kind} child with XLA_FLAGS='{flags}' failed:\n{out.stderr[-2000:]}")
@@ -66,11 +73,11 @@ def _time(flags: str | None, rows: int, inner: int, outer: int, reps: int) -> fl
 
 
 def run(rows: int, inner: int, outer: int, reps: int, inner_reps: int) -> str:
-    variants = {**BACKENDS, "torch (MKL)": None}
-    times = {name: [] for name in variants}
+    variants = VARIANTS + [("torch (MKL)", None, "float32")]
+    times = {name: [] for name, _, _ in variants}
     for _ in range(reps):
-        for name, flags in variants.items():
-            times[name].append(_time(flags, rows, inner, outer, inner_reps))
+        for name, flags, dtype in variants:
+            times[name].append(_time(flags, rows, inner, outer, inner_reps, dtype))
     flop = 2 * rows * inner * outer
     base = times["XLA default (Eigen)"]
     table = ["| GEMM back end | seconds | GFLOP/s | time / XLA default |", "|---|---|---|---|"]

@@ -91,7 +91,8 @@ class Llava:
                  rng=None) -> ModelOutput:
         """Prefill logits [B, T, V]. `blink=BlinkConfig(...)` runs Blink (`out.trace` holds its decisions);
         `tokensr` is the trained TokenSR (bank or state) for tokensr_kind='conv'; `rng` seeds the random-region
-        ablation."""
+        ablation: one PRNG key, or one per example ([B] keys) to make each example's draw independent of its
+        batch."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         if blink is None:
             logits = _prefill(self.graphdef, self.params, ids, px, mask)

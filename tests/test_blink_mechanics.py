@@ -232,6 +232,17 @@ def test_random_regions_in_range():
     assert set(np.asarray(reg).tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_random_regions_per_example_keys_ignore_batch_company(make_key):
+    keys = jnp.stack([jax.random.fold_in(make_key(0), i) for i in range(7)])
+    together = np.asarray(random_regions(keys, 7, 5))
+    alone = [int(random_regions(keys[i:i + 1], 1, 5)[0]) for i in range(7)]
+    shuffled = np.asarray(random_regions(keys[::-1], 7, 5))[::-1]
+    assert together.tolist() == alone == shuffled.tolist()
+    with pytest.raises(ValueError, match="3 per-example keys for a batch of 7"):
+        random_regions(keys[:3], 7, 5)
+
+
 # --------------------------------------------------------------------------- SR bookkeeping
 
 

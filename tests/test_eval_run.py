@@ -192,3 +192,32 @@ def test_usage_errors_explain_the_fix(env, tmp_path, capsys):
     del args[args.index("--tokensr"):args.index("--tokensr") + 2]
     assert eval_run.main(args) == 2
     assert "--tokensr" in capsys.readouterr().err
+
+
+def test_another_tokensr_into_the_same_out_is_refused(env, pope_run, tmp_path, capsys):
+    """Same geometry, other weights: resuming would mix two checkpoints' answers in one mode."""
+    out = tmp_path / "copy"
+    shutil.copytree(pope_run.out, out)
+    cfg = BlinkConfig(layers=LAYERS, region_size=3, tokensr_kind="conv", tokensr_channels=7)
+    dim = tl.tiny_hf_config().text_config.hidden_size
+    save_tokensr(tmp_path / "other", TokenSRBank(cfg, dim, rngs=nnx.Rngs(1)), cfg, dim=dim)
+    args = cli_args(env, "pope", out, modes="blink")
+    args[args.index("--tokensr") + 1] = str(tmp_path / "other")
+    assert eval_run.main(args) == 2
+    assert "tokensr_sha256" in capsys.readouterr().err
+
+
+def test_random_region_ablation_does_not_depend_on_batching(env, tmp_path):
+    """Each question's random region comes from its own id: other batch sizes (as after a resume) give the same
+    regions and answers."""
+    runs = {}
+    for size in ("4", "3"):
+        out = tmp_path / f"batch{size}"
+        args = cli_args(env, "pope", out, "--ablation", "random", "--save-traces", modes="interp")
+        args[args.index("--batch-size") + 1] = size
+        assert eval_run.main(args) == 0
+        answers = {r["question_id"]: r["prediction"] for r in samples(out, "pope", "interp-random")}
+        runs[size] = {r["question_id"]: (answers[r["question_id"]], r["region"])
+                      for r in read_jsonl(out / "traces_pope_interp-random.jsonl")}
+    assert runs["4"] == runs["3"] and len(runs["4"]) == 9
+    assert len({str(region) for _, region in runs["4"].values()}) > 1  # the draws differ between questions

@@ -69,3 +69,18 @@ def load_tokensr(path: str | os.PathLike) -> tuple[TokenSRBank, BlinkConfig]:
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(bank, state)
     return bank, blink
+
+
+def fingerprint(bank: TokenSRBank) -> str:
+    """sha256 of a TokenSR bank's parameter values (paths, shapes, dtypes and bytes), hex: tells two trained
+    checkpoints apart wherever they are stored (e.g. for an eval's resume check)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for path, value in sorted(nnx.to_flat_state(nnx.state(bank, nnx.Param)), key=lambda kv: str(kv[0])):
+        array = np.ascontiguousarray(np.asarray(value[...]))
+        digest.update(f"{path}|{array.shape}|{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

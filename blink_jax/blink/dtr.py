@@ -117,8 +117,26 @@ def select_on_expand(action: jax.Array, new: jax.Array, old: jax.Array) -> jax.A
     return jnp.where(mask, new, old)
 
 
+def is_key_batch(key: jax.Array) -> bool:
+    """True for one PRNG key per example ([B] typed keys or [B, 2] raw uint32 keys), False for a single key."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
+
+
+def fold_in(key: jax.Array, data: int) -> jax.Array:
+    """`jax.random.fold_in` of a single key or of each key of a per-example batch."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(key) if is_key_batch(key) else jax.random.fold_in(key, data)
+
+
 def random_regions(key: jax.Array, batch: int, num_regions: int) -> jax.Array:  # [B] int32
-    """Uniform regions for the w/o-SGS ablation. Fold the layer index into `key` per layer."""
+    """Uniform regions for the w/o-SGS ablation. Fold the layer index into `key` per layer.
+
+    `key`: one key for the batch, or one per example ([B] keys), which makes each example's region a function
+    of its own key alone, whatever else shares its batch (what a resumable eval needs)."""
+    if is_key_batch(key):
+        if key.shape[0] != batch:
+            raise ValueError(f"random_regions got {key.shape[0]} per-example keys for a batch of {batch}")
+        return jax.vmap(lambda k: jax.random.randint(k, (), 0, num_regions, dtype=jnp.int32))(key)
     return jax.random.randint(key, (batch,), 0, num_regions, dtype=jnp.int32)
 
 

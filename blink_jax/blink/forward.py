@@ -101,7 +101,7 @@ def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pi
 
         rho, r_star, s_v = saliency_guided_scan(q[:, t - 1], k, valid, visual_index, grid=grid, region_size=r)
         if static.random_region:
-            r_star = dtr.random_regions(jax.random.fold_in(key, index), b, static.num_regions(grid))
+            r_star = dtr.random_regions(dtr.fold_in(key, index), b, static.num_regions(grid))
         action, state = dtr.step(state, rho, r_star, thresholds, static)
         low_res = dtr.gather_region(dtr.gather_visual(h, visual_index, grid), state.region, r)  # [B, r, r, D]
         fresh = bank.for_layer(index)(low_res).astype(h.dtype).reshape(b, num_sr, -1)

@@ -30,6 +30,7 @@ class ModeSpec:
     blink: BlinkConfig | None = None
     tokensr: Any = None  # the trained TokenSRBank for kind "blink"
     ablation: str | None = None
+    tokensr_sha256: str | None = None  # `checkpoint.fingerprint(tokensr)`: which trained weights answered
 
     @property
     def name(self) -> str:
@@ -45,7 +46,10 @@ class ModeSpec:
         """What decides this mode's predictions, as JSON (for results.json and the resume check)."""
         if self.blink is None:
             return {"kind": self.kind}
-        return {"kind": self.kind, "ablation": self.ablation, "blink": dataclasses.asdict(self.blink)}
+        settings = {"kind": self.kind, "ablation": self.ablation, "blink": dataclasses.asdict(self.blink)}
+        if self.tokensr_sha256 is not None:  # another checkpoint of the same geometry must not resume this run
+            settings["tokensr_sha256"] = self.tokensr_sha256
+        return settings
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -80,7 +84,7 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
                         "train.tokensr` exports), or run --modes vanilla,interp")
     bank, trained = None, None
     if tokensr_dir is not None and ("blink" in kinds or "interp" in kinds):
-        from blink_jax.blink.checkpoint import load_tokensr
+        from blink_jax.blink.checkpoint import fingerprint, load_tokensr
 
         bank, trained = load_tokensr(tokensr_dir)
     thresholds = {k: v for k, v in (("tau_exp", tau_exp), ("tau_drop", tau_drop)) if v is not None}
@@ -104,5 +108,6 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
                     raise ModeError(f"--{field.replace('_', '-')} {value} differs from the trained TokenSR's "
                                     f"{field}={getattr(trained, field)} ({tokensr_dir}): leave it out for mode "
                                     f"'blink', or train TokenSR for it")
-            specs.append(ModeSpec("blink", finish(trained), tokensr=bank, ablation=ablation))
+            specs.append(ModeSpec("blink", finish(trained), tokensr=bank, ablation=ablation,
+                                  tokensr_sha256=fingerprint(bank)))
     return specs

@@ -178,11 +178,16 @@ class Runner:
                 "prediction": prediction, "target": doc.get("answer", doc.get("label")), "error": error,
                 "trace": trace}
 
-    def _key(self, batch_rows):
+    def _keys(self, question_ids: Sequence[str]):
+        """One PRNG key per batch row ([batch_size, 2]), from the seed and the row's question id alone, so the
+        random-region ablation gives a question the same region whatever shares its batch (a resumed run
+        batches differently). Padding rows get the key of question id ""."""
         import jax
+        import jax.numpy as jnp
 
-        first = batch_rows[0][0].doc["question_id"]
-        return jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), zlib.crc32(first.encode()) & 0x7FFFFFFF)
+        ids = list(question_ids) + [""] * (self.cfg.batch_size - len(question_ids))
+        base = jax.random.PRNGKey(self.cfg.seed)
+        return jnp.stack([jax.random.fold_in(base, zlib.crc32(q.encode()) & 0x7FFFFFFF) for q in ids])
 
     def run_mode(self, mode: ModeSpec, counter: _Counter) -> None:
         from tqdm import tqdm
@@ -217,7 +222,8 @@ class Runner:
                         programs.add((cfg.batch_size, batch.length, self.max_new_tokens))
                         tokens, trace = self.model.generate(
                             **inputs, max_new_tokens=self.max_new_tokens, blink=mode.blink, tokensr=mode.tokensr,
-                            rng=self._key(rows) if mode.blink is not None else None, return_trace=True)
+                            rng=self._keys([item.doc["question_id"] for item, _ in ok]) if mode.blink is not None else None,
+                            return_trace=True)
                         if trace is not None and trace_file is not None:
                             append_lines(trace_file, [trace_io.record(
                                 trace, i, question_id=item.doc["question_id"],

@@ -142,8 +142,16 @@ def _st_header(file: Path) -> dict[str, TensorRef]:
     return refs
 
 
+TORCH_HINT = ("pip install torch (the CPU build is enough: pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu)")
+
+
 def _torch_load(file: Path) -> dict:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"'{file}' is a PyTorch pickle, which needs PyTorch to read: {TORCH_HINT}, or re-save "
+                              f"the checkpoint as safetensors (save_pretrained(..., safe_serialization=True))") from None
     try:  # zip-format pickles can be memory-mapped: metadata now, data on access
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as e:

@@ -9,6 +9,7 @@ written; tensors are then streamed one at a time, and the output appears atomica
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from blink_jax.config import ConfigError, LlavaConfig
 from blink_jax.loading import CheckpointError
 from checkpoints_conversion import hf_reader, orbax_io
+from checkpoints_conversion.hf_reader import TORCH_HINT
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Largest |logit difference| accepted by --verify. Both models run in fp32 with identical weights (HF's
@@ -149,6 +151,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verify and importlib.util.find_spec("torch") is None:  # check before a long conversion, not after
+        print(f"error: --verify runs transformers' PyTorch model, and PyTorch is not installed: {TORCH_HINT}; "
+              f"or convert without --verify", file=sys.stderr)
+        return 2
     try:
         out = convert(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, CheckpointError, FileExistsError) as e:

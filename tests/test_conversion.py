@@ -425,3 +425,17 @@ def test_verify_catches_a_wrong_conversion(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_reader, "iter_plan", swapped)
     assert hf_to_orbax.main(["--hf-dir", str(tiny["dir"]), "--out", str(out), "--verify", "--no-progress"]) == 1
+
+
+def test_without_torch_a_pickle_and_verify_say_how_to_get_it(tiny, tmp_path, monkeypatch, capsys):
+    """PyTorch is optional (safetensors need none): where it is needed, the error says so, before any work."""
+    src = new_dir(tmp_path / "hf", stored(tiny["dir"]), "bin", tiny["dir"])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+        with pytest.raises(CheckpointError, match="PyTorch pickle, which needs PyTorch.*pip install torch"):
+            hf_reader._header(src / "pytorch_model.bin")
+    monkeypatch.setattr(hf_to_orbax.importlib.util, "find_spec", lambda name: None if name == "torch" else True)
+    out = tmp_path / "jax2"
+    assert hf_to_orbax.main(["--hf-dir", str(tiny["dir"]), "--out", str(out), "--verify", "--no-progress"]) == 2
+    assert "--verify runs transformers' PyTorch model" in capsys.readouterr().err
+    assert not out.exists()

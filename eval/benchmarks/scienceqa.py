@@ -11,7 +11,9 @@ Prompt (LLaVA-1.5's `llava_test_CQM-A.json` + `--single-pred-prompt`, as lmms-ev
 "\\nAnswer with the option's letter from the given choices directly.".
 
 Scoring: the answer is a bare option letter, or starts "X. ", or contains "The answer is X" (X in A-E);
-anything else is "FAILED"; the letter must be one of the question's options.
+anything else is "FAILED"; the letter must be one of the question's options. This is the script as LLaVA-1.5
+ships it (the version that also prints IMG-Accuracy); an earlier version accepted only a single
+"The answer is X." match and guessed at random on failure, which no reported number should depend on.
 """
 
 from __future__ import annotations

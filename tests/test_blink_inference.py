@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import jax
@@ -228,3 +230,8 @@ def test_tokensr_checkpoint_round_trip(models, tmp_path):
     np.testing.assert_array_equal(run(loaded), run(bank))
     with pytest.raises(FileNotFoundError, match="not a TokenSR checkpoint"):
         load_tokensr(tmp_path)
+    # A bank used with a config of another geometry is named before anything is traced.
+    for field, value in (("scale", 3), ("tokensr_channels", 9)):
+        other = dataclasses.replace(cfg, **{field: value})
+        with pytest.raises(ValueError, match=f"built with {field}=.* but BlinkConfig.{field}={value}"):
+            ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=other, tokensr=loaded)

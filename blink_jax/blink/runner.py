@@ -60,6 +60,16 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
     if tuple(bank.layers) != tuple(blink.layers):
         raise ValueError(f"the TokenSR parameters cover layers {tuple(bank.layers)} but BlinkConfig.layers="
                          f"{tuple(blink.layers)}: train TokenSR for these layers or use its layers")
+    for layer in bank.layers:
+        module = bank.for_layer(layer)
+        built = {"region_size": module.region_size, "scale": module.scale, "tokensr_kind": module.kind}
+        if module.kind == "conv":
+            built["tokensr_channels"] = module.conv1.out_features
+        for field, value in built.items():
+            if getattr(blink, field) != value:
+                raise ValueError(f"the TokenSR of layer {layer} was built with {field}={value!r} but BlinkConfig."
+                                 f"{field}={getattr(blink, field)!r}: use the config it was trained with "
+                                 f"(`load_tokensr` returns it) or train TokenSR for this one")
     return bank
 
 

@@ -323,3 +323,21 @@ def test_cpu8_gives_the_same_losses_as_one_device(root, cpu8, uninterrupted):
         np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], rtol=2e-4, err_msg=f"step {step}")
         np.testing.assert_allclose(eight[step]["grad_norm"], one[step]["grad_norm"], rtol=2e-3, err_msg=f"step {step}")
     assert (Path(cfg.workdir) / "tokensr" / "tokensr.json").is_file()
+
+
+def test_saved_config_paths_are_absolute(tmp_path, monkeypatch):
+    """config.json must work from any directory (`--export-only` reads the model path from it)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model="m", data_dir="d", workdir="w", teacher_cache="none").with_absolute_paths()
+    assert (cfg.model, cfg.data_dir, cfg.workdir) == tuple(str(tmp_path / x) for x in "mdw")
+    assert cfg.tfds_dir == "" and cfg.teacher_cache == "none"  # '' and 'none' mean something: kept
+    assert TrainConfig(model="m", data_dir="d", workdir="w", teacher_cache="c").with_absolute_paths().teacher_cache \
+        == str(tmp_path / "c")
+
+
+def test_export_only_of_a_wrong_workdir_says_what_it_needs(tmp_path, capsys):
+    from train import tokensr as cli
+
+    assert cli.main(["--export-only", "--workdir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "work directory of a `python -m train.tokensr` run" in err

@@ -120,6 +120,14 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The same run with its directories absolute (the special teacher_cache values '' and 'none' kept)."""
+        absolute = lambda p: os.fspath(Path(p).absolute()) if p else p
+        cache = self.teacher_cache if self.teacher_cache in ("", "none") else absolute(self.teacher_cache)
+        return dataclasses.replace(self, model=absolute(self.model), data_dir=absolute(self.data_dir),
+                                   workdir=absolute(self.workdir), tfds_dir=absolute(self.tfds_dir),
+                                   teacher_cache=cache)
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
         fields = json.loads(Path(path).read_text())

@@ -106,8 +106,8 @@ class Trainer:
                                               cfg.mse_weight, self.lr_sh)
         self.train_step = self.program.step
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep)
-        if self.is_main:
-            (self.workdir / "config.json").write_text(cfg.to_json())
+        if self.is_main:  # paths made absolute, so `export_only` and readers work from any directory
+            (self.workdir / "config.json").write_text(cfg.with_absolute_paths().to_json())
 
     # ------------------------------------------------------------------------------------------------ setup
 

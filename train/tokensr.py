@@ -43,9 +43,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Outputs in --workdir: config.json, metrics.jsonl, checkpoints/<step>/, teacher_cache/, tokensr/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--model", help="LLaVA-1.5 directory: Hugging Face (llava-hf/llava-1.5-7b-hf) or converted "
+    io.add_argument("--model", help="(required unless --export-only) LLaVA-1.5 directory: Hugging Face (llava-hf/llava-1.5-7b-hf) or converted "
                     "by checkpoints_conversion.hf_to_orbax")
-    io.add_argument("--data-dir", help="LLaVA-1.5 mix directory: llava_v1_5_mix665k.json and the image folders "
+    io.add_argument("--data-dir", help="(required unless --export-only) LLaVA-1.5 mix directory: llava_v1_5_mix665k.json and the image folders "
                     "(coco/train2017, gqa/images, ocr_vqa/images, textvqa/train_images, vg/VG_100K{,_2})")
     io.add_argument("--tfds-dir", default=d.tfds_dir, help="where the prepared array_record dataset goes (built on "
                     "first use); default <data-dir>/tfds")
@@ -102,16 +102,22 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds narrate every file at INFO
     from train import loop
 
-    if args.export_only:
-        print(loop.export_only(args.workdir))
-        return 0
-    missing = [f"--{name.replace('_', '-')}" for name in ("model", "data_dir") if not getattr(args, name)]
-    if missing:
-        parser().error(f"{' and '.join(missing)} required")
     from blink_jax import CheckpointError, ConfigError
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
     from train.sharding import MeshError
+
+    if args.export_only:
+        try:
+            print(loop.export_only(args.workdir))
+        except (FileNotFoundError, ConfigError, CheckpointError, TrainConfigError) as e:
+            print(f"error: --export-only: {e}; --workdir must be the work directory of a `python -m train.tokensr` "
+                  f"run (its config.json and checkpoints/)", file=sys.stderr)
+            return 2
+        return 0
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "data_dir") if not getattr(args, name)]
+    if missing:
+        parser().error(f"{' and '.join(missing)} required")
 
     fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
     try:

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from blink_jax import CheckpointError, ConfigError
+    from blink_jax.processing import ImageError, ProcessorError
     from eval.benchmarks import DataError
     from eval.harness.modes import ModeError, parse_layers
     from eval.harness.runner import EvalConfig, RunConflict, run_eval
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         document = run_eval(cfg)
-    except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, ProcessorError, ImageError,
+            FileNotFoundError) as e:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     from eval.harness.results import markdown_table

@@ -192,6 +192,15 @@ def test_usage_errors_explain_the_fix(env, tmp_path, capsys):
     del args[args.index("--tokensr"):args.index("--tokensr") + 2]
     assert eval_run.main(args) == 2
     assert "--tokensr" in capsys.readouterr().err
+    # A model directory without a tokenizer is named before the benchmark is prepared (which can take long).
+    (tmp_path / "no_tok").mkdir()
+    shutil.copy(env.model / "config.json", tmp_path / "no_tok")
+    args = cli_args(env, "pope", tmp_path / "y")
+    args[args.index("--model") + 1] = str(tmp_path / "no_tok")
+    args[args.index("--tfds-dir") + 1] = str(tmp_path / "fresh_tfds")
+    assert eval_run.main(args) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    assert not (tmp_path / "fresh_tfds").exists()
 
 
 def test_another_tokensr_into_the_same_out_is_refused(env, pope_run, tmp_path, capsys):

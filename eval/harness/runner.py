@@ -281,14 +281,15 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
     return document
 
 
-def load_model(cfg: EvalConfig):
+def load_model(cfg: EvalConfig, processor=None):
+    """(model, tokenizer) of `cfg.model`; `processor`: its `Processor`, if already loaded."""
     import jax.numpy as jnp
 
     from blink_jax import load_pretrained
     from blink_jax.processing import Processor
 
-    model = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
-    return model, Processor.from_pretrained(cfg.model, config=model.config).tokenizer
+    processor = processor or Processor.from_pretrained(cfg.model)
+    return load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype)), processor.tokenizer
 
 
 def run_eval(cfg: EvalConfig, *, stop_after: int | None = None, model_and_tokenizer: Any = None) -> dict:
@@ -297,8 +298,13 @@ def run_eval(cfg: EvalConfig, *, stop_after: int | None = None, model_and_tokeni
     bench = benchmarks.get(cfg.bench)
     modes = build_modes(cfg.modes, tokensr_dir=cfg.tokensr, ablation=cfg.ablation, layers=cfg.layers,
                         region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop)
+    processor = None
+    if model_and_tokenizer is None:  # config and tokenizer now: a wrong --model fails before the data is prepared
+        from blink_jax.processing import Processor
+
+        processor = Processor.from_pretrained(cfg.model)
     docs = bench.limit(benchmarks.load_docs(bench, cfg.data_dir, cfg.tfds_dir), cfg.limit)
-    model, tokenizer = model_and_tokenizer or load_model(cfg)
+    model, tokenizer = model_and_tokenizer or load_model(cfg, processor)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(cfg, bench, docs, model, tokenizer)

@@ -9,7 +9,8 @@ alone: computed once, cached on disk, reused by later epochs and later runs.
 Targets are rounded to the cache dtype whether they come from the cache or not, so a run gives the same
 numbers with a cold cache, a warm one, or none.
 
-Letters: Lp participating layers, B batch, G grid side, O = s r pooled side, D model dim.
+Letters: Lp participating layers, B batch, G grid side, O = s r pooled side, D model dim; in `area_pool`'s
+einsum G/W are the grid's rows/columns and O/Q the pooled rows/columns.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def area_weights(size_in: int, size_out: int) -> np.ndarray:  # [O, G]
 
 def area_pool(x: jax.Array, size_out: int) -> jax.Array:  # [..., G, G, D] -> [..., O, O, D]
     w = jnp.asarray(area_weights(x.shape[-2], size_out))
-    return jnp.einsum("...GHD,OG,PH->...OPD", x.astype(jnp.float32), w, w)
+    return jnp.einsum("...GWD,OG,QW->...OQD", x.astype(jnp.float32), w, w)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "sr_side", "out_sharding"))

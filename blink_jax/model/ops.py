@@ -1,7 +1,8 @@
 """Small numerical building blocks shared by the vision tower and the language model.
 
-Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, G query heads per kv head,
-Q query rows of one block (G x block rows), H head dim, D model dim.
+Einsum letters: B batch, T query length, S key length, N query heads, K kv heads, Q query rows of one block
+(g x block rows, g = N / K query heads per kv head: a size in the code, not an einsum letter), H head dim,
+D model dim.
 """
 
 from __future__ import annotations

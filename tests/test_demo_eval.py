@@ -38,6 +38,16 @@ def test_demo_runs_three_modes_on_the_bundled_files(demo_run):
         assert settings[kind]["blink"]["tau_drop"] == DEMO.tau_drop
 
 
+def demo_labels() -> dict[str, str]:
+    """question id ("split/qid", as the POPE task names them) -> "yes"/"no", read from the release files."""
+    labels = {}
+    for split in ("random", "popular", "adversarial"):
+        for line in open(DEMO.data_dir("pope") / f"coco_pope_{split}.json"):
+            row = json.loads(line)
+            labels[f"{split}/{row['question_id']}"] = row["label"]
+    return labels
+
+
 def _by_hand(rows: list[dict], labels: dict[str, str]) -> dict[str, float]:
     """eval_pope.py's rule written out: an answer is "no" if its first sentence has the word No, no or not."""
     said_no = lambda text: bool({"No", "no", "not"} & set(text.split(".")[0].replace(",", "").split(" ")))
@@ -51,11 +61,7 @@ def _by_hand(rows: list[dict], labels: dict[str, str]) -> dict[str, float]:
 
 def test_demo_metrics_follow_popes_rules_and_rescore_identically(demo_run, tmp_path):
     out, results = demo_run
-    labels = {}
-    for split in ("random", "popular", "adversarial"):
-        for line in open(DEMO.data_dir("pope") / f"coco_pope_{split}.json"):
-            row = json.loads(line)
-            labels[f"{split}/{row['question_id']}"] = row["label"]
+    labels = demo_labels()
     for mode, entry in results["modes"].items():
         rows = [json.loads(line) for line in open(out / f"samples_pope_{mode}.jsonl")]
         for split, metrics in entry["metrics"]["splits"].items():
@@ -71,11 +77,7 @@ def test_demo_metrics_follow_popes_rules_and_rescore_identically(demo_run, tmp_p
 
 def test_demo_paired_comparison_counts_the_saved_answers(demo_run):
     out, results = demo_run
-    labels = {}
-    for split in ("random", "popular", "adversarial"):
-        for line in open(DEMO.data_dir("pope") / f"coco_pope_{split}.json"):
-            row = json.loads(line)
-            labels[f"{split}/{row['question_id']}"] = row["label"]
+    labels = demo_labels()
     said_no = lambda text: bool({"No", "no", "not"} & set(text.split(".")[0].replace(",", "").split(" ")))
     right = {}
     for mode in results["modes"]:

@@ -73,14 +73,16 @@ def prefill_flops(size: common.Size, batch: int, length: int, *, feature_layer: 
     return batch * (vision + projector + decoder + head)
 
 
-def peak_tflops(dtype: str, override: float | None) -> float | None:
-    if override:
-        return override
-    kind = jax.devices()[0].device_kind
+def peak_for_kind(device_kind: str, dtype: str) -> float | None:
+    """The dense peak (TFLOP/s) of a device kind for `dtype`, None when the table does not know it."""
     for name, tflops in PEAK_TFLOPS.get(dtype, ()):
-        if name in kind:
+        if name in device_kind:
             return tflops
     return None
+
+
+def peak_tflops(dtype: str, override: float | None) -> float | None:
+    return override or peak_for_kind(jax.devices()[0].device_kind, dtype)
 
 
 def make_ours(size: common.Size, dtype):

@@ -70,6 +70,14 @@ def test_accelerator(capsys):
     assert all(r.rstrip(" |").endswith("%") for r in rows[1:])  # an MFU, given the peak
 
 
+def test_accelerator_peak_lookup():
+    assert accelerator.peak_for_kind("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert accelerator.peak_for_kind("NVIDIA H100 PCIe", "bfloat16") == 756.0  # before the H100 SXM entry
+    assert accelerator.peak_for_kind("TPU v5 lite", "bfloat16") == 197.0
+    assert accelerator.peak_for_kind("NVIDIA H100 80GB HBM3", "float32") is None  # no fp32 table: --peak-tflops
+    assert accelerator.peak_for_kind("cpu", "bfloat16") is None
+
+
 def test_accelerator_default_layers():
     assert accelerator.default_layers(32) == tuple(range(12, 19))  # BLINK.md's 12-18 on LLaVA-1.5-7B
     assert accelerator.default_layers(8) == (3, 4, 5)

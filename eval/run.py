@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this")
     p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (16 for short answers)")
     p.add_argument("--out", help="output directory (default: eval_out/<bench>; demo eval_out/pope_demo)")
-    p.add_argument("--layers", help="Blink's participating layers, e.g. 12-18 (interp; blink keeps its own)")
-    p.add_argument("--region-size", type=int, help="Blink's region side r (interp)")
+    p.add_argument("--layers", help="Blink's participating layers, e.g. 12-18 (mode interp only: mode blink runs the "
+                   "layers its TokenSR was trained for)")
+    p.add_argument("--region-size", type=int, help="Blink's region side r (mode interp only, as --layers)")
     p.add_argument("--tau-exp", type=float, help="expansion threshold (interp and blink)")
     p.add_argument("--tau-drop", type=float, help="drop threshold (interp and blink)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(NO_MODEL.format(bench=args.bench), file=sys.stderr)
             print(f"(the bundled demo model has data for --bench {' / '.join(b for b, _ in DEMO.data_dirs)} only)",
                   file=sys.stderr)
+            return EXIT_USAGE
+        if args.data_dir is not None:
+            print("eval.run: --data-dir was given without --model: pass the model to evaluate on it (--model DIR); "
+                  "with neither, eval.run runs the bundled demo on its own data", file=sys.stderr)
             return EXIT_USAGE
         missing = DEMO.missing()
         if missing:
@@ -122,10 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as e:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\neval.run: interrupted; every answer so far is saved in {cfg.out}: rerun the same command to go on",
+              file=sys.stderr)
+        return 130
     from eval.harness.results import markdown_table
 
     print(markdown_table(document))
     print(f"results: {cfg.out}/results.json, {cfg.out}/results.md")
+    for name, entry in document["modes"].items():
+        if entry["errors"]:
+            shown = "; ".join(f"{e['question_id']}: {e['error']}" for e in entry["errors"][:3])
+            print(f"eval.run: mode {name}: {len(entry['errors'])} question(s) could not be answered and are left out "
+                  f"of its metrics ({shown}{'; ...' if len(entry['errors']) > 3 else ''}); fix them and rerun with "
+                  f"--retry-errors", file=sys.stderr)
     return 0
 
 

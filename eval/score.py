@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except (benchmarks.DataError, FileNotFoundError) as e:
         print(f"eval.score: {e}", file=sys.stderr)
         return 2
+    unknown = scores["counts"]["unknown_ids"]
+    if unknown:
+        print(f"eval.score: {unknown} question ids of {args.samples} are not in the {args.bench} data of "
+              f"{args.data_dir}: these samples come from another data set; give its --data-dir", file=sys.stderr)
+        return 2
     if args.out:
         atomic_write_json(args.out, scores)
     print(json.dumps(scores, indent=2, ensure_ascii=False))

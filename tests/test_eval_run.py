@@ -230,3 +230,58 @@ def test_random_region_ablation_does_not_depend_on_batching(env, tmp_path):
                       for r in read_jsonl(out / "traces_pope_interp-random.jsonl")}
     assert runs["4"] == runs["3"] and len(runs["4"]) == 9
     assert len({str(region) for _, region in runs["4"].values()}) > 1  # the draws differ between questions
+
+
+@pytest.mark.parametrize("what", ["width", "layers"])
+def test_tokensr_of_another_model_is_refused_before_any_mode_runs(env, tmp_path, capsys, what):
+    dim = tl.tiny_hf_config().text_config.hidden_size
+    layers, width = ((1, 5), dim) if what == "layers" else (LAYERS, dim + 4)
+    cfg = BlinkConfig(layers=layers, region_size=3, tokensr_kind="conv", tokensr_channels=7)
+    save_tokensr(tmp_path / "sr", TokenSRBank(cfg, width, rngs=nnx.Rngs(0)), cfg, dim=width)
+    args = cli_args(env, "pope", tmp_path / "out", modes="vanilla,blink")
+    args[args.index("--tokensr") + 1] = str(tmp_path / "sr")
+    del args[args.index("--layers"):args.index("--layers") + 2]
+    assert eval_run.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--tokensr {tmp_path / 'sr'}" in err
+    assert ("trained for hidden size" in err) if what == "width" else ("layer index 5" in err)
+    assert not (tmp_path / "out" / "samples_pope_vanilla.jsonl").exists()  # nothing ran
+
+
+def test_traces_asked_for_in_the_middle_of_a_run_are_refused(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert eval_run.main(cli_args(env, "pope", out, modes="vanilla")) == 0
+    assert eval_run.main(cli_args(env, "pope", out, "--save-traces", modes="vanilla")) == 2
+    assert "use another --out for a run with complete traces" in capsys.readouterr().err
+    assert eval_run.main(cli_args(env, "pope", out, modes="vanilla")) == 0  # without traces it resumes
+
+
+def test_run_summary_names_errored_questions_and_the_retry_flag(pope_run, env, capsys):
+    assert eval_run.main(cli_args(env, "pope", pope_run.out, "--save-traces")) == 0  # all answered: rescored
+    err = capsys.readouterr().err
+    assert "could not be answered" in err and "--retry-errors" in err
+
+
+def test_conflicts_name_only_what_differs(env, pope_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(pope_run.out, out)
+    args = cli_args(env, "pope", out, "--save-traces")
+    args[args.index("--tau-exp") + 1] = "0.27"
+    assert eval_run.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"blink.tau_exp was {float(TAU_EXP)}, now 0.27" in err and "tau_drop" not in err
+
+
+def test_score_refuses_samples_of_another_data_set(env, pope_run, tmp_path, capsys):
+    from eval.harness.io import atomic_write_text
+
+    other = tmp_path / "samples.jsonl"
+    atomic_write_text(other, json.dumps({"question_id": "random/999", "prediction": "yes", "error": None}) + "\n")
+    assert eval_score.main(["--bench", "pope", "--samples", str(other), "--data-dir", str(env.data["pope"]),
+                            "--tfds-dir", str(env.tfds)]) == 2
+    assert "1 question ids" in capsys.readouterr().err
+
+
+def test_data_dir_without_model_is_refused(env, capsys):
+    assert eval_run.main(["--bench", "pope", "--data-dir", str(env.data["pope"])]) == 2
+    assert "--data-dir was given without --model" in capsys.readouterr().err

@@ -62,6 +62,9 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
                          f"{tuple(blink.layers)}: train TokenSR for these layers or use its layers")
     for layer in bank.layers:
         module = bank.for_layer(layer)
+        if module.dim != dim:
+            raise ValueError(f"the TokenSR of layer {layer} was trained for hidden size {module.dim} but this model's "
+                             f"is {dim}: it belongs to another model; train TokenSR for this one")
         built = {"region_size": module.region_size, "scale": module.scale, "tokensr_kind": module.kind}
         if module.kind == "conv":
             built["tokensr_channels"] = module.conv1.out_features

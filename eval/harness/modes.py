@@ -111,3 +111,29 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
             specs.append(ModeSpec("blink", finish(trained), tokensr=bank, ablation=ablation,
                                   tokensr_sha256=fingerprint(bank)))
     return specs
+
+
+def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_size: int,
+              tokensr_dir: str | None = None) -> None:
+    """Every Blink mode can run on this model (layers, region size, TokenSR width), checked before any runs:
+    a `ModeError` names where the mismatched value came from (--tokensr or the flags) and the fix."""
+    from blink_jax import ConfigError
+
+    for mode in modes:
+        if mode.blink is None:
+            continue
+        trained = mode.kind == "blink"
+        source = (f"the trained TokenSR of --tokensr {tokensr_dir}" if trained else
+                  "--layers / --region-size (for interp, taken from --tokensr when not given)" if tokensr_dir else
+                  "--layers / --region-size (BlinkConfig's defaults are for the 32-layer LLaVA-1.5-7B)")
+        try:
+            mode.blink.validate_for(num_layers, grid)
+        except ConfigError as e:
+            fix = "train TokenSR for this model" if trained else "pass --layers and --region-size that fit it"
+            raise ModeError(f"mode {mode.name!r}: {e} (the value comes from {source}; {fix})") from None
+        if trained and mode.tokensr is not None:
+            dims = {mode.tokensr.for_layer(layer).dim for layer in mode.tokensr.layers}
+            if dims != {hidden_size}:
+                raise ModeError(f"mode 'blink': the TokenSR of --tokensr {tokensr_dir} was trained for hidden size "
+                                f"{sorted(dims)[0]}, this model's is {hidden_size}: it belongs to another model; train "
+                                f"TokenSR for this one (python -m train.tokensr --model ...)")

@@ -26,7 +26,7 @@ from eval.harness import paired
 from eval.harness import traces as trace_io
 from eval.harness.batching import Batch, pad_batch, plan_batches, prefetch
 from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, open_append_jsonl, read_jsonl
-from eval.harness.modes import ModeSpec, build_modes
+from eval.harness.modes import ModeSpec, build_modes, check_fit
 from eval.harness.results import (answered_results, latest_records, markdown_table, results_document,
                                   score_records, versions)
 
@@ -102,8 +102,12 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec]) -> None:
     new = _normalise({**fixed, "modes": {m.name: m.settings() for m in modes}})
     if path.exists():
         old = json.loads(path.read_text())
+        if new.get("save_traces") and not old.get("save_traces", False) and old.get("modes"):
+            raise RunConflict(f"{out} holds answers given without --save-traces, and traces now would cover only the "
+                              f"questions still to answer: use another --out for a run with complete traces")
+        new["save_traces"] = bool(new.get("save_traces")) and bool(old.get("save_traces", True))
         for key, value in new.items():
-            if key == "modes":
+            if key in ("modes", "save_traces"):
                 continue
             if key in old and old[key] != value:
                 raise RunConflict(f"{out} holds a run with {key}={old[key]!r}, this one has {value!r}: use another "
@@ -111,10 +115,19 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec]) -> None:
         for name, settings in new["modes"].items():
             before = old.get("modes", {}).get(name)
             if before is not None and before != settings:
-                raise RunConflict(f"{out} holds mode {name!r} run with other settings ({before} vs {settings}): use "
-                                  f"another --out, or delete {samples_path(out, fixed['bench'], name)}")
+                raise RunConflict(f"{out} holds mode {name!r} run with other settings ({_differences(before, settings)})"
+                                  f": use another --out, or delete {samples_path(out, fixed['bench'], name)}")
         new["modes"] = {**old.get("modes", {}), **new["modes"]}
     atomic_write_json(path, new)
+
+
+def _differences(old, new, prefix: str = "") -> str:
+    """'blink.tau_exp was 0.3, now 0.2; ...' for the leaves of two settings dicts that differ."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{prefix or 'value'} was {old!r}, now {new!r}"
+    parts = [_differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+             for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    return "; ".join(parts)
 
 
 class _Counter:
@@ -303,6 +316,9 @@ def run_eval(cfg: EvalConfig, *, stop_after: int | None = None, model_and_tokeni
         from blink_jax.processing import Processor
 
         processor = Processor.from_pretrained(cfg.model)
+    mcfg = processor.config if processor is not None else model_and_tokenizer[0].config
+    check_fit(modes, num_layers=mcfg.text.num_hidden_layers, grid=mcfg.vision.grid,
+              hidden_size=mcfg.text.hidden_size, tokensr_dir=cfg.tokensr)
     docs = bench.limit(benchmarks.load_docs(bench, cfg.data_dir, cfg.tfds_dir), cfg.limit)
     model, tokenizer = model_and_tokenizer or load_model(cfg, processor)
     out = Path(cfg.out)
@@ -310,7 +326,8 @@ def run_eval(cfg: EvalConfig, *, stop_after: int | None = None, model_and_tokeni
     runner = Runner(cfg, bench, docs, model, tokenizer)
     fixed = {"bench": bench.name, "task_version": bench.version, "model": os.fspath(Path(cfg.model).absolute()),
              "data_dir": os.fspath(Path(cfg.data_dir).absolute()), "dtype": cfg.dtype,
-             "max_new_tokens": runner.max_new_tokens, "pad_to_square": cfg.pad_to_square, "seed": cfg.seed}
+             "max_new_tokens": runner.max_new_tokens, "pad_to_square": cfg.pad_to_square, "seed": cfg.seed,
+             "save_traces": cfg.save_traces}  # traces written from the middle of a run would miss its start
     check_manifest(out, fixed, modes)
     counter = _Counter(stop_after)
     document: dict = {}

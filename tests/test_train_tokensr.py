@@ -203,6 +203,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(root, uninterrupted
                  nnx.to_pure_dict(nnx.state(bank, nnx.Param)), full.params)
 
 
+def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(root, uninterrupted):
+    """The first SIGINT lets the step finish, saves it (model and data iterator) and stops; rerunning resumes
+    to the uninterrupted run's parameters."""
+    import signal
+
+    _, full = uninterrupted
+    cfg = base_config(root, "ctrl_c")
+    trainer = loop.Trainer(cfg, progress=False)
+    step_fn, calls = trainer.train_step, []
+
+    def step_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 2:  # in the middle of step 2, as a user would press it
+            signal.raise_signal(signal.SIGINT)
+        return step_fn(*args)
+
+    trainer.train_step = step_then_ctrl_c
+    with pytest.raises(loop.TrainingInterrupted, match="interrupted after step 2"):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert sorted(int(p.name) for p in (root / "ctrl_c" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    resumed = loop.train(cfg, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
 def test_loss_goes_down_on_a_fixed_batch(root, uninterrupted):
     cfg = base_config(root, "fixed", steps=40, warmup_steps=0)
     trainer = loop.Trainer(cfg, progress=False)

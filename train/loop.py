@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +170,7 @@ class Trainer:
         logger = MetricsLogger(self.workdir, total_steps=cfg.steps, initial_step=start, enabled=self.is_main,
                                progress=self.progress)
         done = start
+        interrupt = _StopAtStepBoundary()
         try:
             window_start, window_examples = time.perf_counter(), 0
             hits0, computed0 = self.teacher.stats["hits"], self.teacher.stats["computed"]
@@ -194,11 +197,18 @@ class Trainer:
                 if stop_after is not None and done >= stop_after:
                     self.checkpointer.wait()
                     return TrainResult(done, self._host_params(state), self.workdir, None)
+                if interrupt.requested:  # Ctrl-C: finish the step, save it, then stop
+                    if self.checkpointer.latest_step() != done:
+                        self.checkpointer.save(done, state, self.iterator)
+                    self.checkpointer.wait()
+                    raise TrainingInterrupted(f"interrupted after step {done}, saved in {self.checkpointer.directory}: "
+                                              f"rerun the same command to resume")
             if self.checkpointer.latest_step() != cfg.steps:
                 self.checkpointer.save(cfg.steps, state, self.iterator)
             self.checkpointer.wait()
             return TrainResult(done, self._host_params(state), self.workdir, self._export(state, done))
         finally:
+            interrupt.restore()
             logger.close()
             self.checkpointer.wait()
             self.checkpointer.close()
@@ -228,6 +238,32 @@ class Trainer:
             return None
         return export_tokensr(self.workdir / "tokensr", self.program.graphdef, state["params"], self.blink, dim=self.dim,
                               extra=provenance(self.cfg, step))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the current step was finished and saved."""
+
+
+class _StopAtStepBoundary:
+    """While training, the first SIGINT (Ctrl-C) only sets `requested`, so the loop stops at the end of a step with
+    a consistent checkpoint (model state and data iterator); a second one interrupts at once. Main thread only."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def provenance(cfg: TrainConfig, step: int) -> dict:

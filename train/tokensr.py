@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except loop.TrainingInterrupted as e:
+        print(f"\ntrain.tokensr: {e}", file=sys.stderr)
+        return 130
     print(f"trained {result.step} steps; TokenSR: {result.tokensr_dir}")
     return 0
 

@@ -88,6 +88,12 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
             return _files_from_index(d / index)
         if (d / single).is_file():
             return [d / single]
+    from checkpoints_conversion.orbax_io import is_converted_dir
+
+    if is_converted_dir(d):
+        raise CheckpointError(f"'{d}' is already a converted blink-jax directory (no Hugging Face weights to read): "
+                              f"blink_jax.load_pretrained and eval.run read it as it is; "
+                              f"checkpoints_conversion.orbax_to_hf turns it back into an HF directory")
     raise CheckpointError(f"no weights in '{d}': expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, "
                           f"{TORCH_BIN} or {TORCH_BIN_INDEX} with its shards")
 

@@ -333,8 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
     except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    missing = sum("does not exist" in error for _, error in result.skipped)
+    hint = ""
+    if missing and args.image_folder is None and Path(args.data).is_file():
+        hint = (f"; {missing} image(s) were not found: paths in {args.data} are read relative to its folder, "
+                f"pass --image-folder DIR if the images live elsewhere")
     if not result.examples:
-        raise SystemExit(f"error: none of the {len(examples)} images could be read (see the messages above)")
+        raise SystemExit(f"error: none of the {len(examples)} images could be read (see the messages above){hint}")
+    if hint:
+        print(hint[2:], file=sys.stderr)
     stats = rho_statistics(result.rhos())
     grid = llava.config.vision.grid
     print(f"{len(result.examples)} examples probed, {len(result.skipped)} skipped")

@@ -439,3 +439,8 @@ def test_without_torch_a_pickle_and_verify_say_how_to_get_it(tiny, tmp_path, mon
     assert hf_to_orbax.main(["--hf-dir", str(tiny["dir"]), "--out", str(out), "--verify", "--no-progress"]) == 2
     assert "--verify runs transformers' PyTorch model" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_converting_a_converted_dir_says_what_it_is(converted, tmp_path):
+    with pytest.raises(CheckpointError, match="already a converted blink-jax directory"):
+        hf_to_orbax.convert(converted, tmp_path / "again", progress=False)

@@ -228,3 +228,11 @@ def test_calibrate_cli_skips_bad_image_and_matches_probe(files, processor, cli_m
     assert sorted(table) == list(CAL_LAYERS)
     for layer in CAL_LAYERS:
         np.testing.assert_allclose(float(table[layer][2]), np.mean(rhos[layer]), atol=6e-5)
+
+
+def test_calibrate_jsonl_with_images_elsewhere_points_to_image_folder(files, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "text": QUESTION}) + "\n")  # a.png lives in files/images
+    with pytest.raises(SystemExit, match="pass --image-folder DIR"):
+        calibrate.main([str(a) for a in ["--model", files / "model", "--data", data, "--layers", "0,2",
+                                         "--region-size", REGION, "--no-progress"]])

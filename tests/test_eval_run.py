@@ -285,3 +285,14 @@ def test_score_refuses_samples_of_another_data_set(env, pope_run, tmp_path, caps
 def test_data_dir_without_model_is_refused(env, capsys):
     assert eval_run.main(["--bench", "pope", "--data-dir", str(env.data["pope"])]) == 2
     assert "--data-dir was given without --model" in capsys.readouterr().err
+
+
+def test_a_rerun_with_fewer_modes_keeps_the_others_results(env, pope_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(pope_run.out, out)
+    assert eval_run.main(cli_args(env, "pope", out, "--save-traces", modes="vanilla")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["modes"]) == list(MODES)
+    for mode in MODES:
+        assert results["modes"][mode]["metrics"] == pope_run.results["modes"][mode]["metrics"]
+    assert list(results["paired"]["modes"]) == ["interp", "blink"]

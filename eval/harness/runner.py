@@ -272,21 +272,26 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
     """Scores every mode's samples file and writes results.json, results.md and the benchmark's exports."""
     out, bench = Path(cfg.out), runner.bench
     docs = {d["question_id"]: d for d in runner.docs}
+    # Modes an earlier run of this directory answered stay in the results (a rerun with fewer --modes must not
+    # drop them); run.json lists every mode the directory has seen, with its settings, in first-run order.
+    manifest = out / "run.json"
+    recorded = json.loads(manifest.read_text()).get("modes", {}) if manifest.exists() else {}
+    current = {m.name: m for m in modes}
     entries, correct = [], {}
-    for mode in modes:
-        path = samples_path(out, bench.name, mode.name)
+    for name in list(recorded) + [n for n in current if n not in recorded]:
+        path = samples_path(out, bench.name, name)
         if not path.exists():
             continue
-        samples = list(latest_records(read_jsonl(path)).values())
-        exports = bench.export([s for s in samples if s["question_id"] in docs], docs, out, mode.name)
-        files = {"samples": path.name, **({"traces": traces_path(out, bench.name, mode.name).name}
-                                          if cfg.save_traces and mode.blink is not None else {}),
-                 "exports": [p.name for p in exports]}
+        mode = current.get(name) or ModeSpec(recorded[name]["kind"], ablation=recorded[name].get("ablation"))
+        settings = mode.settings() if name in current else recorded[name]
         latest = latest_records(read_jsonl(path))
-        entries.append({"name": mode.name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
-                        "settings": mode.settings(), "score": score_records(bench, docs, latest.values()),
-                        "files": files})
-        correct[mode.name] = bench.correctness(answered_results(bench, docs, latest))
+        exports = bench.export([s for q, s in latest.items() if q in docs], docs, out, name)
+        traces = traces_path(out, bench.name, name)
+        files = {"samples": path.name, **({"traces": traces.name} if traces.exists() else {}),
+                 "exports": [p.name for p in exports]}
+        entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
+                        "settings": settings, "score": score_records(bench, docs, latest.values()), "files": files})
+        correct[name] = bench.correctness(answered_results(bench, docs, latest))
     document = results_document(bench, entries, config_document(cfg, runner, modes), versions(),
                                 paired.against_first(correct))
     atomic_write_json(out / "results.json", document)

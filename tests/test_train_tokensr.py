@@ -366,3 +366,14 @@ def test_export_only_of_a_wrong_workdir_says_what_it_needs(tmp_path, capsys):
     assert cli.main(["--export-only", "--workdir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "work directory of a `python -m train.tokensr` run" in err
+
+
+def test_resuming_with_other_settings_says_so_and_keeps_the_old_config(root, uninterrupted, caplog):
+    shutil.copytree(root / "full", root / "more")
+    cfg = base_config(root, "more", steps=STEPS + 1, lr=1e-3)
+    with caplog.at_level("WARNING", logger="train.loop"):
+        loop.Trainer(cfg, progress=False)
+    assert "--steps 6 -> 7" in caplog.text and "--lr 0.003 -> 0.001" in caplog.text
+    assert "--workdir" in caplog.text  # the copy lives elsewhere: said too
+    previous = TrainConfig.from_json(root / "more" / "config.previous.json")
+    assert previous.steps == STEPS and previous.lr == 3e-3

@@ -124,6 +124,15 @@ class Trainer:
             if clashes:
                 raise TrainConfigError(f"work directory {self.workdir} holds a run with other TokenSR shapes ("
                                        + "; ".join(clashes) + "): use those values or a new --workdir")
+            # Other changes are allowed (e.g. more --steps), but said, and the old config is kept beside the new.
+            now, old = self.cfg.with_absolute_paths(), old.with_absolute_paths()
+            changed = [f"--{f.name.replace('_', '-')} {getattr(old, f.name)} -> {getattr(now, f.name)}"
+                       for f in dataclasses.fields(TrainConfig)
+                       if f.name not in STATE_FIELDS and getattr(old, f.name) != getattr(now, f.name)]
+            if changed and self.is_main:
+                log.warning("resuming %s with changed settings: %s (the earlier config.json is kept as %s)",
+                            self.workdir, "; ".join(changed), saved.with_suffix(".previous.json").name)
+                saved.with_suffix(".previous.json").write_text(old.to_json())
 
     def _data_source(self):
         if self.is_main:

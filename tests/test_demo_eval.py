@@ -91,7 +91,9 @@ def test_demo_paired_comparison_counts_the_saved_answers(demo_run):
         assert c["only_this"] == sum(right[mode][q] and not right["vanilla"][q] for q in right[mode])
         assert c["only_reference"] == sum(right["vanilla"][q] and not right[mode][q] for q in right[mode])
         assert c["difference"] == pytest.approx((c["only_this"] - c["only_reference"]) / 18)
-    assert "## Paired comparison against Vanilla" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "## Paired comparison against Vanilla" in text
+    assert "POPE: F1 x 100, averaged over the random, popular and adversarial splits" in text  # the headline, said
 
 
 def test_demo_tokensr_matches_the_demo_model():

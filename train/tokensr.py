@@ -91,8 +91,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, default=d.log_every, help="metrics interval in steps")
     run.add_argument("--data-workers", type=int, default=d.data_workers, help="grain worker processes")
     run.add_argument("--no-pad-to-square", dest="pad_to_square", action="store_false",
-                     help="llava-hf's preprocessing (no expand2square)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                     help="use llava-hf's preprocessing instead of LLaVA-1.5's padding to square (expand2square, "
+                     "the default)%(default).0s")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar%(default).0s")  # (%(default).0s: no misleading "(default: True)")
     return p
 
 

@@ -130,6 +130,7 @@ class Benchmark(abc.ABC):
     layout: ClassVar[str] = ""  # the release layout the data directory must have (shown in errors)
     max_new_tokens: ClassVar[int] = 16
     paper_rows: ClassVar[tuple[str, ...]] = ()  # BLINK.md §7 rows this benchmark fills
+    headline_note: ClassVar[str] = ""  # what the headline rows measure, printed under them
     conv_mode: ClassVar[str] = "vicuna_v1"
 
     # ------------------------------------------------------------------------------------------- data

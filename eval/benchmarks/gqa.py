@@ -32,6 +32,7 @@ class Gqa(Benchmark):
     version = "1.0"
     max_new_tokens = 16
     paper_rows = ("GQA",)
+    headline_note = "exact-match accuracy x 100 on testdev-balanced"
     layout = (f"  DATA/{QUESTIONS}  (or DATA/questions/{QUESTIONS})\n  DATA/images/<imageId>.jpg")
 
     def source_files(self, data_dir: Path) -> list[Path]:

@@ -83,6 +83,7 @@ class MmBench(Benchmark):
     version = "1.0"
     max_new_tokens = 16
     paper_rows = ("MMBench",)
+    headline_note = "circular accuracy x 100 (a question counts when every rotation of its options is right)"
     lang = "en"
     patterns = ("mmbench_dev_[0-9]*.tsv", "mmbench_dev_en_*.tsv")
     layout = "  DATA/mmbench_dev_20230712.tsv  (the release TSV, base64 images inside)"

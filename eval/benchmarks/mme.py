@@ -70,6 +70,7 @@ class Mme(Benchmark):
     version = "1.0"
     max_new_tokens = 16
     paper_rows = ("MME Perception", "MME Cognition", "MME total")
+    headline_note = "sums over subtasks of 100 x (accuracy + accuracy+)"
     layout = ("  DATA/<subtask>/<name>.jpg + <name>.txt  (existence, count, position, color, OCR, and the cognition "
               "subtasks)\n  DATA/<subtask>/images/<name>.jpg + DATA/<subtask>/questions_answers_YN/<name>.txt  "
               "(artwork, celebrity, landmark, posters, scene)\n  each .txt: two lines 'question<TAB>Yes|No'; DATA may "

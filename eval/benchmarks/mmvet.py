@@ -28,6 +28,7 @@ class MmVet(Benchmark):
     version = "1.0"
     max_new_tokens = 1024
     paper_rows = ("MM-Vet",)
+    headline_note = "scored by MM-Vet's GPT-4 judge from the exported file (none here)"
     layout = f"  DATA/{ANNOTATIONS}\n  DATA/images/<imagename>"
 
     def source_files(self, data_dir: Path) -> list[Path]:

@@ -52,6 +52,7 @@ class Pope(Benchmark):
     version = "1.0"
     max_new_tokens = 16
     paper_rows = ("POPE",)
+    headline_note = "F1 x 100, averaged over the random, popular and adversarial splits (as LLaVA-1.5 reports POPE)"
     layout = ("  DATA/coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json  (JSONL; or in "
               "DATA/coco/)\n  DATA/val2014/COCO_val2014_*.jpg")
 

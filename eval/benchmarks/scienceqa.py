@@ -64,6 +64,7 @@ class ScienceQa(Benchmark):
     version = "1.0"
     max_new_tokens = 16
     paper_rows = ("ScienceQA",)
+    headline_note = "accuracy x 100 on the test questions with an image (ScienceQA-IMG)"
     layout = ("  DATA/problems.json, DATA/pid_splits.json  (or in DATA/data/scienceqa/)\n"
               "  DATA/images/test/<pid>/image.png  (or DATA/test/<pid>/image.png)")
 

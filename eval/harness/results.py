@@ -97,7 +97,7 @@ def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, vers
     """modes: [{"name", "kind", "label", "ablation", "settings", "score": score_records(...), "files": {...}}];
     paired: `eval.harness.paired.against_first(...)`, if the benchmark has per-answer correctness."""
     return {
-        "bench": bench.name, "title": bench.title, "task_version": bench.version,
+        "bench": bench.name, "title": bench.title, "task_version": bench.version, "headline_note": bench.headline_note,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "versions": versions_,
@@ -145,6 +145,9 @@ def markdown_table(doc: Mapping) -> str:
     for row in doc["paper"]:
         cells = [row] + [c for n in names for c in (_fmt2(modes[n]["headline"].get(row)), _fmt2(doc["paper"][row][n]))]
         lines.append("| " + " | ".join(cells) + " |")
+    if doc["paper"]:
+        note = f"{doc['title']}: {doc['headline_note']}. " if doc.get("headline_note") else ""
+        lines += ["", f"{note}The (paper) columns are the paper's LLaVA-1.5-7B numbers (BLINK.md §7), for reference."]
     flat = {n: _flatten(modes[n]["metrics"]) for n in names}
     keys = list(dict.fromkeys(k for n in names for k in flat[n]))
     if keys:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from blink_jax import CheckpointError, ConfigError, load_pretrained
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.config import in_flag_terms
 from blink_jax.blink.probe import probe_layers
 from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
 
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = calibrate(llava, processor, examples, layers=args.layers, region_size=args.region_size,
                            batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
     except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {in_flag_terms(str(e))}") from None
     missing = sum("does not exist" in error for _, error in result.skipped)
     hint = ""
     if missing and args.image_folder is None and Path(args.data).is_file():

@@ -185,6 +185,11 @@ def test_bad_blink_configs(models):
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(region_size=4))
     with pytest.raises(ConfigError, match="layer index 6"):
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=blink_cfg(layers=(2, 6)))
+    with pytest.raises(ConfigError, match="layer index 6.*; and .*region_size=4 does not divide") as both:
+        blink_cfg(layers=(2, 6), region_size=4).validate_for(ours.config.text.num_hidden_layers, ours.config.vision.grid)
+    from blink_jax.blink.config import in_flag_terms
+    assert in_flag_terms(str(both.value)).startswith("--layers (2, 6) has layer index 6")
+    assert "--region-size 4 does not divide" in in_flag_terms(str(both.value))
     with pytest.raises(ConfigError, match="tau_drop"):
         blink_cfg(tau_exp=0.2, tau_drop=0.3)
     with pytest.raises(ValueError, match="needs trained TokenSR"):

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     from train import loop
 
     from blink_jax import CheckpointError, ConfigError
+    from blink_jax.blink.config import in_flag_terms
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
     from train.sharding import MeshError
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     try:
         result = loop.train(TrainConfig(**fields), progress=args.progress)
     except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

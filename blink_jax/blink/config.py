@@ -95,18 +95,17 @@ class _Geometry:
 
     def validate_for(self, num_layers: int, grid: int) -> None:
         """Raise `ConfigError` if this config cannot run on a model with `num_layers` and a G x G grid."""
+        problems = []  # all of them at once, so a user fixes them in one go
         bad = [l for l in self.layers if l >= num_layers]
         if bad:
-            raise ConfigError(
-                f"BlinkConfig.layers={self.layers} has layer index {bad[0]} but the language model has "
-                f"{num_layers} layers (0..{num_layers - 1}); give layers below {num_layers}"
-            )
+            problems.append(f"BlinkConfig.layers={self.layers} has layer index {bad[0]} but the language model has "
+                            f"{num_layers} layers (0..{num_layers - 1}); give layers below {num_layers}")
         if grid % self.region_size:
             divisors = [d for d in range(1, grid + 1) if grid % d == 0]
-            raise ConfigError(
-                f"BlinkConfig.region_size={self.region_size} does not divide the visual grid side {grid}; "
-                f"use a divisor of {grid}: {divisors}"
-            )
+            problems.append(f"BlinkConfig.region_size={self.region_size} does not divide the visual grid side {grid}; "
+                            f"use a divisor of {grid}: {divisors}")
+        if problems:
+            raise ConfigError("; and ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,3 +208,16 @@ class BlinkConfig(_Geometry):
 
     def split(self) -> tuple[BlinkStatic, Thresholds]:
         return self.static_part(), self.thresholds()
+
+
+# Command-line flags of the BlinkConfig fields, for errors shown to a command's user.
+FLAGS = {"layers": "--layers", "region_size": "--region-size", "scale": "--scale", "tau_exp": "--tau-exp",
+         "tau_drop": "--tau-drop", "tokensr_channels": "--channels"}
+
+
+def in_flag_terms(message: str) -> str:
+    """A BlinkConfig error as a command's user reads it: `BlinkConfig.region_size=6` -> `--region-size 6`."""
+    import re
+
+    return re.sub(r"BlinkConfig\.(\w+)=", lambda m: f"{FLAGS[m.group(1)]} " if m.group(1) in FLAGS else m.group(0),
+                  message)

@@ -17,11 +17,12 @@ benchmark has none), `index` (order in the release files), `image_file` and `ima
 from __future__ import annotations
 
 import abc
-
+import contextlib
 import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -240,7 +241,12 @@ def load_docs(bench: Benchmark, data_dir: str | os.PathLike, tfds_dir: str | os.
     root = Path(tfds_dir) if tfds_dir is not None else default_tfds_dir()
     prepared = root / f"{bench.name}-{fingerprint(bench, data_dir)}"
     builder = builder_class(bench)(data_dir=os.fspath(prepared), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
+    if not (Path(builder.data_dir) / "dataset_info.json").exists():  # (is_prepared() logs a warning when not)
+        print(f"{bench.title}: reading the release files of {data_dir} into {prepared} (once: later runs reuse it)",
+              file=sys.stderr)
+    # stdout muted: tfds prints "Downloading and preparing ... Unknown size" though nothing is downloaded
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
     source = builder.as_data_source(split=SPLIT)
     docs = [decode_record(source[i]) for i in range(len(source))]
     docs.sort(key=lambda d: d["index"])

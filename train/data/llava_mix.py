@@ -15,6 +15,7 @@ is logged and skipped, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -135,7 +136,11 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Llava
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"--data-dir {manual_dir} is not a directory. {LlavaMix.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     b = builder(data_dir)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    if not (Path(b.data_dir) / "dataset_info.json").exists():
+        log.info("reading the LLaVA mix of %s into %s (once: later runs reuse it)", manual_dir, data_dir)
+    # stdout muted: tfds prints "Downloading and preparing ... Unknown size" though nothing is downloaded
+    with contextlib.redirect_stdout(io.StringIO()):
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return b
 
 

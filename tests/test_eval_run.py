@@ -124,7 +124,7 @@ def test_mme_all_modes_end_to_end(env):
     assert "| MME Cognition |" in (out / "results.md").read_text()
 
 
-def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch):
+def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch, capsys):
     out = env.root / "pope_resumed"
     real_run_eval = harness_runner.run_eval
     monkeypatch.setattr(harness_runner, "run_eval", lambda cfg: real_run_eval(cfg, stop_after=5))
@@ -137,6 +137,7 @@ def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch):
         f.write('{"question_id": "popular/3", "predic')  # killed in the middle of a line
 
     assert eval_run.main(cli_args(env, "pope", out, "--save-traces")) == 0
+    assert f"pope vanilla: {len(written)} of 10 questions already answered" in capsys.readouterr().err
     resumed = json.loads((out / "results.json").read_text())
     for mode in MODES:
         expected, got = pope_run.results["modes"][mode], resumed["modes"][mode]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,6 +211,9 @@ class Runner:
         existing = latest_records(read_jsonl(path)) if path.exists() else {}
         done = {q for q, r in existing.items() if not (cfg.retry_errors and r.get("error") is not None)}
         todo = [p for p in self.prepared if p.doc["question_id"] not in done]
+        if done:
+            print(f"{bench.name} {mode.name}: {len(self.prepared) - len(todo)} of {len(self.prepared)} questions already "
+                  f"answered in {self.out}, {len(todo)} to go", file=sys.stderr)
         bad = [p for p in todo if p.ids is None]
         good = [p for p in todo if p.ids is not None]
         batches = plan_batches(good, [len(p.ids) for p in good], bucket=cfg.bucket, batch_size=cfg.batch_size)

@@ -377,3 +377,10 @@ def test_resuming_with_other_settings_says_so_and_keeps_the_old_config(root, uni
     assert "--workdir" in caplog.text  # the copy lives elsewhere: said too
     previous = TrainConfig.from_json(root / "more" / "config.previous.json")
     assert previous.steps == STEPS and previous.lr == 3e-3
+
+
+def test_a_data_dir_without_the_mix_is_named_before_anything_is_written(tmp_path):
+    (tmp_path / "pope").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no llava_v1_5_mix665k.json: it is not the LLaVA-1.5 mix"):
+        llava_mix.prepare(tmp_path / "pope", tmp_path / "pope" / "tfds")
+    assert list((tmp_path / "pope").iterdir()) == []

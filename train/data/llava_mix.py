@@ -59,7 +59,7 @@ class LlavaMix(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Image samples of llava_v1_5_mix665k.json; image bytes as stored."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        f"Put {ANNOTATION_FILE} (huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K) in the manual directory, "
+        f"Put {ANNOTATION_FILE} (huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K) in one folder, "
         "with the images under coco/train2017, gqa/images, ocr_vqa/images, textvqa/train_images, vg/VG_100K and "
         "vg/VG_100K_2, as in LLaVA's docs/Data.md; pass it as --data-dir."
     )
@@ -136,7 +136,11 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Llava
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"--data-dir {manual_dir} is not a directory. {LlavaMix.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     b = builder(data_dir)
-    if not (Path(b.data_dir) / "dataset_info.json").exists():
+    prepared = (Path(b.data_dir) / "dataset_info.json").exists()
+    if not prepared and not (manual_dir / ANNOTATION_FILE).is_file():  # before tfds creates any folder
+        raise FileNotFoundError(f"--data-dir {manual_dir} has no {ANNOTATION_FILE}: it is not the LLaVA-1.5 mix "
+                                f"folder. {LlavaMix.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    if not prepared:
         log.info("reading the LLaVA mix of %s into %s (once: later runs reuse it)", manual_dir, data_dir)
     # stdout muted: tfds prints "Downloading and preparing ... Unknown size" though nothing is downloaded
     with contextlib.redirect_stdout(io.StringIO()):

@@ -74,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(the bundled demo model has data for --bench {' / '.join(b for b, _ in DEMO.data_dirs)} only)",
                   file=sys.stderr)
             return EXIT_USAGE
-        if args.data_dir is not None:
-            print("eval.run: --data-dir was given without --model: pass the model to evaluate on it (--model DIR); "
-                  "with neither, eval.run runs the bundled demo on its own data", file=sys.stderr)
-            return EXIT_USAGE
         missing = DEMO.missing()
         if missing:
             print(f"eval.run: the bundled demo is incomplete, {', '.join(map(str, missing))} missing: restore the "
@@ -88,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         args.tokensr = args.tokensr or str(DEMO.tokensr)
         defaults = {"batch_size": DEMO.batch_size, "dtype": DEMO.dtype, "out": DEMO.out, "tau_exp": DEMO.tau_exp,
                     "tau_drop": DEMO.tau_drop}
-        print(f"eval.run: no --model, running the bundled demo ({args.model})", file=sys.stderr)
+        print(f"eval.run: no --model: running the bundled demo model ({args.model}) on {args.data_dir}"
+              + ("" if args.data_dir == str(demo_data) else " (your --data-dir; pass --model to evaluate another "
+                 "model)"), file=sys.stderr)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

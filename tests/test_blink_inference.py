@@ -240,3 +240,8 @@ def test_tokensr_checkpoint_round_trip(models, tmp_path):
         other = dataclasses.replace(cfg, **{field: value})
         with pytest.raises(ValueError, match=f"built with {field}=.* but BlinkConfig.{field}={value}"):
             ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=other, tokensr=loaded)
+    state = nnx.state(loaded)
+    np.testing.assert_array_equal(run(state), run(bank))  # a bare state runs too ...
+    with pytest.raises(ValueError, match="the TokenSR state does not fit"):  # ... and is shape-checked
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, tokensr=state,
+             blink=dataclasses.replace(cfg, tokensr_channels=9))

@@ -251,10 +251,24 @@ def test_tokensr_of_another_model_is_refused_before_any_mode_runs(env, tmp_path,
 
 def test_traces_asked_for_in_the_middle_of_a_run_are_refused(env, tmp_path, capsys):
     out = tmp_path / "out"
-    assert eval_run.main(cli_args(env, "pope", out, modes="vanilla")) == 0
-    assert eval_run.main(cli_args(env, "pope", out, "--save-traces", modes="vanilla")) == 2
-    assert "use another --out for a run with complete traces" in capsys.readouterr().err
-    assert eval_run.main(cli_args(env, "pope", out, modes="vanilla")) == 0  # without traces it resumes
+    assert eval_run.main(cli_args(env, "pope", out, "--limit", "1", modes="vanilla,interp")) == 0
+    assert eval_run.main(cli_args(env, "pope", out, "--limit", "1", "--save-traces", modes="vanilla")) == 0  # no Blink
+    assert eval_run.main(cli_args(env, "pope", out, "--limit", "1", "--save-traces", modes="interp")) == 2
+    assert "answers of mode 'interp' without traces" in capsys.readouterr().err
+    assert eval_run.main(cli_args(env, "pope", out, "--limit", "1", modes="interp")) == 0  # without traces it resumes
+    results = json.loads((out / "results.json").read_text())
+    assert "traces" not in results["modes"]["interp"]["files"]
+
+
+def test_a_mode_whose_samples_were_deleted_is_answered_afresh_with_new_settings(env, tmp_path):
+    out = tmp_path / "out"
+    assert eval_run.main(cli_args(env, "pope", out, "--limit", "1", modes="interp")) == 0
+    args = cli_args(env, "pope", out, "--limit", "1", modes="interp")
+    args[args.index("--tau-exp") + 1] = "0.27"
+    assert eval_run.main(args) == 2
+    (out / "samples_pope_interp.jsonl").unlink()  # what the refusal advises
+    assert eval_run.main(args) == 0
+    assert json.loads((out / "results.json").read_text())["modes"]["interp"]["settings"]["blink"]["tau_exp"] == 0.27
 
 
 def test_run_summary_names_errored_questions_and_the_retry_flag(pope_run, env, capsys):
@@ -283,9 +297,6 @@ def test_score_refuses_samples_of_another_data_set(env, pope_run, tmp_path, caps
     assert "1 question ids" in capsys.readouterr().err
 
 
-def test_data_dir_without_model_is_refused(env, capsys):
-    assert eval_run.main(["--bench", "pope", "--data-dir", str(env.data["pope"])]) == 2
-    assert "--data-dir was given without --model" in capsys.readouterr().err
 
 
 def test_a_rerun_with_fewer_modes_keeps_the_others_results(env, pope_run, tmp_path):

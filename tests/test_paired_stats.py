@@ -53,9 +53,12 @@ def test_compare_counts_and_skips_units_one_side_lacks():
     assert c["difference"] == 0.0 and c["mcnemar_p"] == 1.0
 
 
-def test_against_first_uses_the_first_mode_with_correctness():
-    correct = {"vanilla": {"q1": True, "q2": False}, "judge_only": None, "blink": {"q1": True, "q2": True}}
+def test_against_first_prefers_vanilla_then_the_first_mode_with_correctness():
+    correct = {"interp": {"q1": False, "q2": False}, "judge_only": None, "vanilla": {"q1": True, "q2": False},
+               "blink": {"q1": True, "q2": True}}
     out = paired.against_first(correct)
-    assert out["reference"] == "vanilla" and list(out["modes"]) == ["blink"]
+    assert out["reference"] == "vanilla" and list(out["modes"]) == ["interp", "blink"]
     assert out["modes"]["blink"]["only_this"] == 1
+    no_vanilla = paired.against_first({"judge_only": None, "interp": {"q1": True}, "blink": {"q1": False}})
+    assert no_vanilla["reference"] == "interp" and list(no_vanilla["modes"]) == ["blink"]
     assert paired.against_first({"vanilla": {"q1": True}}) == {}

@@ -54,8 +54,16 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
                          "(a TokenSRBank or its nnx.State, e.g. from train.tokensr's checkpoint), or use 'interp'")
     if isinstance(tokensr, TokenSRBank):
         bank = tokensr
-    else:
+    else:  # a bare state: only its array shapes can be checked (scale and region size leave none: trust `blink`)
         bank = nnx.eval_shape(lambda: TokenSRBank(blink, dim, rngs=nnx.Rngs(0)))
+        expected = {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(bank, nnx.Param))}
+        given = {p: tuple(v.shape) for p, v in nnx.to_flat_state(tokensr)}
+        if given != expected:
+            wrong = sorted(set(given.items()) ^ set(expected.items()), key=str)[:4]
+            raise ValueError(f"the TokenSR state does not fit BlinkConfig(layers={blink.layers}, tokensr_channels="
+                             f"{blink.tokensr_channels}) on a model of hidden size {dim} (first differences, "
+                             f"path and shape: {wrong}): pass the config it was trained with (load_tokensr returns "
+                             f"both)")
         nnx.update(bank, tokensr)
     if tuple(bank.layers) != tuple(blink.layers):
         raise ValueError(f"the TokenSR parameters cover layers {tuple(bank.layers)} but BlinkConfig.layers="

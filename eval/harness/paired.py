@@ -1,8 +1,8 @@
 """Paired comparison of two modes on the same questions: is a difference in accuracy more than noise?
 
 Every mode answers the same questions, so the comparison is paired: only the questions one mode gets right
-and the other wrong (the discordant pairs) carry information. Reported for each mode against the run's first
-mode (vanilla, in the usual order):
+and the other wrong (the discordant pairs) carry information. Reported for each mode against vanilla (or,
+without vanilla, the run's first mode):
 
 - the counts: questions both got right, only this mode, only the reference, neither;
 - the accuracy difference (points) with a 95% bootstrap interval (questions resampled with replacement,
@@ -76,11 +76,14 @@ def compare(mode: Mapping[str, bool], reference: Mapping[str, bool], *, seed: in
     }
 
 
-def against_first(correct_by_mode: Mapping[str, Mapping[str, bool] | None], *, seed: int = 0) -> dict:
-    """Each later mode against the first one (modes whose benchmark has no per-unit correctness are skipped)."""
+def against_first(correct_by_mode: Mapping[str, Mapping[str, bool] | None], *, seed: int = 0,
+                  prefer: str = "vanilla") -> dict:
+    """Each other mode against `prefer` (vanilla) when it is there, else against the first mode (modes whose
+    benchmark has no per-unit correctness are skipped)."""
     names = [n for n, c in correct_by_mode.items() if c is not None]
     if len(names) < 2:
         return {}
-    reference = names[0]
+    reference = prefer if prefer in names else names[0]
     return {"reference": reference,
-            "modes": {n: compare(correct_by_mode[n], correct_by_mode[reference], seed=seed) for n in names[1:]}}
+            "modes": {n: compare(correct_by_mode[n], correct_by_mode[reference], seed=seed)
+                      for n in names if n != reference}}

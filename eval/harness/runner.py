@@ -97,29 +97,41 @@ def _normalise(obj):
     return json.loads(json.dumps(obj, default=lambda x: x.tolist() if hasattr(x, "tolist") else list(x)))
 
 
-def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec]) -> None:
-    """Refuses to mix runs: `fixed` and each mode's settings must match what `run.json` recorded."""
+def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_traces: bool = False) -> None:
+    """Refuses to mix runs: `fixed` and each mode's settings must match what `run.json` recorded for the modes
+    whose samples are still there; with `save_traces`, a Blink mode's traces must cover its saved answers."""
     path = out / "run.json"
     new = _normalise({**fixed, "modes": {m.name: m.settings() for m in modes}})
     if path.exists():
         old = json.loads(path.read_text())
-        if new.get("save_traces") and not old.get("save_traces", False) and old.get("modes"):
-            raise RunConflict(f"{out} holds answers given without --save-traces, and traces now would cover only the "
-                              f"questions still to answer: use another --out for a run with complete traces")
-        new["save_traces"] = bool(new.get("save_traces")) and bool(old.get("save_traces", True))
         for key, value in new.items():
-            if key in ("modes", "save_traces"):
-                continue
-            if key in old and old[key] != value:
+            if key != "modes" and key in old and old[key] != value:
                 raise RunConflict(f"{out} holds a run with {key}={old[key]!r}, this one has {value!r}: use another "
                                   f"--out, or delete {out} to start over")
         for name, settings in new["modes"].items():
             before = old.get("modes", {}).get(name)
-            if before is not None and before != settings:
+            samples = samples_path(out, fixed["bench"], name)
+            if before is not None and before != settings and samples.exists():
                 raise RunConflict(f"{out} holds mode {name!r} run with other settings ({_differences(before, settings)})"
-                                  f": use another --out, or delete {samples_path(out, fixed['bench'], name)}")
+                                  f": use another --out, or delete {samples} to answer it afresh")
         new["modes"] = {**old.get("modes", {}), **new["modes"]}
+    if save_traces:
+        for mode in modes:
+            samples = samples_path(out, fixed["bench"], mode.name)
+            if mode.blink is not None and samples.exists() and not traces_cover(out, fixed["bench"], mode.name):
+                raise RunConflict(f"{out} holds answers of mode {mode.name!r} without traces, and traces now would cover "
+                                  f"only the questions still to answer: use another --out for a run with complete "
+                                  f"traces")
     atomic_write_json(path, new)
+
+
+def traces_cover(out: Path, bench: str, mode: str) -> bool:
+    """Whether the mode's traces file has a record for every question its samples file answered."""
+    samples, traces = samples_path(out, bench, mode), traces_path(out, bench, mode)
+    answered = {q for q, r in latest_records(read_jsonl(samples)).items() if r.get("error") is None} \
+        if samples.exists() else set()
+    traced = set(latest_records(read_jsonl(traces))) if traces.exists() else set()
+    return answered <= traced
 
 
 def _differences(old, new, prefix: str = "") -> str:
@@ -291,7 +303,8 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
         latest = latest_records(read_jsonl(path))
         exports = bench.export([s for q, s in latest.items() if q in docs], docs, out, name)
         traces = traces_path(out, bench.name, name)
-        files = {"samples": path.name, **({"traces": traces.name} if traces.exists() else {}),
+        complete = traces.exists() and traces_cover(out, bench.name, name)  # a partial file is not the mode's traces
+        files = {"samples": path.name, **({"traces": traces.name} if complete else {}),
                  "exports": [p.name for p in exports]}
         entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
                         "settings": settings, "score": score_records(bench, docs, latest.values()), "files": files})
@@ -336,8 +349,8 @@ def run_eval(cfg: EvalConfig, *, stop_after: int | None = None, model_and_tokeni
     fixed = {"bench": bench.name, "task_version": bench.version, "model": os.fspath(Path(cfg.model).absolute()),
              "data_dir": os.fspath(Path(cfg.data_dir).absolute()), "dtype": cfg.dtype,
              "max_new_tokens": runner.max_new_tokens, "pad_to_square": cfg.pad_to_square, "seed": cfg.seed,
-             "save_traces": cfg.save_traces}  # traces written from the middle of a run would miss its start
-    check_manifest(out, fixed, modes)
+             "limit": cfg.limit}  # results are rescored for every mode of the folder: one question set
+    check_manifest(out, fixed, modes, save_traces=cfg.save_traces)
     counter = _Counter(stop_after)
     document: dict = {}
     for mode in modes:

@@ -26,9 +26,11 @@ import numpy as np
 from bench import common
 
 # Dense bf16 peak (TFLOP/s) by device kind, from the vendors' data sheets (no sparsity). float32 has no entry:
-# pass --peak-tflops for it. Matched as substrings of `jax.devices()[0].device_kind`, first match wins.
+# pass --peak-tflops for it. Matched as substrings of `jax.devices()[0].device_kind`, first match wins, so the more
+# specific names come first ("L40S" before "L40" before "L4").
 PEAK_TFLOPS = {
-    "bfloat16": (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L4", 121.0),
+    "bfloat16": (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                 ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
                  ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
                  ("TPU v5", 459.0), ("TPU v6", 918.0)),
 }

@@ -74,6 +74,8 @@ def test_accelerator_peak_lookup():
     assert accelerator.peak_for_kind("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
     assert accelerator.peak_for_kind("NVIDIA H100 PCIe", "bfloat16") == 756.0  # before the H100 SXM entry
     assert accelerator.peak_for_kind("TPU v5 lite", "bfloat16") == 197.0
+    assert [accelerator.peak_for_kind(f"NVIDIA {k}", "bfloat16") for k in ("L40S", "L40", "L4", "H100 NVL")] == [
+        362.0, 181.0, 121.0, 835.0]
     assert accelerator.peak_for_kind("NVIDIA H100 80GB HBM3", "float32") is None  # no fp32 table: --peak-tflops
     assert accelerator.peak_for_kind("cpu", "bfloat16") is None
 

@@ -255,12 +255,15 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopAtStepBoundary:
     """While training, the first SIGINT (Ctrl-C) only sets `requested`, so the loop stops at the end of a step with
-    a consistent checkpoint (model state and data iterator); a second one interrupts at once. Main thread only."""
+    a consistent checkpoint (model state and data iterator); a second one interrupts at once. Main thread of a
+    single-process run only."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        # Single process only: on several hosts the save is a collective, and hosts that saw no Ctrl-C (or saw it
+        # at another step) would wait in the next step's collectives; there Ctrl-C keeps its default behaviour.
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):

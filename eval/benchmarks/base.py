@@ -194,10 +194,11 @@ class Benchmark(abc.ABC):
     def aggregate(self, results: Sequence[dict]) -> dict:
         """Pure: per-question results -> metrics (a JSON-able dict)."""
 
-    def correctness(self, results: Mapping[str, dict]) -> dict[str, bool] | None:
+    def correctness(self, results: Mapping[str, dict], docs: Mapping[str, dict] | None = None) -> dict[str, bool] | None:
         """question_id -> `process_results(...)` of the answered questions => scoring unit -> right or wrong, for
         paired comparisons between modes (`eval.harness.paired`). The default reads each result's "correct";
-        None when the benchmark has no per-answer correctness (MM-Vet's judge scores elsewhere)."""
+        None when the benchmark has no per-answer correctness (MM-Vet's judge scores elsewhere). `docs` (all
+        questions by id) lets a unit of several questions leave out the units not completely answered."""
         if not all("correct" in r for r in results.values()):
             return None
         return {q: bool(r["correct"]) for q, r in results.items()}

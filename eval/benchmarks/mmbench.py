@@ -152,12 +152,19 @@ class MmBench(Benchmark):
             "categories": {c: mean([all(g) for g in gs.values()]) for c, gs in sorted(categories.items())},
         }
 
-    def correctness(self, results: Mapping[str, dict]) -> dict[str, bool]:
-        """Circular evaluation's unit: a question counts as right only when every rotation of it is."""
+    def correctness(self, results: Mapping[str, dict], docs: Mapping[str, dict] | None = None) -> dict[str, bool]:
+        """Circular evaluation's unit: a question counts as right only when every rotation of it is. With `docs`,
+        a question some rotation of which was not answered (an error) is left out: it has no verdict."""
         groups: dict[str, list[bool]] = {}
         for r in results.values():
             if r["answer"]:
                 groups.setdefault(r["group"], []).append(r["correct"])
+        if docs is not None:
+            size: dict[str, int] = {}
+            for d in docs.values():
+                if d["answer"]:
+                    size[d["circular_group"]] = size.get(d["circular_group"], 0) + 1
+            groups = {g: c for g, c in groups.items() if len(c) == size.get(g)}
         return {g: all(c) for g, c in groups.items()}
 
     def headline(self, metrics: Mapping) -> dict:

@@ -308,7 +308,7 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
                  "exports": [p.name for p in exports]}
         entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
                         "settings": settings, "score": score_records(bench, docs, latest.values()), "files": files})
-        correct[name] = bench.correctness(answered_results(bench, docs, latest))
+        correct[name] = bench.correctness(answered_results(bench, docs, latest), docs)
     document = results_document(bench, entries, config_document(cfg, runner, modes), versions(),
                                 paired.against_first(correct))
     atomic_write_json(out / "results.json", document)

@@ -126,3 +126,37 @@ def test_scan_layers(capsys):
     assert len(table_rows(capsys.readouterr().out)) == 3
     with pytest.raises(SystemExit):
         scan_layers.main(["--size", "7b"])  # 7b runs only compile-only on a host
+
+
+def test_blink_extra_flops_match_xla_cost_analysis():
+    """The SR tokens' share of the analytic count (Blink's MFU row) agrees with what XLA counts for the compiled
+    Blink prefill beyond the vanilla one (XLA's also holds the saliency scan and interpolation)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench import common
+    from blink_jax.blink import BlinkConfig, runner
+    from blink_jax.config import LlavaConfig
+    from blink_jax.loading import abstract_model
+    from blink_jax.model import forward
+
+    size = common.Size(vision_width=128, vision_layers=3, vision_heads=4, text_width=256, text_layers=4,
+                       text_heads=4, text_kv_heads=2, text_ffn=704, vocab=1000)
+    batch, length, first = 2, 650, 1
+    cfg = LlavaConfig.from_hf_config(common.hf_config(size))
+    graphdef, state = nnx.split(abstract_model(cfg))
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    pixels = jax.ShapeDtypeStruct((batch, 3, size.image_size, size.image_size), jnp.float32)
+    flops = lambda lowered: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(lowered.compile().cost_analysis())
+    vanilla = flops(jax.jit(lambda p, i, x, m: forward.prefill(nnx.merge(graphdef, p), i, x, m)[0]).lower(
+        state, ids, pixels, ids))
+    blink = BlinkConfig(layers=(first, first + 1), region_size=6, expansion="fixed")
+    static, thresholds = blink.split()
+    bank_def, bank_state = runner._interp_bank(static, cfg.text.hidden_size)
+    with_sr = flops(runner._prefill.lower(graphdef, state, bank_def, bank_state, ids, pixels, ids, thresholds,
+                                          jax.random.PRNGKey(0), static=static))
+    sr_tokens = (blink.region_size * blink.scale) ** 2
+    ours = (accelerator.prefill_flops(size, batch, length, sr_tokens=sr_tokens, sr_layers=size.text_layers - 1 - first)
+            - accelerator.prefill_flops(size, batch, length))
+    assert 0.85 < ours / (with_sr - vanilla) <= 1.0, (ours, with_sr - vanilla)

@@ -212,8 +212,8 @@ class Runner:
         import jax.numpy as jnp
 
         ids = list(question_ids) + [""] * (self.cfg.batch_size - len(question_ids))
-        base = jax.random.PRNGKey(self.cfg.seed)
-        return jnp.stack([jax.random.fold_in(base, zlib.crc32(q.encode()) & 0x7FFFFFFF) for q in ids])
+        data = jnp.asarray([zlib.crc32(q.encode()) & 0x7FFFFFFF for q in ids], jnp.uint32)
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(self.cfg.seed), data)
 
     def run_mode(self, mode: ModeSpec, counter: _Counter) -> None:
         from tqdm import tqdm

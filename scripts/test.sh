@@ -6,9 +6,14 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # PyTorch is for the tests only (transformers' LLaVA is the parity reference). Its CPU build comes from PyTorch's
-# own index (PyPI's Linux wheels pull GBs of CUDA packages); where that index is unreachable, the configured ones.
-python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 30 \
-  || python -m pip install -q "torch==2.13.0"
+# own index (PyPI's Linux wheels pull GBs of CUDA packages) when that index answers within seconds; otherwise
+# from pip's configured indexes (offline mirrors carry the CPU wheel).
+torch_index=()
+if timeout 10 python -c 'import socket; socket.setdefaulttimeout(3); socket.create_connection(("download.pytorch.org", 443)).close()' \
+    2>/dev/null; then
+  torch_index=(--index-url https://download.pytorch.org/whl/cpu)
+fi
+python -m pip install -q "torch==2.13.0" ${torch_index[@]+"${torch_index[@]}"}
 python -m pip install -q -e ".[test]"
 export JAX_PLATFORMS=cpu
 python -m pytest tests -q -p no:cacheprovider "$@"

@@ -131,9 +131,10 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
         except ConfigError as e:
             fix = "train TokenSR for this model" if trained else "pass --layers and --region-size that fit it"
             raise ModeError(f"mode {mode.name!r}: {e} (the value comes from {source}; {fix})") from None
-        if trained and mode.tokensr is not None:
-            dims = {mode.tokensr.for_layer(layer).dim for layer in mode.tokensr.layers}
-            if dims != {hidden_size}:
-                raise ModeError(f"mode 'blink': the TokenSR of --tokensr {tokensr_dir} was trained for hidden size "
-                                f"{sorted(dims)[0]}, this model's is {hidden_size}: it belongs to another model; train "
-                                f"TokenSR for this one (python -m train.tokensr --model ...)")
+        if trained:
+            from blink_jax.blink.runner import tokensr_bank
+
+            try:  # the same checks a forward pass makes (width, layers, geometry), before any mode runs
+                tokensr_bank(mode.blink, hidden_size, mode.tokensr)
+            except ValueError as e:
+                raise ModeError(f"mode 'blink': --tokensr {tokensr_dir}: {e}") from None

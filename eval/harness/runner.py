@@ -118,20 +118,18 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_tr
     if save_traces:
         for mode in modes:
             samples = samples_path(out, fixed["bench"], mode.name)
-            if mode.blink is not None and samples.exists() and not traces_cover(out, fixed["bench"], mode.name):
+            if mode.blink is not None and samples.exists() and not traces_cover(
+                    latest_records(read_jsonl(samples)), traces_path(out, fixed["bench"], mode.name)):
                 raise RunConflict(f"{out} holds answers of mode {mode.name!r} without traces, and traces now would cover "
                                   f"only the questions still to answer: use another --out for a run with complete "
                                   f"traces")
     atomic_write_json(path, new)
 
 
-def traces_cover(out: Path, bench: str, mode: str) -> bool:
-    """Whether the mode's traces file has a record for every question its samples file answered."""
-    samples, traces = samples_path(out, bench, mode), traces_path(out, bench, mode)
-    answered = {q for q, r in latest_records(read_jsonl(samples)).items() if r.get("error") is None} \
-        if samples.exists() else set()
-    traced = set(latest_records(read_jsonl(traces))) if traces.exists() else set()
-    return answered <= traced
+def traces_cover(samples: dict[str, dict], traces: Path) -> bool:
+    """Whether `traces` has a record for every question that `samples` (id -> latest record) answered."""
+    answered = {q for q, r in samples.items() if r.get("error") is None}
+    return answered <= (set(latest_records(read_jsonl(traces))) if traces.exists() else set())
 
 
 def _differences(old, new, prefix: str = "") -> str:
@@ -303,7 +301,7 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
         latest = latest_records(read_jsonl(path))
         exports = bench.export([s for q, s in latest.items() if q in docs], docs, out, name)
         traces = traces_path(out, bench.name, name)
-        complete = traces.exists() and traces_cover(out, bench.name, name)  # a partial file is not the mode's traces
+        complete = traces.exists() and traces_cover(latest, traces)  # a partial file is not the mode's traces
         files = {"samples": path.name, **({"traces": traces.name} if complete else {}),
                  "exports": [p.name for p in exports]}
         entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,

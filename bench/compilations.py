@@ -5,8 +5,8 @@ mode, counting the programs compiled against the number of length buckets.
 
 The model is a tiny random LLaVA (84 px images, a 6x6 grid; compilation counts do not depend on its size);
 the questions are POPE-style with 0-260 filler words, so their prompts fall into several length buckets. Counted:
-new entries in the jit caches of the entry points (`blink_jax.runtime._generate`/`_prefill`,
-`blink_jax.blink.runner._generate`/`_prefill`) and every XLA backend compilation in the process
+new entries in the jit caches of the entry points (`blink_jax.runtime._generate`/`_prefill`, which serve
+vanilla and Blink) and every XLA backend compilation in the process
 (`/jax/core/compile/backend_compile_duration` events, which also catch small helper programs).
 Target: per mode, entry-point programs <= length buckets.
 """
@@ -76,10 +76,8 @@ def make_model(root: Path) -> tuple[Path, Path]:
 
 def _entry_points():
     from blink_jax import runtime
-    from blink_jax.blink import runner as blink_runner
 
-    return {"runtime._generate": runtime._generate, "runtime._prefill": runtime._prefill,
-            "blink.runner._generate": blink_runner._generate, "blink.runner._prefill": blink_runner._prefill}
+    return {"runtime._generate": runtime._generate, "runtime._prefill": runtime._prefill}
 
 
 def run(questions: int, bucket: int, batch_size: int, modes: tuple[str, ...], work: Path) -> str:

@@ -1,7 +1,8 @@
 """The runnable model: jit-compiled pure entry points over `(params, inputs)`, and greedy generation.
 
 `Llava` holds `nnx.split(model)` once; each entry point merges inside `jax.jit`, so compilation is
-keyed only on shapes and static options, never on parameter values or thresholds.
+keyed only on shapes and static options, never on parameter values or thresholds. One pair of entry points
+(`_prefill`, `_generate`) serves vanilla (`static=None`) and Blink.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blink_jax.blink import runner
+from blink_jax.blink.forward import blink_prefill
 from blink_jax.config import LlavaConfig
 from blink_jax.model import forward
 from blink_jax.model.llava import LlavaModel
@@ -31,19 +34,32 @@ class InputError(ValueError):
     """Model inputs that cannot be run: names the array and what is wrong."""
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill(graphdef, params, input_ids, pixel_values, attention_mask):
+def _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static, *, all_logits):
+    """The prefill, vanilla (`static is None`) or Blink's. -> (logits, KVCache, Trace or None)."""
     model = nnx.merge(graphdef, params)
-    return forward.prefill(model, input_ids, pixel_values, attention_mask)[0]  # no cache: nothing decodes after
+    if static is None:
+        return forward.prefill(model, ids, px, mask, all_logits=all_logits) + (None,)
+    return blink_prefill(model, nnx.merge(bank_def, bank_state), ids, px, mask, static, thresholds, key,
+                         all_logits=all_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id", "pad_token_id"))
-def _generate(graphdef, params, input_ids, pixel_values, attention_mask, *, max_new_tokens, eos_token_id,
-              pad_token_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static"))
+def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static):
+    logits, _, trace = _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static,
+                                all_logits=True)
+    return logits, trace  # no cache: nothing decodes after
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static", "max_new_tokens", "eos_token_id",
+                                             "pad_token_id"))
+def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static, max_new_tokens,
+              eos_token_id, pad_token_id):
+    logits, cache, trace = _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static,
+                                    all_logits=False)
     model = nnx.merge(graphdef, params)
-    logits, cache = forward.prefill(model, input_ids, pixel_values, attention_mask, all_logits=False)
-    return forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    tokens = forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return tokens, trace
 
 
 class Llava:
@@ -94,11 +110,10 @@ class Llava:
         ablation: one PRNG key, or one per example ([B] keys) to make each example's draw independent of its
         batch."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
-        if blink is None:
-            logits = _prefill(self.graphdef, self.params, ids, px, mask)
-            return ModelOutput(logits=logits)
-        from blink_jax.blink.runner import blink_prefill
-        return blink_prefill(self, ids, px, mask, blink, tokensr, rng)
+        b = self._blink_args(blink, tokensr, rng)
+        logits, trace = _prefill(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
+                                 b.key, static=b.static)
+        return ModelOutput(logits=logits, trace=None if blink is None else runner.to_host(trace, blink.layers))
 
     def generate(self, *, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
                  blink=None, tokensr=None, rng=None, eos_token_id: int | None = None,
@@ -110,14 +125,21 @@ class Llava:
         eos = text.eos_token_id if eos_token_id is None else eos_token_id
         pad = (text.pad_token_id if text.pad_token_id is not None else 0) if pad_token_id is None else pad_token_id
         eos = -1 if eos is None else eos
-        if blink is not None:
-            from blink_jax.blink.runner import blink_generate
-            tokens, trace = blink_generate(self, ids, px, mask, blink, tokensr, max_new_tokens=max_new_tokens,
-                                           eos_token_id=eos, pad_token_id=pad, rng=rng)
-            return (tokens, trace) if return_trace else tokens
-        tokens = np.asarray(_generate(self.graphdef, self.params, ids, px, mask, max_new_tokens=max_new_tokens,
-                                      eos_token_id=eos, pad_token_id=pad))
-        return (tokens, None) if return_trace else tokens
+        b = self._blink_args(blink, tokensr, rng)
+        tokens, trace = _generate(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
+                                  b.key, static=b.static, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=pad)
+        tokens = np.asarray(tokens)
+        if not return_trace:
+            return tokens
+        return tokens, None if blink is None else runner.to_host(trace, blink.layers)
+
+    def _blink_args(self, blink, tokensr, rng) -> runner.BlinkArgs:
+        """Blink's static and traced arguments of the entry points; all None for vanilla."""
+        if blink is None:
+            return runner.BlinkArgs(None, None, None, None, None)
+        return runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers,
+                              grid=self.config.vision.grid, dim=self.config.text.hidden_size)
 
 
 def generate(model: Llava, **kwargs) -> np.ndarray:

@@ -136,6 +136,7 @@ def test_blink_extra_flops_match_xla_cost_analysis():
     from flax import nnx
 
     from bench import common
+    from blink_jax import runtime
     from blink_jax.blink import BlinkConfig, runner
     from blink_jax.config import LlavaConfig
     from blink_jax.loading import abstract_model
@@ -154,8 +155,8 @@ def test_blink_extra_flops_match_xla_cost_analysis():
     blink = BlinkConfig(layers=(first, first + 1), region_size=6, expansion="fixed")
     static, thresholds = blink.split()
     bank_def, bank_state = runner._interp_bank(static, cfg.text.hidden_size)
-    with_sr = flops(runner._prefill.lower(graphdef, state, bank_def, bank_state, ids, pixels, ids, thresholds,
-                                          jax.random.PRNGKey(0), static=static))
+    with_sr = flops(runtime._prefill.lower(graphdef, state, bank_def, bank_state, ids, pixels, ids, thresholds,
+                                           jax.random.PRNGKey(0), static=static))
     sr_tokens = (blink.region_size * blink.scale) ** 2
     ours = (accelerator.prefill_flops(size, batch, length, sr_tokens=sr_tokens, sr_layers=size.text_layers - 1 - first)
             - accelerator.prefill_flops(size, batch, length))

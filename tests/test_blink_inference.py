@@ -14,7 +14,7 @@ from flax import nnx
 
 import tiny_llava as tl
 from blink_jax.blink import BlinkConfig, TokenSRBank
-from blink_jax.blink import runner as blink_runner
+from blink_jax import runtime
 from blink_reference import reference_blink
 from test_model_parity import batch, from_hf
 
@@ -160,10 +160,10 @@ def test_thresholds_and_inputs_do_not_recompile(models):
     ids, pixels, mask = batch(ours.config, (60,), seed=5)
     run = lambda cfg, px: ours(input_ids=ids, pixel_values=px, attention_mask=mask, blink=cfg)
     run(blink_cfg(), pixels)
-    before = blink_runner._prefill._cache_size()
+    before = runtime._prefill._cache_size()
     for k, (tau_exp, tau_drop) in enumerate([(0.2, 0.1), (0.26, 0.25), (0.9, 0.0), (2.0, 1.5)]):
         run(blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop), pixels + k)
-    assert blink_runner._prefill._cache_size() == before
+    assert runtime._prefill._cache_size() == before
 
 
 def test_generation_after_blink_prefill_equals_reference(models, cases):

@@ -7,6 +7,9 @@ take their causal rank between the visual tokens and the text, so attention runs
 position ids and validity: no shapes change, nothing leaves the device. Layers up to and including the
 first participating layer run on the prompt alone (no SR token can exist before its decision).
 
+It is the model's one decoder loop (`blink_jax.model.decoder.walk`) with `blink_hook` at each participating
+layer, over any backbone of the protocol (`blink_jax.model.backbone`).
+
 Letters: B batch, T prompt length, P SR slots ((s r)^2), L buffer length (T + P), D model dim,
 G grid side, V visual tokens (G*G).
 """
@@ -21,8 +24,9 @@ from blink_jax.blink import dtr
 from blink_jax.blink.config import BlinkStatic, Thresholds
 from blink_jax.blink.saliency import saliency_guided_scan
 from blink_jax.blink.tokensr import TokenSRBank
-from blink_jax.model.forward import KVCache, causal_mask, position_ids
-from blink_jax.model.llava import LlavaModel
+from blink_jax.model import forward
+from blink_jax.model.backbone import Backbone, Prompt
+from blink_jax.model.decoder import Hook, Stream
 
 
 @struct.dataclass
@@ -35,20 +39,6 @@ class Trace:
     attention: jax.Array | None = None  # [Lp, B, G, G] float32: S_v, when requested
 
 
-def visual_layout(input_ids: jax.Array, attention_mask: jax.Array, image_token_index: int, num_image_tokens: int,
-                  grid: int):
-    """Where the visual grid sits in each (left-padded) row.
-
-    -> visual_index [B, V] (buffer index of grid token v, row-major; with the "full" strategy the CLS
-       token that leads the image run is not part of the grid), vis_end [B] (index of the last image token).
-    """
-    is_image = (input_ids == image_token_index) & (attention_mask > 0)
-    start = jnp.argmax(is_image, axis=1).astype(jnp.int32)  # first image token
-    first_grid = start + (num_image_tokens - grid * grid)
-    visual_index = first_grid[:, None] + jnp.arange(grid * grid, dtype=jnp.int32)[None]
-    return visual_index, start + num_image_tokens - 1
-
-
 def buffer_order(t: int, num_sr: int, vis_end: jax.Array) -> jax.Array:
     """Causal rank of each buffer slot [B, T + P]: prompt tokens after the image move up by P, SR slots
     take the ranks right after the last image token."""
@@ -58,68 +48,77 @@ def buffer_order(t: int, num_sr: int, vis_end: jax.Array) -> jax.Array:
     return jnp.concatenate([prompt, sr], axis=1)
 
 
-def blink_prefill(model: LlavaModel, bank: TokenSRBank, input_ids: jax.Array, pixel_values: jax.Array,
+@struct.dataclass
+class _Carry:
+    """Blink's state in the stream (`Stream.aux`) from the first participating layer on."""
+    dtr: dtr.DTRState
+    sr_positions: jax.Array  # [B, P] int32: position ids of the SR slots
+
+
+def blink_hook(model: Backbone, prompt: Prompt, bank: TokenSRBank, static: BlinkStatic, thresholds: Thresholds,
+               key: jax.Array) -> Hook:
+    """SGS + DTR after a participating layer L (BLINK.md §2-3): decides from layer L's attention and shapes the
+    stream entering layer L+1. Its record is (rho, r*, action, expanded region, S_v [B, G, G]).
+
+    At the first participating layer the stream becomes the buffer `[prompt (T); SR slots (P)]`.
+    """
+    grid = square_grid(model)
+    b, t = prompt.stream.valid.shape
+    num_sr, r, s = static.num_sr_tokens, static.region_size, static.scale
+    visual_index = prompt.visual_index
+    visual_pos = jnp.take_along_axis(prompt.stream.positions, visual_index, axis=-1)  # [B, V]
+
+    def open_buffer(stream: Stream) -> Stream:
+        h = stream.h
+        return stream.replace(
+            h=jnp.concatenate([h, jnp.zeros((b, num_sr, h.shape[-1]), h.dtype)], axis=1),
+            order=buffer_order(t, num_sr, prompt.visual_end), tail=num_sr,
+            aux=_Carry(dtr.init_state(b), jnp.zeros((b, num_sr), jnp.int32)))
+
+    def hook(index: int, stream: Stream, q: jax.Array, k: jax.Array):
+        rho, r_star, s_v = saliency_guided_scan(q[:, t - 1], k, stream.valid, visual_index, grid=grid, region_size=r)
+        if stream.aux is None:  # the first participating layer: no SR token could exist before its decision
+            stream = open_buffer(stream)
+        if static.random_region:
+            r_star = dtr.random_regions(dtr.fold_in(key, index), b, static.num_regions(grid))
+        action, state = dtr.step(stream.aux.dtr, rho, r_star, thresholds, static)
+        h = stream.h
+        low_res = dtr.gather_region(dtr.gather_visual(h, visual_index, grid), state.region, r)  # [B, r, r, D]
+        fresh = bank.for_layer(index)(low_res).astype(h.dtype).reshape(b, num_sr, -1)
+        sr_now = dtr.select_on_expand(action, fresh, h[:, t:])
+        sr_pos = dtr.select_on_expand(action, dtr.sr_position_ids(visual_pos, state.region, grid, r, s),
+                                      stream.aux.sr_positions)
+        stream = stream.replace(
+            h=jnp.concatenate([h[:, :t], sr_now], axis=1),
+            positions=jnp.concatenate([prompt.stream.positions, sr_pos], axis=-1),
+            valid=jnp.concatenate([prompt.stream.valid, jnp.broadcast_to(state.expanded[:, None], (b, num_sr))],
+                                  axis=1),
+            aux=_Carry(state, sr_pos))
+        return stream, (rho, r_star, action, state.region, s_v.reshape(b, grid, grid))
+
+    return hook
+
+
+def square_grid(model: Backbone) -> int:
+    """The grid side G of a backbone whose visual grid is square (all Blink mechanics here assume G x G)."""
+    rows, cols = model.grid_shape
+    if rows != cols:
+        raise ValueError(f"Blink's mechanics here take a square visual grid, this backbone's is {rows} x {cols}: "
+                         f"run it with square images")
+    return rows
+
+
+def blink_prefill(model: Backbone, bank: TokenSRBank, input_ids: jax.Array, pixel_values: jax.Array,
                   attention_mask: jax.Array, static: BlinkStatic, thresholds: Thresholds, key: jax.Array, *,
                   all_logits: bool = True):
     """-> (logits [B, T, V] float32 at the prompt's positions, KVCache of length T + P, Trace).
 
     `all_logits=False`: the last prompt position's logits only ([B, 1, V]), for generation."""
-    cfg = model.config
-    grid = cfg.vision.grid
-    b, t = input_ids.shape
-    num_sr, r, s = static.num_sr_tokens, static.region_size, static.scale
-    first = static.layers[0]
-
-    h = model.embed_multimodal(input_ids, pixel_values)
-    prompt_valid = attention_mask > 0
-    positions = position_ids(attention_mask)
-    visual_index, vis_end = visual_layout(input_ids, attention_mask, cfg.image_token_index,
-                                          cfg.num_image_tokens, grid)
-    visual_pos = jnp.take_along_axis(positions, visual_index, axis=1)  # [B, V]
-    order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    state = dtr.init_state(b)
-    sr_h = jnp.zeros((b, num_sr, h.shape[-1]), h.dtype)
-    sr_pos = jnp.zeros((b, num_sr), jnp.int32)
-    trace = []
-    ks, vs, valids = [], [], []
-
-    for index, layer in enumerate(model.language_model.layers):
-        carries_sr = index > first  # no SR token can exist before the first decision
-        valid = jnp.concatenate([prompt_valid, jnp.broadcast_to(state.expanded[:, None], (b, num_sr))],
-                                axis=1) if carries_sr else prompt_valid
-        buffer_pos = jnp.concatenate([positions, sr_pos], axis=1) if carries_sr else positions
-        # The prompt is in causal order; the SR slots sit physically last, causally between visual and text.
-        h, q, k, v = layer(h, buffer_pos, causal_mask(order, valid), causal=True, tail=num_sr if carries_sr else 0)
-        ks.append(k)
-        vs.append(v)
-        valids.append(valid)
-        if index == first:  # from here on the buffer carries the SR slots
-            h = jnp.concatenate([h, sr_h], axis=1)
-            order = buffer_order(t, num_sr, vis_end)
-        if index not in static.layers:
-            continue
-
-        rho, r_star, s_v = saliency_guided_scan(q[:, t - 1], k, valid, visual_index, grid=grid, region_size=r)
-        if static.random_region:
-            r_star = dtr.random_regions(dtr.fold_in(key, index), b, static.num_regions(grid))
-        action, state = dtr.step(state, rho, r_star, thresholds, static)
-        low_res = dtr.gather_region(dtr.gather_visual(h, visual_index, grid), state.region, r)  # [B, r, r, D]
-        fresh = bank.for_layer(index)(low_res).astype(h.dtype).reshape(b, num_sr, -1)
-        sr_now = dtr.select_on_expand(action, fresh, h[:, t:])
-        h = jnp.concatenate([h[:, :t], sr_now], axis=1)
-        sr_pos = dtr.select_on_expand(action, dtr.sr_position_ids(visual_pos, state.region, grid, r, s), sr_pos)
-        trace.append((rho, r_star, action, state.region, s_v.reshape(b, grid, grid)))
-
-    logits = model.language_model.logits(h[:, :t] if all_logits else h[:, t - 1:t])
-    # Layers up to the first participating one get the SR slots too, always empty, so that every layer's
-    # cache has one length and decoding writes at one index.
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, num_sr)) + ((0, 0),) * (x.ndim - 2))
-    ks = [k if i > first else pad(k) for i, k in enumerate(ks)]
-    vs = [v if i > first else pad(v) for i, v in enumerate(vs)]
-    valids = [m if i > first else pad(m) for i, m in enumerate(valids)]
-    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=tuple(valids), index=jnp.int32(t + num_sr),
-                    next_position=positions[:, -1] + 1)
-    stack = lambda i: jnp.stack([entry[i] for entry in trace])
-    out_trace = Trace(rho=stack(0), region=stack(1), action=stack(2), expanded_region=stack(3),
-                      attention=stack(4) if static.return_attention else None)
-    return logits, cache, out_trace
+    prompt = model.prompt(input_ids, pixel_values, attention_mask)
+    hook = blink_hook(model, prompt, bank, static, thresholds, key)
+    logits, cache, records = forward.prefill_with_hooks(model, prompt, {layer: hook for layer in static.layers},
+                                                        all_logits=all_logits)
+    stack = lambda i: jnp.stack([record[i] for record in records])
+    trace = Trace(rho=stack(0), region=stack(1), action=stack(2), expanded_region=stack(3),
+                  attention=stack(4) if static.return_attention else None)
+    return logits, cache, trace

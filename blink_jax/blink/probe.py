@@ -1,5 +1,6 @@
 """A vanilla forward that stops after the deepest requested layer and reports, per requested layer, the
-visual tokens' output hidden states and the saliency-guided scan of the last prompt token.
+visual tokens' output hidden states and the saliency-guided scan of the last prompt token: the decoder's one
+walk with `probe_hook` at the requested layers.
 
 Used by TokenSR training (student inputs, teacher targets, region choice) and by threshold calibration.
 Letters: B batch, T prompt length, D model dim, G grid side, V visual tokens (G*G).
@@ -11,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from blink_jax.blink.forward import visual_layout
+from blink_jax.blink.forward import square_grid
 from blink_jax.blink.saliency import saliency_guided_scan
-from blink_jax.model.forward import causal_mask, position_ids
-from blink_jax.model.llava import LlavaModel
+from blink_jax.model.backbone import Backbone, Prompt
+from blink_jax.model.decoder import Hook, Stream, walk
 
 
 @struct.dataclass
@@ -25,24 +26,26 @@ class Probe:
     attention: jax.Array  # [Lp, B, G, G]: S_v
 
 
-def probe_layers(model: LlavaModel, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
+def probe_hook(prompt: Prompt, grid: int, region_size: int) -> Hook:
+    """Records, after its layer, the visual grid's hidden states and the last prompt token's saliency scan;
+    leaves the stream as it is."""
+    b, t = prompt.stream.valid.shape
+
+    def hook(index: int, stream: Stream, q: jax.Array, k: jax.Array):
+        rho, region, s_v = saliency_guided_scan(q[:, t - 1], k, stream.valid, prompt.visual_index, grid=grid,
+                                                region_size=region_size)
+        visual = jnp.take_along_axis(stream.h, prompt.visual_index[..., None], axis=1).reshape(b, grid, grid, -1)
+        return stream, (visual, rho, region, s_v.reshape(b, grid, grid))
+
+    return hook
+
+
+def probe_layers(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
                  layers: tuple[int, ...], region_size: int) -> Probe:
-    """Runs layers 0..max(layers) of vanilla LLaVA. The saliency is that of the prompt's last token."""
-    cfg = model.config
-    grid = cfg.vision.grid
-    b, t = input_ids.shape
-    h = model.embed_multimodal(input_ids, pixel_values)
-    valid = attention_mask > 0
-    positions = position_ids(attention_mask)
-    mask = causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), valid)
-    visual_index, _ = visual_layout(input_ids, attention_mask, cfg.image_token_index, cfg.num_image_tokens, grid)
-    out = []
-    for index, layer in enumerate(model.language_model.layers[: max(layers) + 1]):
-        h, q, k, _ = layer(h, positions, mask)
-        if index in layers:
-            rho, region, s_v = saliency_guided_scan(q[:, t - 1], k, valid, visual_index, grid=grid,
-                                                    region_size=region_size)
-            visual = jnp.take_along_axis(h, visual_index[..., None], axis=1).reshape(b, grid, grid, -1)
-            out.append((visual, rho, region, s_v.reshape(b, grid, grid)))
-    stack = lambda i: jnp.stack([o[i] for o in out])
+    """Runs layers 0..max(layers) of the vanilla model. The saliency is that of the prompt's last token."""
+    prompt = model.prompt(input_ids, pixel_values, attention_mask)
+    hook = probe_hook(prompt, square_grid(model), region_size)
+    _, _, records = walk(model.decoder_layers, prompt.stream, hooks={layer: hook for layer in layers},
+                         stop=max(layers) + 1)
+    stack = lambda i: jnp.stack([record[i] for record in records])
     return Probe(visual=stack(0), rho=stack(1), region=stack(2), attention=stack(3))

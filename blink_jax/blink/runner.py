@@ -1,7 +1,8 @@
-"""Jit-compiled Blink entry points behind `Llava.__call__(blink=...)` and `Llava.generate(blink=...)`.
+"""What `Llava.__call__(blink=...)` and `Llava.generate(blink=...)` need around the jitted forward: the TokenSR to
+run (built, or checked against the model), the static and traced halves of the config, and the host trace.
 
-Static: the model and TokenSR graph definitions and `BlinkStatic`. Traced: parameters, inputs, the
-thresholds and the random key, so new thresholds or new decisions never recompile.
+Static: the TokenSR graph definition and `BlinkStatic`. Traced: TokenSR parameters, the thresholds and the
+random key, so new thresholds or new decisions never recompile (the entry points are in `blink_jax.runtime`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from blink_jax.blink import dtr
-from blink_jax.blink.config import BlinkConfig
-from blink_jax.blink.forward import Trace, blink_prefill as _blink_prefill_fn
+from blink_jax.blink.config import BlinkConfig, BlinkStatic, Thresholds
+from blink_jax.blink.forward import Trace
 from blink_jax.blink.tokensr import TokenSRBank
-from blink_jax.model import forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,63 +83,37 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
     return bank
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static"))
-def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static):
-    model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-    logits, _, trace = _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key)
-    return logits, trace  # no cache: nothing decodes after
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static", "max_new_tokens", "eos_token_id",
-                                             "pad_token_id"))
-def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static, max_new_tokens,
-              eos_token_id, pad_token_id):
-    model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-    logits, cache, trace = _blink_prefill_fn(model, bank, ids, px, mask, static, thresholds, key, all_logits=False)
-    tokens = forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    return tokens, trace
-
-
 @functools.lru_cache(maxsize=32)
 def _interp_bank(static, dim: int):
     """The parameter-free interp bank, built once per static config (saves host time on every call)."""
     return nnx.split(TokenSRBank(static, dim, rngs=nnx.Rngs(0)))
 
 
-def _prepare(llava, blink: BlinkConfig, tokensr, rng):
-    cfg = llava.config
+@dataclasses.dataclass(frozen=True)
+class BlinkArgs:
+    """What a jitted forward needs to run Blink: static parts (hashable) and traced parts."""
+    bank_def: nnx.GraphDef  # static
+    static: BlinkStatic  # static
+    bank_state: nnx.State  # traced
+    thresholds: Thresholds  # traced
+    key: jax.Array  # traced
+
+
+def prepare(blink: BlinkConfig, tokensr, rng, *, num_layers: int, grid: int, dim: int) -> BlinkArgs:
+    """Checks `blink` against the model (layers, grid side G, hidden size) and builds the TokenSR to run."""
     if not isinstance(blink, BlinkConfig):
         raise TypeError(f"blink must be a BlinkConfig, got {type(blink).__name__}")
-    blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
+    blink.validate_for(num_layers, grid)
     static, thresholds = blink.split()
     if blink.tokensr_kind == "interp" and tokensr is None:
-        bank_def, bank_state = _interp_bank(static, cfg.text.hidden_size)
+        bank_def, bank_state = _interp_bank(static, dim)
     else:
-        bank_def, bank_state = nnx.split(tokensr_bank(blink, cfg.text.hidden_size, tokensr))
+        bank_def, bank_state = nnx.split(tokensr_bank(blink, dim, tokensr))
     key = jax.random.PRNGKey(0) if rng is None else rng
-    return bank_def, bank_state, static, thresholds, key
+    return BlinkArgs(bank_def, static, bank_state, thresholds, key)
 
 
 def to_host(trace: Trace, layers) -> HostTrace:
     get = lambda x: None if x is None else np.asarray(x)
     return HostTrace(layers=tuple(layers), rho=get(trace.rho), region=get(trace.region), action=get(trace.action),
                      expanded_region=get(trace.expanded_region), attention=get(trace.attention))
-
-
-def blink_prefill(llava, ids, px, mask, blink: BlinkConfig, tokensr, rng=None):
-    from blink_jax.runtime import ModelOutput
-
-    bank_def, bank_state, static, thresholds, key = _prepare(llava, blink, tokensr, rng)
-    logits, trace = _prefill(llava.graphdef, llava.params, bank_def, bank_state, ids, px, mask, thresholds, key,
-                                static=static)
-    return ModelOutput(logits=logits, trace=to_host(trace, blink.layers))
-
-
-def blink_generate(llava, ids, px, mask, blink: BlinkConfig, tokensr, *, max_new_tokens, eos_token_id, pad_token_id,
-                   rng=None):
-    bank_def, bank_state, static, thresholds, key = _prepare(llava, blink, tokensr, rng)
-    tokens, trace = _generate(llava.graphdef, llava.params, bank_def, bank_state, ids, px, mask, thresholds, key,
-                              static=static, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id)
-    return np.asarray(tokens), to_host(trace, blink.layers)

@@ -1,70 +1,53 @@
-"""Pure forward passes of LLaVA: prefill (builds the KV cache) and one decode step.
+"""Pure forward passes of a backbone (`blink_jax.model.backbone`): prefill, one decode step, greedy decoding.
 
-Every function here takes the model and arrays and returns arrays, so the runner can jit them with
-`nnx.split`/`nnx.merge`. The prefill reserves no decode room in the cache; `extend_cache` adds it.
+Every function takes the model and arrays and returns arrays, so the runtime can jit them with
+`nnx.split`/`nnx.merge`; each is `decoder.walk` with the hooks it needs (`hooks=None` is vanilla). The prefill
+reserves no decode room in the cache; `extend_cache` adds it.
 
-Einsum letters: B batch, T prompt length, S cache length, K kv heads, H head dim, D model dim, V vocab.
+Letters: B batch, T prompt length, S cache length, K kv heads, H head dim, D model dim, V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from blink_jax.model.llava import LlavaModel
-
-
-@struct.dataclass
-class KVCache:
-    """Per-layer keys/values and which slots hold a real token, for decoding after a prefill.
-
-    `valid` is per layer because Blink's SR tokens are in some layers' caches and not others.
-    """
-    k: tuple  # L x [B, S, K, H]
-    v: tuple  # L x [B, S, K, H]
-    valid: tuple  # L x [B, S] bool
-    index: jax.Array  # [] int32: the next slot to write
-    next_position: jax.Array  # [B] int32: position id of the next token
+from blink_jax.model.backbone import Backbone, Prompt
+from blink_jax.model.decoder import Hook, KVCache, Stream, causal_mask, walk  # noqa: F401  (the decoder's API)
+from blink_jax.model.llava import position_ids  # noqa: F401
 
 
-def position_ids(attention_mask: jax.Array) -> jax.Array:
-    """[B, T] {0,1} -> [B, T] int32: 0, 1, 2, ... over real tokens (left padding gets 0), as HF generate."""
-    pos = jnp.cumsum(attention_mask, axis=1) - 1
-    return jnp.where(attention_mask > 0, pos, 0).astype(jnp.int32)
-
-
-def causal_mask(order: jax.Array, valid: jax.Array) -> jax.Array:
-    """Who may attend to whom, from each slot's causal rank and validity.
-
-    order/valid: [B, S] -> [B, S, S] bool: query i sees key j iff j is valid and order[j] <= order[i].
-    Every slot sees itself, so fully padded rows stay finite.
-    """
-    sees = (order[:, None, :] <= order[:, :, None]) & valid[:, None, :]
-    return sees | jnp.eye(order.shape[1], dtype=bool)[None]
-
-
-def prefill(model: LlavaModel, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
+def prefill(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
             all_logits: bool = True):
-    """Vanilla LLaVA prefill. -> (logits [B, T, V] float32, KVCache with S = T).
+    """Vanilla prefill. -> (logits [B, T, V] float32, KVCache with S = T).
 
     `all_logits=False` computes the logits of the last position only ([B, 1, V]), all that generation needs:
     the LM head over every prompt position is a large share of a prefill (XLA does not slice through it).
     """
-    h = model.embed_multimodal(input_ids, pixel_values)
-    valid = attention_mask > 0
-    positions = position_ids(attention_mask)
-    b, t = input_ids.shape
-    mask = causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), valid)
-    ks, vs = [], []
-    for layer in model.language_model.layers:
-        h, _, k, v = layer(h, positions, mask, causal=True)
-        ks.append(k)
-        vs.append(v)
-    logits = model.language_model.logits(h if all_logits else h[:, -1:])
-    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=(valid,) * len(ks), index=jnp.int32(t),
-                    next_position=positions[:, -1] + 1)
+    logits, cache, _ = prefill_with_hooks(model, model.prompt(input_ids, pixel_values, attention_mask),
+                                          all_logits=all_logits)
     return logits, cache
+
+
+def prefill_with_hooks(model: Backbone, prompt: Prompt, hooks: Mapping[int, Hook] | None = None, *,
+                       all_logits: bool = True, prompt_length: int | None = None):
+    """The prefill of an embedded prompt with per-layer hooks. -> (logits, KVCache, the hooks' records).
+
+    Logits are taken at the first `prompt_length` slots (default: the prompt's own; hooks may append slots,
+    e.g. Blink's SR slots). Layers whose cache is shorter than the last layer's (hooks that grow the stream) are
+    padded with empty slots at the end, so that every layer's cache has one length and decoding writes at one
+    index.
+    """
+    t = prompt.stream.h.shape[1] if prompt_length is None else prompt_length
+    stream, kv, records = walk(model.decoder_layers, prompt.stream, hooks=hooks)
+    logits = model.logits(stream.h[:, :t] if all_logits else stream.h[:, t - 1:t])
+    length = kv[-1].k.shape[1]
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    kv = [entry if entry.k.shape[1] == length else jax.tree.map(pad, entry) for entry in kv]
+    next_position = prompt.stream.positions[..., t - 1] + 1
+    return logits, KVCache.from_layers(kv, next_position), records
 
 
 def extend_cache(cache: KVCache, extra: int) -> KVCache:
@@ -75,23 +58,19 @@ def extend_cache(cache: KVCache, extra: int) -> KVCache:
                          valid=tuple(map(pad_valid, cache.valid)))
 
 
-def decode_step(model: LlavaModel, tokens: jax.Array, cache: KVCache):
+def decode_step(model: Backbone, tokens: jax.Array, cache: KVCache):
     """One token per example. tokens: [B] int -> (logits [B, V] float32, updated cache)."""
-    h = model.language_model.embed(tokens[:, None])  # [B, 1, D]
-    positions = cache.next_position[:, None]
-    ks, vs, valids = [], [], []
-    for layer, k_cache, v_cache, valid in zip(model.language_model.layers, cache.k, cache.v, cache.valid):
-        valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((valid.shape[0], 1), bool), cache.index, axis=1)
-        h, _, k, v = layer(h, positions, valid[:, None, :], past=(k_cache, v_cache, cache.index))
-        ks.append(k)
-        vs.append(v)
-        valids.append(valid)
-    logits = model.language_model.logits(h)[:, 0]
-    return logits, KVCache(k=tuple(ks), v=tuple(vs), valid=tuple(valids), index=cache.index + 1,
-                           next_position=cache.next_position + 1)
+    positions = cache.next_position[..., None]  # [B, 1]
+    one = tokens.shape + (1,)  # [B, 1]: order is unused against a cache
+    stream = Stream(h=model.embed_tokens(tokens[:, None]), positions=positions, order=jnp.zeros(one, jnp.int32),
+                    valid=jnp.ones(one, bool))
+    stream, kv, _ = walk(model.decoder_layers, stream, cache=cache)
+    logits = model.logits(stream.h)[:, 0]
+    return logits, KVCache(k=tuple(e.k for e in kv), v=tuple(e.v for e in kv), valid=tuple(e.valid for e in kv),
+                           index=cache.index + 1, next_position=cache.next_position + 1)
 
 
-def greedy_decode(model: LlavaModel, last_logits: jax.Array, cache: KVCache, *, max_new_tokens: int,
+def greedy_decode(model: Backbone, last_logits: jax.Array, cache: KVCache, *, max_new_tokens: int,
                   eos_token_id: int, pad_token_id: int) -> jax.Array:
     """Greedy continuation from the prefill's last logits [B, V]. -> tokens [B, max_new_tokens] int32.
 

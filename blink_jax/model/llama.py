@@ -32,8 +32,9 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x), positions, self.rope_theta)
         return q, k, self.v_proj(x)
 
-    def output(self, q, k, v, mask, causal: bool = False, tail: int = 0) -> jax.Array:  # -> [B, T, D]
-        return self.o_proj(attention(q, k, v, mask, causal=causal, tail=tail))
+    def output(self, q, k, v, mask, causal: bool = False, tail: int = 0, attend=None) -> jax.Array:  # -> [B, T, D]
+        out = attend(q, k, v) if attend is not None else attention(q, k, v, mask, causal=causal, tail=tail)
+        return self.o_proj(out)
 
 
 class MLP(nnx.Module):
@@ -56,13 +57,14 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, past: tuple | None = None,
-                 causal: bool = False, tail: int = 0):
+                 causal: bool = False, tail: int = 0, attend=None):
         """One block.
 
         h: [B, T, D]; positions: [B, T]; mask: [B, T, S] over the keys attended to, which are this call's own
         T keys, or with `past = (k_cache, v_cache, write_index)` the cache after writing them at write_index.
         `causal=True` (no `past`) promises that `mask` hides every later slot but the last `tail` ones, so
-        attention skips those keys (see `ops.attention`).
+        attention skips those keys (see `ops.attention`). `attend(q, k, v) -> [B, T, N, H]` replaces the masked
+        attention (then `mask` is unused).
         Returns (h [B, T, D], q [B, T, N, H], k, v) with k/v the keys attended to ([B, S, K, H]).
         """
         q, k, v = self.self_attn.project(self.input_layernorm(h), positions)
@@ -71,7 +73,7 @@ class DecoderLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         causal = causal and past is None
-        h = h + self.self_attn.output(q, k, v, mask, causal=causal, tail=tail if causal else 0)
+        h = h + self.self_attn.output(q, k, v, mask, causal=causal, tail=tail if causal else 0, attend=attend)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, q, k, v
 

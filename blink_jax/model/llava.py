@@ -1,4 +1,8 @@
-"""LLaVA-1.5: CLIP vision tower -> projector -> image features spliced into the Llama token sequence."""
+"""LLaVA-1.5: CLIP vision tower -> projector -> image features spliced into the Llama token sequence.
+
+`LlavaModel` implements the backbone protocol (`blink_jax.model.backbone`). Letters: B batch, T prompt length,
+D model dim, G grid side, V visual tokens (G*G).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
+from blink_jax.model.backbone import Prompt
 from blink_jax.model.clip import VisionTower
+from blink_jax.model.decoder import prompt_stream
 from blink_jax.model.llama import LanguageModel
 from blink_jax.model.projector import Projector
+
+
+def position_ids(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] {0,1} -> [B, T] int32: 0, 1, 2, ... over real tokens (left padding gets 0), as HF generate."""
+    pos = jnp.cumsum(attention_mask, axis=1) - 1
+    return jnp.where(attention_mask > 0, pos, 0).astype(jnp.int32)
+
+
+def visual_layout(input_ids: jax.Array, attention_mask: jax.Array, image_token_index: int, num_image_tokens: int,
+                  grid: int) -> tuple[jax.Array, jax.Array]:
+    """Where the visual grid sits in each (left-padded) row.
+
+    -> visual_index [B, V] (slot of grid token v, row-major; with the "full" strategy the CLS token that leads
+       the image run is not part of the grid), visual_end [B] (slot of the last image token).
+    """
+    is_image = (input_ids == image_token_index) & (attention_mask > 0)
+    start = jnp.argmax(is_image, axis=1).astype(jnp.int32)  # first image token
+    first_grid = start + (num_image_tokens - grid * grid)
+    visual_index = first_grid[:, None] + jnp.arange(grid * grid, dtype=jnp.int32)[None]
+    return visual_index, start + num_image_tokens - 1
 
 
 class LlavaModel(nnx.Module):
@@ -37,3 +63,35 @@ class LlavaModel(nnx.Module):
         slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image.shape[1] - 1)  # [B, T]
         spliced = jnp.take_along_axis(image, slot[..., None], axis=1)
         return jnp.where(is_image[..., None], spliced, text)
+
+    # ---------------------------------------------------------------------------- the backbone protocol
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.text.num_hidden_layers
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return self.config.vision.grid, self.config.vision.grid
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array) -> Prompt:
+        """input_ids/attention_mask [B, T] (left padded), pixel_values [B, C, H, W] -> the embedded prompt."""
+        cfg = self.config
+        h = self.embed_multimodal(input_ids, pixel_values)
+        stream = prompt_stream(h, position_ids(attention_mask), attention_mask > 0)
+        visual_index, visual_end = visual_layout(input_ids, attention_mask, cfg.image_token_index,
+                                                 cfg.num_image_tokens, cfg.vision.grid)
+        return Prompt(stream, visual_index, visual_end)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return self.language_model.embed(ids)
+
+    def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        return self.language_model.logits(h)

@@ -47,6 +47,7 @@ from flax import nnx
 
 from blink_jax.config import LlavaConfig
 from blink_jax.loading import flat_params, model_from_params
+from blink_jax.model.decoder import prompt_stream, walk
 from blink_jax.model.llava import LlavaModel
 from blink_jax.model.ops import attention
 from blink_jax.processing import build_prompt, preprocess_image, tokenize_with_image
@@ -273,10 +274,9 @@ def packed_forward(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array
     over them, mean over heads: what Blink's saliency reads).
 
     The image run sits at the end of the shared prefix, so the projected patches are spliced in by slicing.
-    The model's own decoder layers run piece by piece (norm, q/k/v projections, attention, o_proj, MLP) so
-    that attention is computed in two parts, prefix-on-prefix and each block on prefix + itself, instead of
-    over the whole packed row with a block mask: the same numbers (`layout.mask()` is what it implements)
-    at about half the attention cost.
+    The model's own decoder walk runs with attention computed in two parts (`attend=`), prefix-on-prefix and
+    each block on prefix + itself, instead of over the whole packed row with a block mask: the same numbers
+    (`layout.mask()` is what it implements) at about half the attention cost; the maps are a hook.
     """
     b, p, k, blk = input_ids.shape[0], len(layout.prefix), layout.k, layout.block
     features = vision_features(model, pixel_values)
@@ -289,17 +289,20 @@ def packed_forward(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array
     fold = lambda x: x[:, p:].reshape(b * k, blk, *x.shape[2:])  # [B K, L, ., H]
     spread = lambda x: jnp.repeat(x[:, :p], k, axis=0)  # [B K, P, ., H]
     image_start = p - layout.num_image_tokens
-    maps = []
-    for index, layer in enumerate(model.language_model.layers):
-        q, kk, v = layer.self_attn.project(layer.input_layernorm(h), positions)  # [B, T, N|K, H]
-        if index in attention_layers:
-            maps.append(image_attention(fold(q)[:, layout.answer_row], kk[:, image_start:p]).reshape(b, k, -1))
+
+    def packed_attention(q, kk, v):  # [B, T, N|K, H] -> [B, T, N, H]
         out_prefix = attention(q[:, :p], kk[:, :p], v[:, :p], prefix_mask)  # [B, P, N, H]
         out_blocks = attention(fold(q), jnp.concatenate([spread(kk), fold(kk)], 1),
                                jnp.concatenate([spread(v), fold(v)], 1), block_mask)  # [B K, L, N, H]
-        out = jnp.concatenate([out_prefix, out_blocks.reshape(b, k * blk, *out_blocks.shape[2:])], 1)
-        h = h + layer.self_attn.o_proj(out)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return jnp.concatenate([out_prefix, out_blocks.reshape(b, k * blk, *out_blocks.shape[2:])], 1)
+
+    def ground_map(index, stream, q, kk):  # the answering rows' attention over the image: [B, K, P]
+        return stream, image_attention(fold(q)[:, layout.answer_row], kk[:, image_start:p]).reshape(b, k, -1)
+
+    stream = prompt_stream(h, positions, jnp.ones((b, layout.length), bool))  # `packed_attention` does the masking
+    stream, _, maps = walk(model.language_model.layers, stream, hooks={i: ground_map for i in attention_layers},
+                           attend=packed_attention)
+    h = stream.h
     index = jnp.asarray(layout.block_index())  # [K, L - 1]
     logits = model.language_model.logits(h[:, index.reshape(-1)]).reshape(b, k, blk - 1, -1)
     return logits, features, jnp.stack(maps) if maps else jnp.zeros((0, b, k, layout.num_image_tokens))

@@ -1,0 +1,54 @@
+"""The backbone protocol: the few things Blink, training and eval need from a vision-language model.
+
+A model family (LLaVA-1.5 in `llava.py`) implements it; everything above talks only to it:
+
+- `prompt(input_ids, pixel_values, attention_mask) -> Prompt`: the multimodal prompt embedded, as the
+  decoder's first `Stream`, with where the visual grid sits in each row;
+- `grid_shape`: (Gh, Gw), the visual grid's rows and columns;
+- `decoder_layers`: the layers `decoder.walk` runs; each is called as
+  `layer(h, positions, mask, past=None, causal=False, tail=0, attend=None) -> (h, q, k, v)`, with q and k the
+  attention's queries and keys after the position encoding (what SGS reads);
+- `embed_tokens(ids) -> h` and `logits(h) -> float32 logits`: the ends of the language model;
+- `hidden_size`, `num_layers`.
+
+Position ids are `[B, S]` here; a model with multi-dimensional positions (M-RoPE) uses `[C, B, S]` with the
+slot axis last, which is what the Blink mechanics index along.
+
+Letters: B batch, T prompt length, D model dim, V visual tokens (Gh * Gw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import jax
+from flax import struct
+
+from blink_jax.model.decoder import Stream
+
+
+@struct.dataclass
+class Prompt:
+    """An embedded multimodal prompt: the decoder's input stream and the layout of its visual grid."""
+    stream: Stream  # h [B, T, D], positions, order, valid
+    visual_index: jax.Array  # [B, V] int32: slot of each grid token, row-major
+    visual_end: jax.Array  # [B] int32: slot of the image run's last token (SR tokens rank right after it)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    hidden_size: int
+    num_layers: int
+
+    @property
+    def grid_shape(self) -> tuple[int, int]: ...
+
+    @property
+    def decoder_layers(self) -> Sequence: ...
+
+    def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array) -> Prompt: ...
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array: ...
+
+    def logits(self, h: jax.Array) -> jax.Array: ...

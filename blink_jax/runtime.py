@@ -34,28 +34,28 @@ class InputError(ValueError):
     """Model inputs that cannot be run: names the array and what is wrong."""
 
 
-def _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static, *, all_logits):
+def _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static, *, all_logits, scan):
     """The prefill, vanilla (`static is None`) or Blink's. -> (logits, KVCache, Trace or None)."""
     model = nnx.merge(graphdef, params)
     if static is None:
-        return forward.prefill(model, ids, px, mask, all_logits=all_logits) + (None,)
+        return forward.prefill(model, ids, px, mask, all_logits=all_logits, scan=scan) + (None,)
     return blink_prefill(model, nnx.merge(bank_def, bank_state), ids, px, mask, static, thresholds, key,
-                         all_logits=all_logits)
+                         all_logits=all_logits, scan=scan)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static"))
-def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static):
+@functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static", "scan"))
+def _prefill(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static, scan=False):
     logits, _, trace = _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static,
-                                all_logits=True)
+                                all_logits=True, scan=scan)
     return logits, trace  # no cache: nothing decodes after
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static", "max_new_tokens", "eos_token_id",
-                                             "pad_token_id"))
+                                             "pad_token_id", "scan"))
 def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, *, static, max_new_tokens,
-              eos_token_id, pad_token_id):
+              eos_token_id, pad_token_id, scan=False):
     logits, cache, trace = _forward(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, key, static,
-                                    all_logits=False)
+                                    all_logits=False, scan=scan)
     model = nnx.merge(graphdef, params)
     tokens = forward.greedy_decode(model, logits[:, -1], cache, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -65,8 +65,11 @@ def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds,
 class Llava:
     """LLaVA-1.5 ready to run. `out = model(input_ids=..., pixel_values=..., attention_mask=...)`."""
 
-    def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None):
+    def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None, *, scan_layers: bool = False):
+        """`scan_layers=True` compiles the prefill's layers outside Blink's window as one `jax.lax.scan` (a
+        smaller program, faster to compile; same numbers): bench/RESULTS.md has the compile and run times."""
         self.config: LlavaConfig = model.config
+        self.scan_layers = scan_layers
         self.graphdef, self.params = nnx.split(model)
         self.model_dir = model_dir
 
@@ -112,7 +115,7 @@ class Llava:
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         b = self._blink_args(blink, tokensr, rng)
         logits, trace = _prefill(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
-                                 b.key, static=b.static)
+                                 b.key, static=b.static, scan=self.scan_layers)
         return ModelOutput(logits=logits, trace=None if blink is None else runner.to_host(trace, blink.layers))
 
     def generate(self, *, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
@@ -128,7 +131,7 @@ class Llava:
         b = self._blink_args(blink, tokensr, rng)
         tokens, trace = _generate(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
                                   b.key, static=b.static, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                  pad_token_id=pad)
+                                  pad_token_id=pad, scan=self.scan_layers)
         tokens = np.asarray(tokens)
         if not return_trace:
             return tokens

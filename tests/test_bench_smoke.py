@@ -121,9 +121,10 @@ def test_gemm_backends(capsys):
 def test_scan_layers(capsys):
     scan_layers.main(TINY)  # also checks that both variants give the same logits
     rows = table_rows(capsys.readouterr().out)
-    assert [r.split("|")[2].strip() for r in rows[1:]] == ["unrolled", "scan"]
+    assert [r.split("|")[2].strip() for r in rows[1:]] == ["vanilla unrolled", "vanilla scan", "Blink unrolled",
+                                                           "Blink scan"]
     scan_layers.main(["--size", "tiny", "--length", "80", "--compile-only"])
-    assert len(table_rows(capsys.readouterr().out)) == 3
+    assert len(table_rows(capsys.readouterr().out)) == 5
     with pytest.raises(SystemExit):
         scan_layers.main(["--size", "7b"])  # 7b runs only compile-only on a host
 

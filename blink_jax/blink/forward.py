@@ -110,14 +110,15 @@ def square_grid(model: Backbone) -> int:
 
 def blink_prefill(model: Backbone, bank: TokenSRBank, input_ids: jax.Array, pixel_values: jax.Array,
                   attention_mask: jax.Array, static: BlinkStatic, thresholds: Thresholds, key: jax.Array, *,
-                  all_logits: bool = True):
+                  all_logits: bool = True, scan: bool = False):
     """-> (logits [B, T, V] float32 at the prompt's positions, KVCache of length T + P, Trace).
 
-    `all_logits=False`: the last prompt position's logits only ([B, 1, V]), for generation."""
+    `all_logits=False`: the last prompt position's logits only ([B, 1, V]), for generation. `scan=True`: the
+    layers outside the participating ones run as scans (`decoder.walk`)."""
     prompt = model.prompt(input_ids, pixel_values, attention_mask)
     hook = blink_hook(model, prompt, bank, static, thresholds, key)
     logits, cache, records = forward.prefill_with_hooks(model, prompt, {layer: hook for layer in static.layers},
-                                                        all_logits=all_logits)
+                                                        all_logits=all_logits, scan=scan)
     stack = lambda i: jnp.stack([record[i] for record in records])
     trace = Trace(rho=stack(0), region=stack(1), action=stack(2), expanded_region=stack(3),
                   attention=stack(4) if static.return_attention else None)

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
 
 
 @struct.dataclass
@@ -93,13 +93,15 @@ def prompt_stream(h: jax.Array, positions: jax.Array, valid: jax.Array) -> Strea
 
 
 def walk(layers: Sequence, stream: Stream, *, hooks: Mapping[int, Hook] | None = None, stop: int | None = None,
-         attend: Attend | None = None, cache: KVCache | None = None
+         attend: Attend | None = None, cache: KVCache | None = None, scan: bool = False
          ) -> tuple[Stream, list[LayerKV], list[Any]]:
     """Runs `layers[:stop]` over `stream`. -> (final stream, each layer's LayerKV, the hooks' records in order).
 
     Without `cache` the stream is a whole prompt (causal attention over its own slots); with `cache` it is the
     next token of each example, attending to the cache with its own keys written at `cache.index`.
     `attend` replaces the masked attention of a prompt (the demo trainer's packed rows).
+    `scan=True` runs each stretch of two or more hook-free layers of a prompt as one `jax.lax.scan` over their
+    stacked parameters (one compiled layer body instead of one per layer); hooked layers stay unrolled.
     """
     hooks = hooks or {}
     layers = list(layers)[:stop]
@@ -107,7 +109,15 @@ def walk(layers: Sequence, stream: Stream, *, hooks: Mapping[int, Hook] | None =
     if unknown:
         raise ValueError(f"hooks at layers {unknown}, but the walk runs layers 0..{len(layers) - 1}")
     kv, records = [], []
-    for index, layer in enumerate(layers):
+    index = 0
+    while index < len(layers):
+        run = _hook_free_run(index, len(layers), hooks) if scan and cache is None and attend is None else 1
+        if run > 1:
+            stream, run_kv = _scan_layers(layers[index:index + run], stream)
+            kv.extend(run_kv)
+            index += run
+            continue
+        layer = layers[index]
         if cache is None:
             mask = None if attend is not None else causal_mask(stream.order, stream.valid)
             valid = stream.valid
@@ -122,4 +132,27 @@ def walk(layers: Sequence, stream: Stream, *, hooks: Mapping[int, Hook] | None =
         if index in hooks:
             stream, record = hooks[index](index, stream, q, k)
             records.append(record)
+        index += 1
     return stream, kv, records
+
+
+def _hook_free_run(start: int, stop: int, hooks: Mapping[int, Hook]) -> int:
+    """How many layers from `start` on have no hook."""
+    end = start
+    while end < stop and end not in hooks:
+        end += 1
+    return end - start
+
+
+def _scan_layers(layers: Sequence, stream: Stream) -> tuple[Stream, list[LayerKV]]:
+    """Hook-free prompt layers as one scan over stacked parameters: the same numbers as running them in turn."""
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+    mask = causal_mask(stream.order, stream.valid)
+
+    def body(h, state):
+        h, _, k, v = nnx.merge(graphdef, state)(h, stream.positions, mask, causal=True, tail=stream.tail)
+        return h, (k, v)
+
+    h, (ks, vs) = jax.lax.scan(body, stream.h, stacked)
+    return stream.replace(h=h), [LayerKV(ks[i], vs[i], stream.valid) for i in range(len(layers))]

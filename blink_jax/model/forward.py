@@ -20,19 +20,20 @@ from blink_jax.model.llava import position_ids  # noqa: F401
 
 
 def prefill(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
-            all_logits: bool = True):
+            all_logits: bool = True, scan: bool = False):
     """Vanilla prefill. -> (logits [B, T, V] float32, KVCache with S = T).
 
     `all_logits=False` computes the logits of the last position only ([B, 1, V]), all that generation needs:
     the LM head over every prompt position is a large share of a prefill (XLA does not slice through it).
+    `scan=True` runs the layers as one `jax.lax.scan` (`decoder.walk`): same numbers, a smaller program.
     """
     logits, cache, _ = prefill_with_hooks(model, model.prompt(input_ids, pixel_values, attention_mask),
-                                          all_logits=all_logits)
+                                          all_logits=all_logits, scan=scan)
     return logits, cache
 
 
 def prefill_with_hooks(model: Backbone, prompt: Prompt, hooks: Mapping[int, Hook] | None = None, *,
-                       all_logits: bool = True, prompt_length: int | None = None):
+                       all_logits: bool = True, prompt_length: int | None = None, scan: bool = False):
     """The prefill of an embedded prompt with per-layer hooks. -> (logits, KVCache, the hooks' records).
 
     Logits are taken at the first `prompt_length` slots (default: the prompt's own; hooks may append slots,
@@ -41,7 +42,7 @@ def prefill_with_hooks(model: Backbone, prompt: Prompt, hooks: Mapping[int, Hook
     index.
     """
     t = prompt.stream.h.shape[1] if prompt_length is None else prompt_length
-    stream, kv, records = walk(model.decoder_layers, prompt.stream, hooks=hooks)
+    stream, kv, records = walk(model.decoder_layers, prompt.stream, hooks=hooks, scan=scan)
     logits = model.logits(stream.h[:, :t] if all_logits else stream.h[:, t - 1:t])
     length = kv[-1].k.shape[1]
     pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))

@@ -33,6 +33,7 @@ import binascii
 import csv
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -261,9 +262,13 @@ def write_xlsx(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> N
     sheet.append(list(header))
     for row in rows:
         sheet.append(list(row))
-    tmp = path.with_name(path.name + ".tmp")
-    book.save(tmp)
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        book.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class MmBenchCn(MmBench):

@@ -182,8 +182,9 @@ def markdown_table(doc: Mapping) -> str:
     partial = [n for n in names if _partial(modes[n])]
     if partial:
         why = list(dict.fromkeys(w for n in partial for w in modes[n]["coverage"]["partial"]))
-        lines += [f"**Partial run** ({', '.join(modes[n]['label'] for n in partial)}): not the whole benchmark, so "
-                  f"not comparable with the paper's numbers: {'; '.join(why)}.", ""]
+        whole = ", ".join(sorted(data_sets))
+        lines += [f"**Partial run** ({', '.join(modes[n]['label'] for n in partial)}): not all of {whole}, so its "
+                  f"numbers are not comparable with the paper's: {'; '.join(why)}.", ""]
     header = ["metric"] + [h for n in names for h in (modes[n]["label"], f"{modes[n]['label']} (paper)")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in doc["paper"]:

@@ -189,7 +189,8 @@ class MmBench(Benchmark):
             categories.setdefault(category[g], []).append(ok)
         return {
             "circular_accuracy": mean(list(right.values())), "accuracy": mean([r["correct"] for r in scored]),
-            "questions": len(groups), "rows": len(scored), "unparsed": sum(r["pred"] is None and not r.get("error") for r in results),
+            "questions": len(groups), "rows": len(scored),
+            "unparsed": sum(r["pred"] is None and not r.get("error") for r in results),
             "unanswerable_rows": len(results) - len(scored),
             "incomplete_questions": sum(len(c) != size[g] for g, c in groups.items()),
             "categories": {c: mean(v) for c, v in sorted(categories.items())},

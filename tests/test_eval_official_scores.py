@@ -225,7 +225,16 @@ def test_mmbench_limit_keeps_every_rotation(tmp_path, tfds_dir):
     bench = benchmarks.get("mmbench")
     docs = benchmarks.load_docs(bench, tmp_path, tfds_dir)
     assert [d["question_id"] for d in bench.limit(docs, 1)] == ["0", "1000000"]
-    assert bench.composition(bench.limit(docs, 1)) == ["questions: 1 of the official release's 1164"]
+    assert bench.composition(docs) == ["questions in mmbench_dev_20230712.tsv: 3 of the official release's 1164"]
+    assert bench.composition(bench.limit(docs, 1)) == [
+        "questions: 1 of mmbench_dev_20230712.tsv's 3",
+        "questions in mmbench_dev_20230712.tsv: 3 of the official release's 1164"]
+    # a file whose official count we do not know: complete when all of it is asked
+    cn = benchmarks.get("mmbench_cn")
+    tb.make_mmbench(tmp_path / "cn", cn=True)
+    cn_docs = benchmarks.load_docs(cn, tmp_path / "cn", tfds_dir)
+    assert cn.composition(cn_docs) == [] and cn.composition(cn.limit(cn_docs, 2)) == [
+        "questions: 2 of mmbench_dev_cn_20231003.tsv's 3"]
 
 
 # ------------------------------------------------------------------------------------------- ScienceQA

@@ -22,8 +22,10 @@ Submission: `mmbench_<mode>.xlsx` (`mmbench_cn_<mode>.xlsx`), the file LLaVA's
 hint, category, source, image, comment and l2-category, a `prediction` column (the model's answer text, empty
 for an errored question) inserted as the 7th, cells read as pandas' `read_table` reads them.
 
-Composition: the dev release has 1164 questions (circular groups; the open-compass/MMBench README's table and
-its issue #31), each with all its rotations.
+Composition: every question of the release file with all its rotations; `mmbench_dev_20230712.tsv` (the file
+LLaVA-1.5 evaluates) must hold MMBench dev's 1164 questions (circular groups; the open-compass/MMBench README's
+table and its issue #31). The later files (e.g. `mmbench_dev_cn_20231003.tsv`, about 4330 rows) hold a count
+we could not establish, so only their own completeness is checked.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from eval.benchmarks.base import (LETTER_SUFFIX, OPTION_LETTERS, Benchmark, Data
 CN_SUFFIX = "请直接回答选项字母。"
 CIRCULAR_MOD = 1_000_000
 _PUNCT = ".()[],:;!*#{}"
-OFFICIAL_QUESTIONS = 1164  # circular groups of the dev release (module docstring)
+OFFICIAL_QUESTIONS = {"mmbench_dev_20230712.tsv": 1164}  # circular groups per release file (module docstring)
 # convert_mmbench_for_submission.py drops these columns and inserts `prediction` at this position
 SUBMISSION_DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
 PREDICTION_COLUMN = 6
@@ -125,7 +127,7 @@ class MmBench(Benchmark):
         text = tfds.features.Text()
         return {"question": text, "hint": text, "options": tfds.features.Sequence(text), "answer": text,
                 "category": text, "l2_category": text, "circular_group": tfds.features.Text(),
-                "group_rows": np.int64, "tsv_row": text}
+                "group_rows": np.int64, "tsv_row": text, "release_file": text, "release_questions": np.int64}
 
     def read_official(self, data_dir: Path) -> Iterator[dict]:
         path = self.source_files(data_dir)[0]
@@ -151,7 +153,8 @@ class MmBench(Benchmark):
                    "category": row.get("category", ""), "l2_category": row.get("l2-category", ""),
                    "circular_group": str(index % CIRCULAR_MOD), "group_rows": group_rows[index % CIRCULAR_MOD],
                    # the release's cells but the image, in column order: the submission file repeats them
-                   "tsv_row": json.dumps([[k, v] for k, v in row.items() if k != "image"], ensure_ascii=False)}
+                   "tsv_row": json.dumps([[k, v] for k, v in row.items() if k != "image"], ensure_ascii=False),
+                   "release_file": path.name, "release_questions": len(group_rows)}
 
     def limit(self, docs: Sequence[dict], n: int | None) -> list[dict]:
         """The first `n` questions, each with all its rotations (circular accuracy needs them)."""
@@ -212,10 +215,15 @@ class MmBench(Benchmark):
         return {g: all(c) for g, c in groups.items()}
 
     def composition(self, docs: Sequence[Mapping]) -> list[str]:
+        if not docs:
+            return ["no questions"]
         rows: dict[str, int] = {}
         for d in docs:
             rows[d["circular_group"]] = rows.get(d["circular_group"], 0) + 1
-        out = count_shortfall("questions", len(rows), OFFICIAL_QUESTIONS)
+        release, total = docs[0]["release_file"], int(docs[0]["release_questions"])
+        out = count_shortfall("questions", len(rows), total, release)
+        if release in OFFICIAL_QUESTIONS:
+            out += count_shortfall(f"questions in {release}", total, OFFICIAL_QUESTIONS[release])
         cut = sum(1 for d in docs if rows[d["circular_group"]] != int(d["group_rows"]))
         return out + ([f"{cut} rows of questions without all their rotations"] if cut else [])
 

@@ -14,8 +14,9 @@ Prompt as LLaVA-1.5's `llava_mme.jsonl` (BLINK.md §8): the benchmark's question
 asks the benchmark's question exactly as the release has it instead (MME's own protocol).
 
 Composition (MME's release, `MME_Benchmark_release_version`): 14 subtasks, every image with 2 questions; the
-question counts per subtask are `OFFICIAL_QUESTIONS` (2374 in all, 1187 images), as MME's paper and its
-`eval_tool/Your_Results` files list them. A .txt with other than 2 questions is refused.
+question counts per subtask are `OFFICIAL_QUESTIONS` (2374 in all, 1187 images: the release's .txt files, and
+the same per-subtask counts as lmms-lab/MME on the Hugging Face Hub). A .txt with other than 2 questions is
+refused; an image whose .txt is missing leaves its subtask short, so the run is partial.
 
 Scoring: lower-case; exactly "yes"/"no", else the first 4 characters decide ("yes" in them, then "no"),
 else "other" (wrong). Per subtask 100 * (acc + acc_plus), acc over questions, acc_plus the share of images

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in document["modes"].items():
         if entry["errors"]:
             shown = "; ".join(f"{e['question_id']}: {e['error']}" for e in entry["errors"][:3])
-            print(f"eval.run: mode {name}: {len(entry['errors'])} question(s) could not be answered and are left out "
-                  f"of its metrics ({shown}{'; ...' if len(entry['errors']) > 3 else ''}); fix them and rerun with "
+            print(f"eval.run: mode {name}: {len(entry['errors'])} question(s) could not be answered and count as wrong "
+                  f"in its metrics ({shown}{'; ...' if len(entry['errors']) > 3 else ''}); fix them and rerun with "
                   f"--retry-errors", file=sys.stderr)
     return 0
 

@@ -2,7 +2,8 @@
 
     python -m eval.score --bench pope --samples out/samples_pope_blink.jsonl --data-dir DATA [--out scores.json]
 
-Prints the metrics (as results.json has them for that mode). The work is in `eval.harness.results`.
+Prints the metrics (as results.json has them for that mode), and says so on stderr when they are partial
+(not the whole benchmark) or count errored questions as wrong. The work is in `eval.harness.results`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(args.out, scores)
     print(json.dumps(scores, indent=2, ensure_ascii=False))
+    if not scores["coverage"]["complete"]:
+        print(f"eval.score: partial: these scores are not {bench.title}'s whole benchmark "
+              f"({'; '.join(scores['coverage']['partial'])})", file=sys.stderr)
+    if scores["counts"]["errors"]:
+        print(f"eval.score: {scores['counts']['errors']} errored question(s) count as wrong", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ from eval.benchmarks.pope import parse_yes_no
 from eval.benchmarks.scienceqa import parse_answer, pred_index
 from eval.harness.io import append_lines, open_append_jsonl, read_jsonl
 from eval.harness.paper import paper_value
-from eval.harness.results import answered_results, score_records
+from eval.harness.results import answered_results, markdown_table, results_document, score_records
 
 SHORT = "Answer the question using a single word or phrase."
 
@@ -77,13 +77,22 @@ def test_pope_scores_by_hand(tmp_path, tfds_dir):
     assert scores["counts"] == {"questions": 9, "answered": 9, "errors": 0, "missing": 0, "unknown_ids": 0}
 
 
-def test_pope_zero_denominators_give_zero(tmp_path, tfds_dir):
+def test_pope_undefined_precision_is_none_not_zero(tmp_path, tfds_dir):
     tb.make_pope(tmp_path, corrupt=False)
     bench, docs = load("pope", tmp_path, tfds_dir)
-    scores = score(bench, docs, {"popular/1": "No", "random/2": "no"})  # labels no, no: all TN
+    # popular/1, random/2: labels no, answered no: all TN -> no positive anywhere: precision, recall, F1 undefined.
+    # adversarial: labels no, yes, answered no, no: TN=1 FN=1 -> precision undefined, recall 0, F1 0.
+    scores = score(bench, docs, {"popular/1": "No", "random/2": "no", "adversarial/1": "No", "adversarial/2": "No"})
     s = scores["metrics"]["splits"]
-    assert s["popular"]["precision"] == 0.0 and s["popular"]["f1"] == 0.0 and s["popular"]["accuracy"] == 1.0
-    assert scores["counts"]["missing"] == 7 and set(s) == {"random", "popular"}
+    assert s["popular"]["precision"] is None and s["popular"]["recall"] is None and s["popular"]["f1"] is None
+    assert s["popular"]["accuracy"] == 1.0 and s["popular"]["yes_ratio"] == 0.0
+    assert s["adversarial"]["precision"] is None and s["adversarial"]["recall"] == 0.0
+    assert s["adversarial"]["f1"] == 0.0 and s["adversarial"]["accuracy"] == 0.5
+    assert scores["metrics"]["average"]["precision"] is None  # undefined in one split: undefined on average
+    assert scores["counts"]["missing"] == 5 and set(s) == {"random", "popular", "adversarial"}
+    doc = results_document(bench, [{"name": "vanilla", "kind": "vanilla", "label": "Vanilla", "settings": {},
+                                    "score": scores}], {}, {})
+    assert "| splits.popular.precision | n/a |" in markdown_table(doc)
 
 
 def test_pope_prompt_is_llava_eval_prompt(tmp_path, tfds_dir):
@@ -111,8 +120,7 @@ def test_mme_release_layout_and_scores_by_hand(tmp_path, tfds_dir):
     bench, docs = load("mme", tmp_path, tfds_dir)
     assert list(docs) == ids
     assert docs["artwork/10002.jpg#0"]["image_file"] == "MME_Benchmark_release_version/artwork/images/10002.jpg"
-    assert bench.doc_to_text(docs["existence/000000006040.jpg#0"]) == (
-        f"Is there a dog in this image? Please answer yes or no.\n{SHORT}")
+    assert bench.doc_to_text(docs["existence/000000006040.jpg#0"]) == f"Is there a dog in this image?\n{SHORT}"
     scores = score(bench, docs, {
         # existence: image 1 both right; image 2 both wrong ("nope" -> no, "" -> other): acc 2/4, acc+ 1/2 -> 100
         "existence/000000006040.jpg#0": "Yes", "existence/000000006040.jpg#1": "no",
@@ -141,12 +149,36 @@ def test_mme_limit_keeps_whole_images(tmp_path, tfds_dir):
                     "artwork/10002.jpg#1", "code_reasoning/0020.png#0", "code_reasoning/0020.png#1"]
 
 
-def test_mme_strip_variant_is_llava_jsonl_prompt():
+# Lines in the format of LLaVA-1.5's playground/data/eval/MME/llava_mme.jsonl, written out by hand: the question
+# the release's .txt holds (left), the prompt text LLaVA asked (right).
+LLAVA_MME_LINES = [
+    ("Is a python code shown in the picture? Please answer yes or no.",
+     '{"question_id": "code_reasoning/0020.png", "image": "code_reasoning/0020.png", "text": "Is a python code '
+     'shown in the picture?\\nAnswer the question using a single word or phrase.", "category": "code_reasoning"}'),
+    ("Are there two dogs in the image? Please answer yes or no.",
+     '{"question_id": "count/000000000001.jpg", "image": "count/000000000001.jpg", "text": "Are there two dogs in '
+     'the image?\\nAnswer the question using a single word or phrase.", "category": "count"}'),
+    ("Is the word in the logo \"high time coffee shop\"? Please answer yes or no.",
+     '{"question_id": "OCR/0001.jpg", "image": "OCR/0001.jpg", "text": "Is the word in the logo \\"high time coffee '
+     'shop\\"?\\nAnswer the question using a single word or phrase.", "category": "OCR"}'),
+]
+
+
+@pytest.mark.parametrize("question, line", LLAVA_MME_LINES)
+def test_mme_prompt_is_llava_mme_jsonl(question, line):
     from eval.benchmarks.mme import Mme
 
-    doc = {"question": "Is there a dog in this image? Please answer yes or no."}
-    assert Mme(strip_yes_no=True).doc_to_text(doc) == f"Is there a dog in this image?\n{SHORT}"
-    assert Mme().doc_to_text({"question": "Is it red?"}) == f"Is it red? Please answer yes or no.\n{SHORT}"
+    expected = json.loads(line)["text"]
+    assert Mme().doc_to_text({"question": question}) == expected
+    assert Mme().doc_to_text({"question": question + " "}) == expected  # the release's stray trailing space
+    assert Mme(raw_question=True).doc_to_text({"question": question}) == question  # the option: as released
+
+
+def test_mme_image_without_two_questions_is_refused(tmp_path, tfds_dir):
+    tb.make_mme(tmp_path)
+    (tmp_path / "code_reasoning" / "0020.txt").write_text("Is the output two? Please answer yes or no.\tYes\n")
+    with pytest.raises(benchmarks.DataError, match=r"0020.txt has 1 question line.*restore"):
+        benchmarks.load_docs(benchmarks.get("mme"), tmp_path, tfds_dir)
 
 
 # ------------------------------------------------------------------------------------------------- GQA
@@ -206,8 +238,13 @@ def test_mmbench_tsv_prompt_and_circular_accuracy(tmp_path, tfds_dir, cn):
 
 
 @pytest.mark.parametrize("text, letter", [
-    ("B", "B"), ("B. dog", "B"), ("The answer is A.", "A"), ("I think The answer is C", "C"), ("A.", "FAILED"),
-    ("a", "FAILED"), ("\nB", "FAILED"), ("dog", "FAILED"),
+    ("B", "B"), ("B. dog", "B"), ("The answer is A.", "A"), ("So, The answer is C. Yes.", "C"),
+    ("The answer is B,", "B"),  # the script's dot is unescaped: any character after the letter
+    ("The answer is B", "FAILED"),  # nothing after the letter: no match
+    ("I think The answer is C", "FAILED"),
+    ("The answer is A. The answer is B.", "FAILED"), ("The answer is A. The answer is A.", "FAILED"),  # two matches
+    ("A\nB", "FAILED"), ("B\n", "FAILED"), (" B", "FAILED"),  # nothing stripped, no newline rewritten
+    ("A.", "FAILED"), ("a", "FAILED"), ("\nB", "FAILED"), ("dog", "FAILED"),
 ])
 def test_scienceqa_parse_matches_eval_science_qa(text, letter):
     assert parse_answer(text) == letter
@@ -236,7 +273,8 @@ def test_mmvet_submission_format(tmp_path, tfds_dir):
     samples = [{"question_id": "v1_0", "prediction": "A dog on grass.", "error": None},
                {"question_id": "v1_1", "prediction": None, "error": "ImageError: ..."}]
     (path,) = bench.export(samples, docs, tmp_path, "blink")
-    assert path.name == "mmvet_blink.json" and json.loads(path.read_text()) == {"v1_0": "A dog on grass."}
+    # every id: the errored one with an empty answer, so MM-Vet's evaluator finds each of its questions
+    assert path.name == "mmvet_blink.json" and json.loads(path.read_text()) == {"v1_0": "A dog on grass.", "v1_1": ""}
     assert score(bench, docs, {"v1_0": "x"})["headline"] == {"MM-Vet": None}
     assert bench.correctness(answered_results(bench, docs, {"v1_0": {"prediction": "x"}})) is None  # judged elsewhere
 
@@ -255,7 +293,8 @@ def test_errors_and_retries_are_counted_once(tmp_path, tfds_dir):
     scores = score_records(bench, docs, records)
     assert scores["counts"] == {"questions": 9, "answered": 2, "errors": 1, "missing": 6, "unknown_ids": 1}
     assert scores["errors"] == [{"question_id": "random/3", "error": "ImageError: gone"}]
-    assert scores["metrics"]["splits"]["random"]["n"] == 2
+    # the errored question counts, as wrong: label yes -> a false negative
+    assert scores["metrics"]["splits"]["random"]["n"] == 3 and scores["metrics"]["splits"]["random"]["FN"] == 1
 
 
 def test_append_after_torn_line_keeps_every_record(tmp_path):

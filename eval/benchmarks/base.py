@@ -190,9 +190,25 @@ class Benchmark(abc.ABC):
     def process_results(self, doc: Mapping[str, Any], prediction: str) -> dict:
         """Pure: one doc and the model's answer -> what the aggregation needs of this question."""
 
+    def error_result(self, doc: Mapping[str, Any]) -> dict:
+        """What `process_results` gives for a question that could not be answered (unreadable image, ...): a
+        wrong answer, as the official scripts count a question without a usable answer (BLINK.md §8)."""
+        return {**self.process_results(doc, ""), "correct": False, "error": True}
+
     @abc.abstractmethod
     def aggregate(self, results: Sequence[dict]) -> dict:
-        """Pure: per-question results -> metrics (a JSON-able dict)."""
+        """Pure: per-question results (answered and errored) -> metrics (a JSON-able dict)."""
+
+    def composition(self, docs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """How the question set `docs` falls short of the benchmark's official release (missing splits or
+        subtasks, fewer questions): one sentence per shortfall, [] when it is the whole benchmark. A run on a
+        question set with shortfalls is reported as partial."""
+        return []
+
+    def data_set(self, docs: Sequence[Mapping[str, Any]]) -> str:
+        """The name of the data set `docs` come from: the benchmark's, unless the builder recognised another set
+        in the benchmark's layout (the demo's shapes set in POPE's)."""
+        return self.title
 
     def correctness(self, results: Mapping[str, dict], docs: Mapping[str, dict] | None = None) -> dict[str, bool] | None:
         """question_id -> `process_results(...)` of the answered questions => scoring unit -> right or wrong, for
@@ -266,14 +282,20 @@ def read_json(path: Path):
         raise DataError(f"{path} is not valid JSON ({e}): re-download it") from None
 
 
-def read_jsonl_strict(path: Path) -> Iterator[dict]:
+def read_jsonl_strict(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of every non-empty line; a line that is not JSON is a DataError naming it."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{number} is not a JSON line ({e}): re-download the file") from None
+
+
+def count_shortfall(what: str, have: int, official: int, release: str = "the official release") -> list[str]:
+    """[] when `have` is the release's count, else the sentence saying so."""
+    return [] if have == official else [f"{what}: {have} of {release}'s {official}"]
 
 
 def mean(values: Sequence[float]) -> float:

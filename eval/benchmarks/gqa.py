@@ -9,6 +9,8 @@ Release layout:
 Prompt: the question + "\\nAnswer the question using a single word or phrase.".
 Scoring: prediction.rstrip('.').lower() == answer, over the balanced questions; "open" (structural type
 "query") and "binary" accuracies as eval.py reports them.
+
+Composition: test-dev balanced has 12578 questions (LLaVA-1.5's `llava_gqa_testdev_balanced.jsonl`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, DataError, mean, read_json
+from eval.benchmarks.base import Benchmark, DataError, count_shortfall, mean, read_json
 
 QUESTIONS = "testdev_balanced_questions.json"
+OFFICIAL_QUESTIONS = 12578
 
 
 def normalize_prediction(text: str) -> str:
@@ -29,7 +32,7 @@ def normalize_prediction(text: str) -> str:
 class Gqa(Benchmark):
     name = "gqa"
     title = "GQA"
-    version = "1.0"
+    version = "1.1"  # 1.1: errored questions count as wrong
     max_new_tokens = 16
     paper_rows = ("GQA",)
     headline_note = "exact-match accuracy x 100 on testdev-balanced"
@@ -65,6 +68,9 @@ class Gqa(Benchmark):
         return {"accuracy": mean([r["correct"] for r in results]), "n": len(results),
                 "open": mean([r["correct"] for r in results if r["open"]]),
                 "binary": mean([r["correct"] for r in results if not r["open"]])}
+
+    def composition(self, docs: Sequence[Mapping]) -> list[str]:
+        return count_shortfall("balanced questions", len(docs), OFFICIAL_QUESTIONS)
 
     def headline(self, metrics: Mapping) -> dict:
         return {"GQA": 100 * metrics["accuracy"] if metrics.get("n") else None}

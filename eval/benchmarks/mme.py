@@ -9,9 +9,14 @@ Release layout (`MME_Benchmark_release_version/`, give it or its parent as DATA)
 
 Each .txt holds the image's two questions, one "question<TAB>Yes|No" per line.
 
-Prompt: the benchmark's question (it ends in " Please answer yes or no.", appended if a question lacks it,
-BLINK.md §8) + "\\nAnswer the question using a single word or phrase.". LLaVA's own `llava_mme.jsonl` (and
-lmms-eval) drop " Please answer yes or no." before adding the suffix: `Mme(strip_yes_no=True)` does that.
+Prompt as LLaVA-1.5's `llava_mme.jsonl` (BLINK.md §8): the benchmark's question without its trailing
+" Please answer yes or no.", then "\\nAnswer the question using a single word or phrase.". `Mme(raw_question=True)`
+asks the benchmark's question exactly as the release has it instead (MME's own protocol).
+
+Composition (MME's release, `MME_Benchmark_release_version`): 14 subtasks, every image with 2 questions; the
+question counts per subtask are `OFFICIAL_QUESTIONS` (2374 in all, 1187 images: the release's .txt files, and
+the same per-subtask counts as lmms-lab/MME on the Hugging Face Hub). A .txt with other than 2 questions is
+refused; an image whose .txt is missing leaves its subtask short, so the run is partial.
 
 Scoring: lower-case; exactly "yes"/"no", else the first 4 characters decide ("yes" in them, then "no"),
 else "other" (wrong). Per subtask 100 * (acc + acc_plus), acc over questions, acc_plus the share of images
@@ -24,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from blink_jax.processing import SHORT_ANSWER_SUFFIX
-from eval.benchmarks.base import Benchmark, DataError
+from eval.benchmarks.base import Benchmark, DataError, count_shortfall
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -32,6 +37,11 @@ SUBTASKS = PERCEPTION + COGNITION
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 YES_NO = " Please answer yes or no."
 RELEASE_FOLDER = "MME_Benchmark_release_version"
+QUESTIONS_PER_IMAGE = 2
+# Questions per subtask of the release (twice its images).
+OFFICIAL_QUESTIONS = {"existence": 60, "count": 60, "position": 60, "color": 60, "posters": 294, "celebrity": 340,
+                      "scene": 400, "landmark": 400, "artwork": 400, "OCR": 40, "commonsense_reasoning": 140,
+                      "numerical_calculation": 40, "text_translation": 40, "code_reasoning": 40}
 
 
 def parse_pred_ans(pred_ans: str) -> str:
@@ -67,7 +77,7 @@ def subtask_scores(results: Sequence[dict]) -> dict:
 class Mme(Benchmark):
     name = "mme"
     title = "MME"
-    version = "1.0"
+    version = "1.1"  # 1.1: LLaVA-1.5's prompt (no " Please answer yes or no."); errored questions count as wrong
     max_new_tokens = 16
     paper_rows = ("MME Perception", "MME Cognition", "MME total")
     headline_note = "sums over subtasks of 100 x (accuracy + accuracy+)"
@@ -76,8 +86,8 @@ class Mme(Benchmark):
               "(artwork, celebrity, landmark, posters, scene)\n  each .txt: two lines 'question<TAB>Yes|No'; DATA may "
               f"also be the parent of {RELEASE_FOLDER}/")
 
-    def __init__(self, strip_yes_no: bool = False):
-        self.strip_yes_no = strip_yes_no
+    def __init__(self, raw_question: bool = False):
+        self.raw_question = raw_question
 
     def root(self, data_dir: Path) -> Path:
         return data_dir / RELEASE_FOLDER if (data_dir / RELEASE_FOLDER).is_dir() else data_dir
@@ -117,6 +127,10 @@ class Mme(Benchmark):
                 candidates = [image_dir / (txt.stem + ext) for ext in IMAGE_EXTENSIONS]
                 image = next((c for c in candidates if c.is_file()), candidates[0])
                 lines = [line for line in txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+                if len(lines) != QUESTIONS_PER_IMAGE:
+                    raise DataError(f"MME: {txt} has {len(lines)} question line(s); every MME image has "
+                                    f"{QUESTIONS_PER_IMAGE} ('question<TAB>Yes|No' each): restore the file from the "
+                                    f"MME release")
                 for k, line in enumerate(lines):
                     parts = line.strip().split("\t")
                     if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
@@ -144,10 +158,10 @@ class Mme(Benchmark):
 
     def doc_to_text(self, doc: Mapping) -> str:
         question = doc["question"].strip()
-        if self.strip_yes_no:
-            question = question.replace(" " + YES_NO, "").replace(YES_NO, "").strip()
-        elif "Please answer yes or no." not in question:
-            question += YES_NO
+        if self.raw_question:
+            return question
+        if question.endswith(YES_NO.strip()):
+            question = question[:-len(YES_NO.strip())].rstrip()
         return f"{question}\n{SHORT_ANSWER_SUFFIX}"
 
     def process_results(self, doc: Mapping, prediction: str) -> dict:
@@ -163,6 +177,15 @@ class Mme(Benchmark):
         missing = [t for t in SUBTASKS if t not in tasks]
         return {"perception": perception, "cognition": cognition, "total": perception + cognition,
                 "subtasks": tasks, "missing_subtasks": missing}
+
+    def composition(self, docs: Sequence[Mapping]) -> list[str]:
+        have = {t: sum(d["subset"] == t for d in docs) for t in SUBTASKS}
+        absent = [t for t in SUBTASKS if not have[t]]
+        out = [f"{len(absent)} of the {len(SUBTASKS)} subtasks absent ({', '.join(absent)})"] if absent else []
+        for task in SUBTASKS:
+            if have[task]:
+                out += count_shortfall(f"subtask {task}", have[task], OFFICIAL_QUESTIONS[task])
+        return out
 
     def headline(self, metrics: Mapping) -> dict:
         return {"MME Perception": metrics.get("perception"), "MME Cognition": metrics.get("cognition"),

@@ -6,7 +6,13 @@ Release layout (LLaVA's `playground/data/eval/pope`):
     DATA/val2014/COCO_val2014_*.jpg
 
 Prompt: the question + "\\nAnswer the question using a single word or phrase." (`vicuna_v1`).
-Question ids repeat across the three files, so ours are "{split}/{question_id}".
+Question ids repeat across the three files, so ours are "{split}/{question_id}". A label other than "yes"/"no"
+is refused (eval_pope.py would count it as "yes").
+
+Composition: the three splits of 3000 questions each (500 COCO images x 6), except that LLaVA-1.5 evaluated an
+older POPE whose random split has 2910 (AoiDragon/POPE at e3e39262, as haotian-liu/LLaVA issue #626 found); both
+are the official release. A folder with `shapes_annotations.json` is the demo's shapes set in POPE's layout
+(`demo/data/pope`): its own data set, complete at `n_images * questions_per_image` questions per split.
 """
 
 from __future__ import annotations
@@ -14,10 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, DataError, read_jsonl_strict
+import numpy as np
+
+from eval.benchmarks.base import Benchmark, DataError, count_shortfall, read_json, read_jsonl_strict
 
 SPLITS = ("random", "popular", "adversarial")
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+LABELS = ("yes", "no")
+# Questions per split of the official release (see the module docstring for the two random-split sizes).
+OFFICIAL_SPLIT_SIZES = {"random": (3000, 2910), "popular": (3000,), "adversarial": (3000,)}
+SHAPES_MANIFEST = "shapes_annotations.json"  # written beside the demo's shapes set by its generator
+SHAPES_SET = "the demo shapes set"
 
 
 def parse_yes_no(text: str) -> str:
@@ -30,26 +43,36 @@ def parse_yes_no(text: str) -> str:
 
 
 def confusion_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
-    """eval_pope.py's numbers for one split (positive = "yes"). A zero denominator gives 0.0 where the
-    original script would divide by zero."""
+    """eval_pope.py's numbers for one split (positive = "yes"). Where eval_pope.py would divide by zero the
+    metric is undefined: None (precision of a split answered "no" throughout; recall without a "yes" label).
+    F1 is then 2TP / (2TP + FP + FN), 0 when TP = 0, as its limit; None only with no positives at all."""
     pos = lambda x: x != "no"  # eval_pope maps label 'no' -> 0, anything else -> 1
     tp = sum(pos(p) and pos(l) for p, l in zip(preds, labels))
     fp = sum(pos(p) and not pos(l) for p, l in zip(preds, labels))
     tn = sum(not pos(p) and not pos(l) for p, l in zip(preds, labels))
     fn = sum(not pos(p) and pos(l) for p, l in zip(preds, labels))
-    div = lambda a, b: a / b if b else 0.0
+    div = lambda a, b: a / b if b else None
     precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    if precision is not None and recall is not None and precision + recall > 0:
+        f1 = 2 * precision * recall / (precision + recall)  # eval_pope.py's expression, to the last bit
+    else:
+        f1 = div(2 * tp, 2 * tp + fp + fn)
     return {
         "n": len(preds), "TP": tp, "FP": fp, "TN": tn, "FN": fn,
         "accuracy": div(tp + tn, tp + tn + fp + fn), "precision": precision, "recall": recall,
-        "f1": div(2 * precision * recall, precision + recall), "yes_ratio": div(sum(map(pos, preds)), len(preds)),
+        "f1": f1, "yes_ratio": div(sum(map(pos, preds)), len(preds)),
     }
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean over splits; None (undefined) when any split's value is."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 class Pope(Benchmark):
     name = "pope"
     title = "POPE"
-    version = "1.0"
+    version = "1.1"  # 1.1: errored questions count as wrong; undefined precision is None; the data set's name
     max_new_tokens = 16
     paper_rows = ("POPE",)
     headline_note = "F1 x 100, averaged over the random, popular and adversarial splits (as LLaVA-1.5 reports POPE)"
@@ -74,22 +97,46 @@ class Pope(Benchmark):
     def extra_features(self) -> dict:
         import tensorflow_datasets as tfds
 
-        return {"question": tfds.features.Text(), "label": tfds.features.Text()}
+        # data_set / split_size: "" and 0 for the official release; the demo's set names itself and its size
+        return {"question": tfds.features.Text(), "label": tfds.features.Text(), "data_set": tfds.features.Text(),
+                "split_size": np.int64}
+
+    def shapes_set_size(self, data_dir: Path) -> int | None:
+        """Questions per split of the demo's shapes set, None when `data_dir` holds another set."""
+        manifest = data_dir / SHAPES_MANIFEST
+        if not manifest.is_file():
+            return None
+        info = read_json(manifest)
+        try:
+            return int(info["n_images"]) * int(info["questions_per_image"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{manifest} lacks n_images / questions_per_image: rewrite the shapes set with its "
+                            f"generator, or remove the file if {data_dir} holds the official POPE") from None
 
     def read_official(self, data_dir: Path) -> Iterator[dict]:
+        size = self.shapes_set_size(data_dir)
+        origin = {"data_set": "", "split_size": 0} if size is None else {"data_set": SHAPES_SET, "split_size": size}
         for split, path in self.annotation_files(data_dir).items():
-            for row in read_jsonl_strict(path):
+            for number, row in read_jsonl_strict(path):
                 missing = {"question_id", "image", "text", "label"} - set(row)
                 if missing:
-                    raise DataError(f"{path}: a line lacks {sorted(missing)}: it is not a POPE annotation file")
+                    raise DataError(f"{path}:{number} lacks {sorted(missing)}: it is not a POPE annotation file")
+                if row["label"] not in LABELS:
+                    raise DataError(f"{path}:{number}: label {row['label']!r} is not 'yes' or 'no' (POPE's only "
+                                    f"labels): correct that line or restore the file from the POPE release")
                 yield {"question_id": f"{split}/{row['question_id']}", "subset": split,
-                       "image_file": f"val2014/{row['image']}", "question": row["text"], "label": row["label"]}
+                       "image_file": f"val2014/{row['image']}", "question": row["text"], "label": row["label"],
+                       **origin}
 
     def process_results(self, doc: Mapping, prediction: str) -> dict:
         pred = parse_yes_no(prediction)
-        return {"subset": doc["subset"], "pred": pred, "label": doc["label"],
-                "correct": (pred != "no") == (doc["label"] != "no")}  # eval_pope's positives: all but 'no'
+        return {"subset": doc["subset"], "pred": pred, "label": doc["label"], "correct": pred == doc["label"]}
 
+    def error_result(self, doc: Mapping) -> dict:
+        # wrong in every metric: the opposite of the label (a "yes" question a false negative, a "no" one a false
+        # positive), as eval_pope.py reads an answer that says nothing usable
+        return {"subset": doc["subset"], "pred": "no" if doc["label"] == "yes" else "yes", "label": doc["label"],
+                "correct": False, "error": True}
 
     def aggregate(self, results: Sequence[dict]) -> dict:
         per_split = {}
@@ -97,8 +144,25 @@ class Pope(Benchmark):
             rows = [r for r in results if r["subset"] == split]
             if rows:
                 per_split[split] = confusion_metrics([r["pred"] for r in rows], [r["label"] for r in rows])
-        average = {m: sum(s[m] for s in per_split.values()) / len(per_split) for m in METRICS} if per_split else {}
+        average = {m: mean_or_none([s[m] for s in per_split.values()]) for m in METRICS} if per_split else {}
         return {"splits": per_split, "average": average}
+
+    def data_set(self, docs: Sequence[Mapping]) -> str:
+        named = {d.get("data_set") or "" for d in docs}
+        return f"{SHAPES_SET} (POPE's layout)" if SHAPES_SET in named else self.title
+
+    def composition(self, docs: Sequence[Mapping]) -> list[str]:
+        sizes = {split: sum(d["subset"] == split for d in docs) for split in SPLITS}
+        own = {int(d.get("split_size") or 0) for d in docs if d.get("data_set")}
+        if own:  # the demo's set: complete against its own size
+            (size,) = own
+            return [s for split in SPLITS for s in count_shortfall(f"split {split}", sizes[split], size, SHAPES_SET)]
+        out = []
+        for split in SPLITS:
+            if sizes[split] not in OFFICIAL_SPLIT_SIZES[split]:
+                official = " or ".join(map(str, OFFICIAL_SPLIT_SIZES[split]))
+                out.append(f"split {split}: {sizes[split]} of the official release's {official} questions")
+        return out
 
     def headline(self, metrics: Mapping) -> dict:
         # LLaVA-1.5 reports POPE as the F1 score averaged over the three splits.

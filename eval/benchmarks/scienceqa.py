@@ -7,13 +7,17 @@ Release layout (the ScienceQA repository's `data/scienceqa` + images):
     DATA/images/test/<pid>/image.png                              (or DATA/test/<pid>/image.png)
 
 Prompt (LLaVA-1.5's `llava_test_CQM-A.json` + `--single-pred-prompt`, as lmms-eval writes it):
-"Context: {hint}\\n" when there is a hint, the question, "\\nA. ...\\nB. ...", then
+"Context: {hint}\\n" when there is a hint, the question, "\\nA. ...\\nB. ...", with doubled spaces made single
+as ScienceQA's prompt builder does for LLaVA's question file (`text.replace("  ", " ")`), then
 "\\nAnswer with the option's letter from the given choices directly.".
 
-Scoring: the answer is a bare option letter, or starts "X. ", or contains "The answer is X" (X in A-E);
-anything else is "FAILED"; the letter must be one of the question's options. This is the script as LLaVA-1.5
-ships it (the version that also prints IMG-Accuracy); an earlier version accepted only a single
-"The answer is X." match and guessed at random on failure, which no reported number should depend on.
+Scoring as LLaVA-1.5's `llava/eval/eval_science_qa.py` (haotian-liu/LLaVA): the answer is exactly an option
+letter (A-E), or starts "X. " with X an option letter, or holds exactly one match of the regex
+`The answer is ([A-Z]).` (the dot unescaped, as the script has it: any character); anything else is "FAILED".
+The letter must then be one of the question's options (`get_pred_idx`), else the answer is wrong. Nothing is
+stripped or rewritten first: "A\\nB", "The answer is B" (nothing after the letter) and two matches are wrong.
+
+Composition: ScienceQA's test split has 2017 questions with an image (ScienceQA-IMG, as LLaVA reports it).
 """
 
 from __future__ import annotations
@@ -24,44 +28,32 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.benchmarks.base import LETTER_SUFFIX, OPTION_LETTERS, Benchmark, DataError, mean, options_text, read_json
+from eval.benchmarks.base import (LETTER_SUFFIX, OPTION_LETTERS, Benchmark, DataError, count_shortfall, mean,
+                                  options_text, read_json)
 
-_ANSWER_IS_DOT = re.compile(r"The answer is ([A-E])\.")
-_ANSWER_IS = re.compile(r"The answer is ([A-E])")
-_LETTER_DOT = re.compile(r"^([A-E])\. ")
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # eval_science_qa.py's pattern, unescaped dot included
+OFFICIAL_QUESTIONS = 2017
 
 
 def parse_answer(text: str, options: Sequence[str] = OPTION_LETTERS) -> str:
     """eval_science_qa.py's main loop: the letter read from an answer, or "FAILED"."""
-    text = text.replace("\n", ". ")
-    if text.strip() in options:
-        return text.strip()
+    if text in options:
+        return text
     if len(text) >= 3 and text[0] in options and text[1:3] == ". ":
         return text[0]
-    if "The answer is " in text:
-        match = _ANSWER_IS_DOT.search(text) or _ANSWER_IS.search(text)
-        if match and match.group(1) in options:
-            return match.group(1)
-    return "FAILED"
+    matches = _ANSWER_IS.findall(text)
+    return matches[0] if len(matches) == 1 else "FAILED"
 
 
 def pred_index(answer: str, num_choices: int, options: Sequence[str] = OPTION_LETTERS) -> int:
     """eval_science_qa.py's `get_pred_idx`: the option index of a parsed letter, -1 if it is not an option."""
-    answer = answer.replace("\n", ". ")
-    valid = list(options[:num_choices])
-    if answer in valid:
-        return options.index(answer)
-    for pattern in (_LETTER_DOT, _ANSWER_IS_DOT, _ANSWER_IS):
-        match = pattern.search(answer)
-        if match and match.group(1) in valid:
-            return options.index(match.group(1))
-    return -1
+    return options.index(answer) if answer in options[:num_choices] else -1
 
 
 class ScienceQa(Benchmark):
     name = "scienceqa"
     title = "ScienceQA-IMG"
-    version = "1.0"
+    version = "1.1"  # 1.1: eval_science_qa.py's letter rule exactly; single spaces; errored questions wrong
     max_new_tokens = 16
     paper_rows = ("ScienceQA",)
     headline_note = "accuracy x 100 on the test questions with an image (ScienceQA-IMG)"
@@ -97,7 +89,8 @@ class ScienceQa(Benchmark):
 
     def doc_to_text(self, doc: Mapping) -> str:
         context = f"Context: {doc['hint']}\n" if doc["hint"] else ""
-        return f"{context}{doc['question']}\n{options_text(doc['options'])}\n{LETTER_SUFFIX}"
+        text = f"{context}{doc['question']}\n{options_text(doc['options'])}".replace("  ", " ").strip()
+        return f"{text}\n{LETTER_SUFFIX}"
 
     def process_results(self, doc: Mapping, prediction: str) -> dict:
         parsed = parse_answer(prediction)
@@ -107,6 +100,9 @@ class ScienceQa(Benchmark):
     def aggregate(self, results: Sequence[dict]) -> dict:
         return {"accuracy": mean([r["correct"] for r in results]), "n": len(results),
                 "failed": sum(r["parsed"] == "FAILED" for r in results)}
+
+    def composition(self, docs: Sequence[Mapping]) -> list[str]:
+        return count_shortfall("questions with an image", len(docs), OFFICIAL_QUESTIONS)
 
     def headline(self, metrics: Mapping) -> dict:
         return {"ScienceQA": 100 * metrics["accuracy"] if metrics.get("n") else None}

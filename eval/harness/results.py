@@ -3,13 +3,19 @@ markdown table of the modes side by side with the paper's numbers.
 
 Scoring reads only the samples file and the benchmark's docs, so `eval.score` on a samples file gives
 exactly the metrics of the run that wrote it, and a resumed run exactly those of an uninterrupted one.
-Errored questions (unreadable image, ...) are counted and listed, and left out of the metrics.
+Errored questions (unreadable image, ...) count as wrong in every metric, as the official scripts count a
+question without a usable answer (BLINK.md §8), and are counted and listed beside the metrics.
+
+A run is "partial" when its question set is not the benchmark's official release (`Benchmark.composition`:
+a split or subtask left out, `--limit`, a malformed copy) or when questions of the set have no answer yet; the
+coverage is recorded with the scores, and results.md marks every headline number of a partial run "partial".
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -41,20 +47,39 @@ def answered_results(bench: Benchmark, docs: Mapping[str, dict], latest: Mapping
             if q in docs and r.get("error") is None}
 
 
+def scored_results(bench: Benchmark, docs: Mapping[str, dict], latest: Mapping[str, dict]) -> dict[str, dict]:
+    """question_id -> result, for every question of `docs` with a record: `process_results` of an answer,
+    `error_result` (wrong) of an error."""
+    return {q: bench.error_result(docs[q]) if r.get("error") is not None
+            else bench.process_results(docs[q], r.get("prediction") or "")
+            for q, r in latest.items() if q in docs}
+
+
+def coverage(bench: Benchmark, docs: Mapping[str, dict], missing: int) -> dict:
+    """{"data_set", "complete", "partial": [why, ...]}: the question set against the official release, and the
+    questions without an answer."""
+    why = bench.composition(list(docs.values()))
+    if missing:
+        why.append(f"{missing} of the {len(docs)} questions have no answer in the samples file")
+    return {"data_set": bench.data_set(list(docs.values())), "complete": not why, "partial": why}
+
+
 def score_records(bench: Benchmark, docs: Mapping[str, dict], records: Iterable[dict]) -> dict:
-    """Samples (dicts with question_id, prediction, error) + docs by id -> metrics, headline, counts, errors."""
+    """Samples (dicts with question_id, prediction, error) + docs by id -> metrics, headline, counts, errors,
+    coverage."""
     latest = latest_records(records)
     unknown = [q for q in latest if q not in docs]
     kept = [r for q, r in latest.items() if q in docs]
     errors = [{"question_id": r["question_id"], "error": r["error"]} for r in kept if r.get("error") is not None]
-    results = answered_results(bench, docs, latest)
-    metrics = bench.aggregate(list(results.values()))
+    metrics = bench.aggregate(list(scored_results(bench, docs, latest).values()))
+    missing = len(docs) - len(kept)
     return {
         "metrics": metrics,
         "headline": bench.headline(metrics),
-        "counts": {"questions": len(docs), "answered": len(results), "errors": len(errors),
-                   "missing": len(docs) - len(kept), "unknown_ids": len(unknown)},
+        "counts": {"questions": len(docs), "answered": len(kept) - len(errors), "errors": len(errors),
+                   "missing": missing, "unknown_ids": len(unknown)},
         "errors": errors,
+        "coverage": coverage(bench, docs, missing),
     }
 
 
@@ -98,6 +123,7 @@ def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, vers
     paired: `eval.harness.paired.against_first(...)`, if the benchmark has per-answer correctness."""
     return {
         "bench": bench.name, "title": bench.title, "task_version": bench.version, "headline_note": bench.headline_note,
+        "partial": any(not m["score"]["coverage"]["complete"] for m in modes),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "versions": versions_,
@@ -109,9 +135,14 @@ def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, vers
     }
 
 
+NOT_RUN = object()  # a metric a mode does not have (as opposed to None: a metric that is undefined)
+
+
 def _fmt(value) -> str:
-    if value is None:
+    if value is NOT_RUN:
         return "—"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"  # undefined (e.g. POPE's precision of a split never answered "yes")
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
@@ -119,9 +150,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _fmt2(value) -> str:
-    """Headline cells, on the paper's scale: two decimals."""
-    return "—" if value is None else f"{value:.2f}"
+def _fmt2(value, partial: bool = False) -> str:
+    """Headline cells, on the paper's scale: two decimals; a partial run's carry the word."""
+    if value is None:
+        return "—"
+    return f"{value:.2f} (partial)" if partial else f"{value:.2f}"
 
 
 def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -135,25 +168,45 @@ def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _partial(entry: Mapping) -> bool:
+    return not entry.get("coverage", {"complete": True})["complete"]
+
+
 def markdown_table(doc: Mapping) -> str:
     """The headline rows, modes side by side with the paper's numbers; then every metric; then counts."""
     modes = doc["modes"]
     names = list(modes)
-    lines = [f"# {doc['title']}: {', '.join(modes[n]['label'] for n in names)}", ""]
+    data_sets = {modes[n].get("coverage", {}).get("data_set", doc["title"]) for n in names}
+    on = "" if data_sets == {doc["title"]} else f" on {', '.join(sorted(data_sets))}"
+    lines = [f"# {doc['title']}{on}: {', '.join(modes[n]['label'] for n in names)}", ""]
+    partial = [n for n in names if _partial(modes[n])]
+    if partial:
+        why = list(dict.fromkeys(w for n in partial for w in modes[n]["coverage"]["partial"]))
+        whole = ", ".join(sorted(data_sets))
+        lines += [f"**Partial run** ({', '.join(modes[n]['label'] for n in partial)}): not all of {whole}, so its "
+                  f"numbers are not comparable with the paper's: {'; '.join(why)}.", ""]
     header = ["metric"] + [h for n in names for h in (modes[n]["label"], f"{modes[n]['label']} (paper)")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in doc["paper"]:
-        cells = [row] + [c for n in names for c in (_fmt2(modes[n]["headline"].get(row)), _fmt2(doc["paper"][row][n]))]
+        cells = [row] + [c for n in names for c in (_fmt2(modes[n]["headline"].get(row), _partial(modes[n])),
+                                                    _fmt2(doc["paper"][row][n]))]
         lines.append("| " + " | ".join(cells) + " |")
     if doc["paper"]:
         note = f"{doc['title']}: {doc['headline_note']}. " if doc.get("headline_note") else ""
-        lines += ["", f"{note}The (paper) columns are the paper's LLaVA-1.5-7B numbers (BLINK.md §7), for reference."]
+        where = f", on {doc['title']}, not on this data set" if on else ""
+        lines += ["", f"{note}The (paper) columns are the paper's LLaVA-1.5-7B numbers (BLINK.md §7){where}, for "
+                      f"reference."]
+    errored = [n for n in names if modes[n]["counts"]["errors"]]
+    if errored:
+        lines += ["", "Questions that could not be answered count as wrong in every metric: "
+                  + ", ".join(f"{modes[n]['label']} {modes[n]['counts']['errors']}" for n in errored)
+                  + " (listed in results.json)."]
     flat = {n: _flatten(modes[n]["metrics"]) for n in names}
     keys = list(dict.fromkeys(k for n in names for k in flat[n]))
     if keys:
         lines += ["", "## All metrics", "", "| metric | " + " | ".join(modes[n]["label"] for n in names) + " |",
                   "|" + "---|" * (len(names) + 1)]
-        lines += ["| " + " | ".join([k] + [_fmt(flat[n].get(k)) for n in names]) + " |" for k in keys]
+        lines += ["| " + " | ".join([k] + [_fmt(flat[n].get(k, NOT_RUN)) for n in names]) + " |" for k in keys]
     lines += ["", "## Questions", "", "| | " + " | ".join(modes[n]["label"] for n in names) + " |",
               "|" + "---|" * (len(names) + 1)]
     for key in ("questions", "answered", "errors", "missing"):

@@ -9,7 +9,7 @@ settings that decide the predictions; a rerun with other settings into the same 
 
 The parts, one concern each: `resume` (file names, run.json, what is left to answer), `questions` (prompt ids,
 images read ahead in batches, records), `inference` (the padded, jitted model call), `traces` (the traces file),
-`progress` (the bar), `results` (scoring and the results files). `Runner.run_mode` only wires them together.
+`progress` (the bar); `results` scores. `Runner.run_mode` only wires them together.
 """
 
 from __future__ import annotations

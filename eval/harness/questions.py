@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blink_jax.processing import build_prompt, preprocess_image, tokenize_with_image
 from eval.benchmarks.base import Benchmark
 from eval.harness.batching import plan_batches, prefetch
 
@@ -31,8 +32,6 @@ class Prepared:
 
 
 def prepare(bench: Benchmark, doc: dict, tokenizer, model_config) -> Prepared:
-    from blink_jax.processing import build_prompt, tokenize_with_image
-
     prompt = bench.doc_to_text(doc)
     try:
         ids = tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None), model_config.image_token_index,
@@ -66,8 +65,6 @@ class ImageLoader:
     pad_to_square: bool
 
     def __call__(self, length: int, items: Sequence[Prepared]) -> LoadedBatch:
-        from blink_jax.processing import preprocess_image
-
         ready, failed = [], []
         for item in items:
             try:

@@ -22,6 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
+from blink_jax import load_pretrained
+from blink_jax.processing import Processor
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark
 from eval.harness import paired
@@ -187,11 +191,6 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
 
 def load_model(cfg: EvalConfig, processor=None):
     """(model, tokenizer) of `cfg.model`; `processor`: its `Processor`, if already loaded."""
-    import jax.numpy as jnp
-
-    from blink_jax import load_pretrained
-    from blink_jax.processing import Processor
-
     processor = processor or Processor.from_pretrained(cfg.model)
     return load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype)), processor.tokenizer
 
@@ -205,8 +204,6 @@ def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
                         region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop)
     processor = None
     if model_and_tokenizer is None:  # config and tokenizer now: a wrong --model fails before the data is prepared
-        from blink_jax.processing import Processor
-
         processor = Processor.from_pretrained(cfg.model)
     mcfg = processor.config if processor is not None else model_and_tokenizer[0].config
     check_fit(modes, num_layers=mcfg.text.num_hidden_layers, grid=mcfg.vision.grid,

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from blink_jax.processing import ImageError, ProcessorError
     from eval.benchmarks import DataError
     from eval.harness.modes import ModeError, parse_layers
-    from eval.harness.runner import EvalConfig, RunConflict, run_eval
+    from eval.harness.resume import RunConflict
+    from eval.harness.runner import EvalConfig, run_eval
 
     if args.modes is None:
         modes = ("vanilla", "interp", "blink") if args.tokensr else ("vanilla", "interp")

@@ -124,11 +124,28 @@ def test_mme_all_modes_end_to_end(env):
     assert "| MME Cognition |" in (out / "results.md").read_text()
 
 
+class Killed(BaseException):
+    """A kill of the process, simulated once k questions are written (BaseException: nothing catches it)."""
+
+
+def kill_after(k: int):
+    """An `on_written` hook for `run_eval` that kills the run once k records are written."""
+    written = 0
+
+    def on_written(n: int) -> None:
+        nonlocal written
+        written += n
+        if written >= k:
+            raise Killed(f"killed after {written} questions")
+
+    return on_written
+
+
 def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch, capsys):
     out = env.root / "pope_resumed"
     real_run_eval = harness_runner.run_eval
-    monkeypatch.setattr(harness_runner, "run_eval", lambda cfg: real_run_eval(cfg, stop_after=5))
-    with pytest.raises(harness_runner.SimulatedKill):
+    monkeypatch.setattr(harness_runner, "run_eval", lambda cfg: real_run_eval(cfg, on_written=kill_after(5)))
+    with pytest.raises(Killed):
         eval_run.main(cli_args(env, "pope", out, "--save-traces"))
     monkeypatch.setattr(harness_runner, "run_eval", real_run_eval)
     written = samples(out, "pope", "vanilla")

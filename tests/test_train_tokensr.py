@@ -22,7 +22,7 @@ from PIL import Image
 
 import tiny_llava as tl
 import tiny_llava_mix as tm
-from train import loop, sharding
+from train import loop, sharding, stopping
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
 from train.loss import distill_loss
@@ -220,7 +220,7 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(root, uninterrupted)
         return step_fn(*args)
 
     trainer.train_step = step_then_ctrl_c
-    with pytest.raises(loop.TrainingInterrupted, match="interrupted after step 2"):
+    with pytest.raises(stopping.TrainingInterrupted, match="interrupted after step 2"):
         trainer.run()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert sorted(int(p.name) for p in (root / "ctrl_c" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
@@ -268,7 +268,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(root, uninterrupted):
         return state, metrics
 
     trainer.train_step = poisoned
-    with pytest.raises(loop.NonFiniteLossError, match=rf"step {SAVE_EVERY + 2}: loss=nan.*last good checkpoint is "
+    with pytest.raises(stopping.NonFiniteLossError, match=rf"step {SAVE_EVERY + 2}: loss=nan.*last good checkpoint is "
                                                       rf"step {SAVE_EVERY}"):
         trainer.run()
     steps = sorted(int(p.name) for p in (root / "nan" / "checkpoints").iterdir() if p.name.isdigit())
@@ -371,7 +371,7 @@ def test_export_only_of_a_wrong_workdir_says_what_it_needs(tmp_path, capsys):
 def test_resuming_with_other_settings_says_so_and_keeps_the_old_config(root, uninterrupted, caplog):
     shutil.copytree(root / "full", root / "more")
     cfg = base_config(root, "more", steps=STEPS + 1, lr=1e-3)
-    with caplog.at_level("WARNING", logger="train.loop"):
+    with caplog.at_level("WARNING", logger="train.workdir"):
         loop.Trainer(cfg, progress=False)
     assert "--steps 6 -> 7" in caplog.text and "--lr 0.003 -> 0.001" in caplog.text
     assert "--workdir" in caplog.text  # the copy lives elsewhere: said too

@@ -11,5 +11,8 @@ Modules, one concern each:
   step           the train state (shapes, shardings, born sharded) and the donated, jitted train step
   checkpointing  orbax CheckpointManager: train state + grain iterator, and the TokenSR export
   metrics        console progress bar, metrics.jsonl (TensorBoard when available)
+  inputs         what a step consumes: the grain loader, and the student inputs and teacher targets on the mesh
+  stopping       early stops that leave a resumable checkpoint: a non-finite loss, Ctrl-C
+  workdir        config.json, the resume check of a work directory, the export's provenance
   loop           the `Trainer` that ties them together
 """

@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds narrate every file at INFO
     from train import loop
+    from train.stopping import NonFiniteLossError, TrainingInterrupted
 
     from blink_jax import CheckpointError, ConfigError
     from blink_jax.blink.config import in_flag_terms
@@ -128,10 +129,10 @@ def main(argv=None) -> int:
     except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
-    except loop.NonFiniteLossError as e:
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except loop.TrainingInterrupted as e:
+    except TrainingInterrupted as e:
         print(f"\ntrain.tokensr: {e}", file=sys.stderr)
         return 130
     print(f"trained {result.step} steps; TokenSR: {result.tokensr_dir}")

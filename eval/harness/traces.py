@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from blink_jax.blink.dtr import ACTION_NAMES, NO_REGION
+from eval.harness.io import append_lines, open_append_jsonl
 
 
 def summary(trace, i: int) -> dict | None:
@@ -28,3 +31,29 @@ def record(trace, i: int, *, question_id: str, image: str | None, geometry: dict
         "action": [ACTION_NAMES[int(a)] for a in trace.action[:, i]],
         "expanded_region": [int(r) for r in trace.expanded_region[:, i]],
     }
+
+
+class TraceFile:
+    """traces_<bench>_<mode>.jsonl of a run with --save-traces, appended batch by batch; with `path` None (no
+    --save-traces, or a mode without Blink) writing is a no-op."""
+
+    def __init__(self, path: Path | None, *, geometry: dict[str, Any]):
+        self.geometry = geometry  # grid, image size, region size, padding: what eval.report needs to draw regions
+        self._file = open_append_jsonl(path) if path is not None else None
+
+    def write(self, trace, questions: Sequence[tuple[str, str | None]]) -> None:
+        """Rows 0.. of a HostTrace, one per (question id, image path) of `questions`."""
+        if self._file is None or trace is None:
+            return
+        append_lines(self._file, [record(trace, i, question_id=q, image=image, geometry=self.geometry)
+                                  for i, (q, image) in enumerate(questions)])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> TraceFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

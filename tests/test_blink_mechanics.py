@@ -31,15 +31,16 @@ from blink_jax.blink import (
     init_state,
     last_token_attention,
     random_regions,
+    region_box,
     region_scores,
     saliency_guided_scan,
     saliency_ratio,
     select_on_expand,
     sr_position_ids,
-    sr_valid_after,
     step,
     visual_saliency,
 )
+from blink_jax.blink.config import BlinkStatic, parse_layers
 from blink_jax.config import ConfigError
 
 B, N, K, H, D, G = 3, 6, 3, 5, 5, 6
@@ -176,7 +177,7 @@ def test_decide_table(policy):
     )
     got = list(zip(np.asarray(action).tolist(), np.asarray(new_exp).tolist(), np.asarray(new_region).tolist()))
     assert got == [c[1] for c in cases]
-    np.testing.assert_array_equal(np.asarray(sr_valid_after(action)), np.asarray(new_exp))
+    np.testing.assert_array_equal(np.isin(np.asarray(action), [EXPAND, KEEP]), np.asarray(new_exp))  # SR tokens stay
 
 
 def test_decide_compiles_once_across_thresholds():
@@ -287,6 +288,16 @@ def test_sr_position_ids_match_loop(r, s):
         np.testing.assert_array_equal(got[b], want)
 
 
+@pytest.mark.parametrize("r", [3, 2])
+def test_region_box_covers_the_region_cells(r):
+    patch = 7
+    for region in range((G // r) ** 2):
+        cells = region_cells(region, r)
+        rows, cols = [i for i, _ in cells], [j for _, j in cells]
+        want = (min(cols) * patch, min(rows) * patch, (max(cols) + 1) * patch, (max(rows) + 1) * patch)
+        assert region_box(region, G, r, patch) == want
+
+
 def test_select_on_expand():
     action = jnp.asarray([EXPAND, KEEP, DROP], jnp.int32)
     new, old = jnp.ones((B, 4, D)), jnp.zeros((B, 4, D))
@@ -394,3 +405,18 @@ def test_config_ablations_and_split():
     assert hash(static) == hash(dataclasses.replace(cfg, tau_exp=0.9).static_part())
     assert float(thr.tau_exp) == pytest.approx(0.30) and thr.tau_drop.dtype == jnp.float32
     assert static.with_thresholds(0.3, 0.15) == cfg
+    # The static part is BlinkConfig's fields less the thresholds: names, order and defaults.
+    fields = lambda cls: [(f.name, f.default) for f in dataclasses.fields(cls)]
+    assert fields(BlinkStatic) == [f for f in fields(BlinkConfig) if f[0] not in ("tau_exp", "tau_drop")]
+    with pytest.raises(ConfigError, match="layers=.*sorted and unique"):
+        BlinkStatic(layers=(3, 2))
+
+
+def test_parse_layers():
+    assert parse_layers("12-14") == (12, 13, 14) and parse_layers("1,3") == (1, 3)
+    assert parse_layers(" 7, 1-3,2 ") == (1, 2, 3, 7)
+    for bad in ("1-x", "-1", "1-2-3", "a"):
+        with pytest.raises(ConfigError, match=f"--layers {bad!r} is not a list of layer indices"):
+            parse_layers(bad)
+    with pytest.raises(ConfigError, match="names no layer"):
+        parse_layers(" , ")

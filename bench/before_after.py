@@ -22,6 +22,7 @@ from flax import nnx
 
 from bench import common
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.config import parse_layers
 from blink_jax.model import clip, forward, llama
 
 
@@ -125,7 +126,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     size = common.SIZES[a.size]
     table = run(size, common.batch_sizes(a.batch), a.length, a.new_tokens,
-                [int(x) for x in a.layers.split(",")], a.reps)
+                parse_layers(a.layers), a.reps)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 
 

@@ -18,6 +18,7 @@ A jitted forward must not recompile when a threshold changes, so the config spli
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import numbers
 import re
@@ -241,3 +242,11 @@ def parse_layers(text: str) -> tuple[int, ...]:
     if not layers:
         raise ConfigError(f"--layers {text!r} names no layer: write e.g. 12-18 or 1,2")
     return tuple(sorted(set(layers)))
+
+
+def layers_argument(text: str) -> tuple[int, ...]:
+    """`parse_layers` as an argparse `type=`: its error becomes argparse's usage error, message kept."""
+    try:
+        return parse_layers(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -52,24 +52,6 @@ class ModeSpec:
         return settings
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"12-18" or "1,2,5" or "1-3,7" -> a sorted tuple of layer indices."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                layers.append(int(part))
-    except ValueError:
-        raise ModeError(f"--layers {text!r} is not a list of layer indices: write e.g. 12-18 or 1,2") from None
-    return tuple(sorted(set(layers)))
-
-
 def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablation: str | None = None,
                 layers: tuple[int, ...] | None = None, region_size: int | None = None,
                 tau_exp: float | None = None, tau_drop: float | None = None) -> list[ModeSpec]:

@@ -41,6 +41,7 @@ from blink_jax.blink import (
     visual_saliency,
 )
 from blink_jax.blink.config import BlinkStatic, parse_layers
+from blink_jax.blink.tokensr import check_geometry, check_state
 from blink_jax.config import ConfigError
 
 B, N, K, H, D, G = 3, 6, 3, 5, 5, 6
@@ -369,6 +370,30 @@ def test_tokensr_bank_paths():
     interp = TokenSRBank(dataclasses.replace(cfg, tokensr_kind="interp"), D, rngs=nnx.Rngs(0))
     assert nnx.state(interp, nnx.Param) == nnx.State({})
     assert interp[5](jnp.zeros((B, 3, 3, D))).shape == (B, 6, 6, D)
+
+
+def test_tokensr_geometry_checks_name_the_mismatch():
+    cfg = BlinkConfig(layers=(2, 5), region_size=3, tokensr_kind="conv", tokensr_channels=4)
+    bank = nnx.eval_shape(lambda: TokenSRBank(cfg, D, rngs=nnx.Rngs(0)))
+    check_geometry(cfg, D, bank)
+    check_geometry(dataclasses.replace(cfg, tau_exp=0.9).static_part(), D, bank)  # thresholds play no part
+    wrong = [
+        (dict(layers=(2, 6)), D, r"cover layers \(2, 5\) but BlinkConfig.layers=\(2, 6\)"),
+        ({}, D + 1, f"layer 2 was trained for hidden size {D} but this model's is {D + 1}"),
+        (dict(region_size=2), D, "layer 2 was built with region_size=3 but BlinkConfig.region_size=2"),
+        (dict(scale=3), D, "built with scale=2 but BlinkConfig.scale=3"),
+        (dict(tokensr_kind="interp"), D, "built with tokensr_kind='conv' but BlinkConfig.tokensr_kind='interp'"),
+        (dict(tokensr_channels=5), D, "built with tokensr_channels=4 but BlinkConfig.tokensr_channels=5"),
+    ]
+    for change, dim, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            check_geometry(dataclasses.replace(cfg, **change), dim, bank)
+    state = nnx.state(bank, nnx.Param)
+    check_state(cfg, D, state)
+    check_state(dataclasses.replace(cfg, scale=3), D, state)  # no shape depends on the scale
+    for change, dim in ((dict(tokensr_channels=5), D), ({}, D + 1), (dict(layers=(2,)), D)):
+        with pytest.raises(ValueError, match="the TokenSR state does not fit"):
+            check_state(dataclasses.replace(cfg, **change), dim, state)
 
 
 # --------------------------------------------------------------------------- config

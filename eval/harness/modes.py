@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from blink_jax.blink import ABLATIONS, BlinkConfig
+from blink_jax.blink.tokensr import check_geometry
+from blink_jax.config import ConfigError
 from eval.harness.paper import KIND_LABELS, KINDS
 
 
@@ -99,8 +101,6 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
               tokensr_dir: str | None = None) -> None:
     """Every Blink mode can run on this model (layers, region size, TokenSR width), checked before any runs:
     a `ModeError` names where the mismatched value came from (--tokensr or the flags) and the fix."""
-    from blink_jax import ConfigError
-
     for mode in modes:
         if mode.blink is None:
             continue
@@ -114,9 +114,7 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
             fix = "train TokenSR for this model" if trained else "pass --layers and --region-size that fit it"
             raise ModeError(f"mode {mode.name!r}: {e} (the value comes from {source}; {fix})") from None
         if trained:
-            from blink_jax.blink.runner import tokensr_bank
-
-            try:  # the same checks a forward pass makes (width, layers, geometry), before any mode runs
-                tokensr_bank(mode.blink, hidden_size, mode.tokensr)
+            try:  # the check a forward pass makes (width, layers, geometry), before any mode runs
+                check_geometry(mode.blink, hidden_size, mode.tokensr)
             except ValueError as e:
                 raise ModeError(f"mode 'blink': --tokensr {tokensr_dir}: {e}") from None

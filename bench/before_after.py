@@ -66,7 +66,7 @@ def _programs(before: bool, new_tokens: int):
     @functools.partial(jax.jit, static_argnums=(0, 2, 8))
     def blink(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, static):
         model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-        return blink_prefill(model, bank, ids, px, mask, static, thresholds, jax.random.PRNGKey(0))[0]
+        return blink_prefill(model, bank, ids, px, mask, static, thresholds, jax.random.key(0))[0]
 
     wrap = (lambda f: f) if not before else (lambda f: lambda *a: _with_legacy(f, *a))
     return wrap(prefill), wrap(generate), wrap(blink)

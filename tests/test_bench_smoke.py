@@ -154,7 +154,7 @@ def test_blink_extra_flops_match_xla_cost_analysis():
     static, thresholds = blink.split()
     bank_def, bank_state = runner._interp_bank(static, cfg.text.hidden_size)
     with_sr = flops(runner._prefill.lower(graphdef, state, bank_def, bank_state, ids, pixels, ids, thresholds,
-                                          jax.random.PRNGKey(0), static=static))
+                                          jax.random.key(0), static=static))
     sr_tokens = (blink.region_size * blink.scale) ** 2
     ours = (accelerator.prefill_flops(size, batch, length, sr_tokens=sr_tokens, sr_layers=size.text_layers - 1 - first)
             - accelerator.prefill_flops(size, batch, length))

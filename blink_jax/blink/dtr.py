@@ -15,7 +15,7 @@ action that shapes the sequence entering layer L+1:
 Typical use inside the forward, per participating layer L (Python-unrolled, all traced):
 
   rho, r_star, s_v = saliency_guided_scan(...)
-  if static.random_region: r_star = random_regions(jax.random.fold_in(key, L), B, R)
+  if static.random_region: r_star = random_regions(fold_in(key, L), B, R)
   action, state = step(state, rho, r_star, thresholds, static)
   lr = gather_region(gather_visual(h, visual_index, G), state.region, r)   # [B, r, r, D]
   sr_h = select_on_expand(action, bank.for_layer(L)(lr).reshape(B, P, D), sr_h)

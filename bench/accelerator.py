@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from blink_jax.blink.config import parse_layers
+from blink_jax.config import ConfigError
 
 # Dense bf16 peak (TFLOP/s) by device kind, from the vendors' data sheets (no sparsity). float32 has no entry:
 # pass --peak-tflops for it. Matched as substrings of `jax.devices()[0].device_kind`, first match wins, so the more
@@ -39,14 +41,6 @@ def default_layers(text_layers: int) -> tuple[int, ...]:
     first, last = int(12 * text_layers / 32 + 0.5), int(18 * text_layers / 32 + 0.5)  # halves round up
     last = min(max(last, first), text_layers - 1)
     return tuple(range(first, last + 1))
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """'12-18' or '3,4,5' -> a tuple of layer indices."""
-    if "-" in text:
-        first, last = (int(x) for x in text.split("-"))
-        return tuple(range(first, last + 1))
-    return tuple(int(x) for x in text.split(","))
 
 
 def _decoder_layer_flops(size: common.Size, tokens: int, keys: int) -> float:
@@ -201,7 +195,10 @@ def main(argv=None):
                    help="where transformers' model runs ('cuda' is skipped when torch sees no GPU)")
     a = p.parse_args(argv)
     size = common.ALL_SIZES[a.size]
-    layers = parse_layers(a.layers) if a.layers else default_layers(size.text_layers)
+    try:
+        layers = parse_layers(a.layers) if a.layers else default_layers(size.text_layers)
+    except ConfigError as e:
+        p.error(str(e))
     if not 0 <= layers[0] <= layers[-1] < size.text_layers:
         p.error(f"--layers {a.layers} must lie within the decoder's {size.text_layers} layers")
     peak = peak_tflops(a.dtype, a.peak_tflops)

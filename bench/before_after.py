@@ -22,6 +22,7 @@ from flax import nnx
 
 from bench import common
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.config import parse_layers
 from blink_jax.model import clip, forward, llama
 
 
@@ -65,7 +66,7 @@ def _programs(before: bool, new_tokens: int):
     @functools.partial(jax.jit, static_argnums=(0, 2, 8))
     def blink(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds, static):
         model, bank = nnx.merge(graphdef, params), nnx.merge(bank_def, bank_state)
-        return blink_prefill(model, bank, ids, px, mask, static, thresholds, jax.random.PRNGKey(0))[0]
+        return blink_prefill(model, bank, ids, px, mask, static, thresholds, jax.random.key(0))[0]
 
     wrap = (lambda f: f) if not before else (lambda f: lambda *a: _with_legacy(f, *a))
     return wrap(prefill), wrap(generate), wrap(blink)
@@ -125,7 +126,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     size = common.SIZES[a.size]
     table = run(size, common.batch_sizes(a.batch), a.length, a.new_tokens,
-                [int(x) for x in a.layers.split(",")], a.reps)
+                parse_layers(a.layers), a.reps)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from bench import common
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.config import parse_layers
 
 
 def run(size: common.Size, batches, length: int, layers, region_size: int, reps: int) -> str:
@@ -63,7 +64,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant, interleaved")
     a = p.parse_args(argv)
     size = common.SIZES[a.size]
-    table = run(size, common.batch_sizes(a.batch), a.length, [int(x) for x in a.layers.split(",")],
+    table = run(size, common.batch_sizes(a.batch), a.length, parse_layers(a.layers),
                 a.region_size, a.reps)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}")
 

@@ -38,7 +38,7 @@ def _entry_points(num_layers: int, grid: int, dim: int):
     blink = BlinkConfig(layers=tuple(range(first, first + max(1, (num_layers * 7) // 32))),
                         region_size=next(r for r in (6, 3, 2, 1) if grid % r == 0), expansion="fixed")
     static, thresholds = blink.split()
-    key = jax.random.PRNGKey(0)
+    key = jax.random.key(0)
     if "bank_def" in inspect.signature(runtime._prefill).parameters:  # one pair of entry points
         from blink_jax.blink import runner
 

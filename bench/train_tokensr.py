@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 
 from bench import common
+from blink_jax.blink.config import parse_layers
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -115,7 +116,7 @@ def main(argv=None):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         table = run(size, Path(work), batch_size=a.batch_size, images=a.images, steps=a.steps,
-                    layers=[int(x) for x in a.layers.split(",")], channels=a.channels, max_prompt_len=a.max_prompt_len)
+                    layers=parse_layers(a.layers), channels=a.channels, max_prompt_len=a.max_prompt_len)
     print(f"machine: {common.machine()}\nsize: {size}\n\n{table}\n\n(total {time.perf_counter() - start:.0f} s)")
 
 

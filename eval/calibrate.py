@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from blink_jax import CheckpointError, ConfigError, load_pretrained
 from blink_jax.blink import BlinkConfig
-from blink_jax.blink.config import in_flag_terms
+from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
 from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
 
@@ -272,19 +272,6 @@ def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """argparse type for --layers: "12,13,14" or "12-18" or "1,3-5" -> sorted unique layer indices."""
-    from eval.harness.modes import ModeError, parse_layers as parse
-
-    try:
-        layers = parse(text)
-    except ModeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if not layers:
-        raise argparse.ArgumentTypeError(f"--layers {text!r} names no layer")
-    return layers
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -307,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-folder", default=None,
                         help="folder the JSONL's image paths are relative to (default: the JSONL's own folder)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help="question asked of every image of a folder")
-    parser.add_argument("--layers", type=parse_layers, default=defaults.layers,
+    parser.add_argument("--layers", type=layers_argument, default=defaults.layers,
                         help="participating layers, e.g. 12-18 or 12,14,16 (the default suits a 32-layer model)")
     parser.add_argument("--region-size", type=positive_int, default=defaults.region_size,
                         help="r: regions are r x r visual tokens; must divide the grid side (24 for LLaVA-1.5)")

@@ -26,11 +26,12 @@ import numpy as np
 from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.checkpoint import load_tokensr
+from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
                                   load_image)
-from eval.calibrate import parse_layers, positive_int, scan
+from eval.calibrate import positive_int, scan
 
 MODES = ("vanilla", "interp", "blink")
 
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "blink: trained TokenSR from --tokensr. Default: blink with --tokensr, else interp")
     parser.add_argument("--tokensr", default=None, help="directory of trained TokenSR (`train.tokensr`'s export); "
                                                         "its layers and region size are used")
-    parser.add_argument("--layers", type=parse_layers, default=None,
+    parser.add_argument("--layers", type=layers_argument, default=None,
                         help=f"participating layers, e.g. 12-18 or 12,14,16 (default {defaults.layers[0]}-"
                              f"{defaults.layers[-1]}, for a 32-layer model: give it for smaller models)")
     parser.add_argument("--region-size", type=positive_int, default=None,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from blink_jax.blink.dtr import ACTION_NAMES, NO_REGION, region_box
+from blink_jax.processing import preprocess_uint8
 from eval.harness.io import atomic_write_json, atomic_write_text, read_jsonl
 
-ACTIONS = ("none", "expand", "keep", "drop")
 QUANTILES = (10, 25, 50, 75, 90)
-NO_REGION = -1
 
 
 def latest_traces(records: Iterable[dict]) -> list[dict]:
@@ -41,37 +41,12 @@ def layer_stats(records: Sequence[dict]) -> dict[int, dict]:
         actions = [r["action"][j] for r in records]
         stats[int(layer)] = {
             "n": len(records),
-            **{f"{a}_rate": actions.count(a) / len(records) for a in ACTIONS},
+            **{f"{a}_rate": actions.count(a) / len(records) for a in ACTION_NAMES},
             "sr_present_rate": sum(r["expanded_region"][j] != NO_REGION for r in records) / len(records),
             "rho_mean": float(rho.mean()),
             **{f"rho_p{q}": float(np.percentile(rho, q)) for q in QUANTILES},
         }
     return stats
-
-
-def region_box(region: int, *, grid: int, region_size: int, image_size: int) -> tuple[float, float, float, float]:
-    """Pixel box (x0, y0, x1, y1) of region `region` (row-major over the (G/r) x (G/r) region grid) on the
-    preprocessed image_size x image_size image."""
-    per_row = grid // region_size
-    row, col = divmod(int(region), per_row)
-    cell = image_size / grid * region_size
-    return col * cell, row * cell, (col + 1) * cell, (row + 1) * cell
-
-
-def display_image(image, *, image_size: int, pad_to_square: bool):
-    """The image as the model saw it (padded to square with the CLIP mean, centre crop), image_size^2."""
-    from PIL import Image
-
-    from blink_jax.processing import CLIP_MEAN_RGB, expand2square
-
-    image = image.convert("RGB")
-    if pad_to_square:
-        image = expand2square(image, CLIP_MEAN_RGB)
-    w, h = image.size
-    scale = image_size / min(w, h)
-    image = image.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.Resampling.BICUBIC)
-    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-    return image.crop((left, top, left + image_size, top + image_size))
 
 
 def pick_examples(records: Sequence[dict], n: int) -> list[dict]:
@@ -134,14 +109,14 @@ def plot_examples(examples: Sequence[tuple[dict, object]], path: Path, title: st
     for ax, (rec, image) in zip(axes.flat, examples):
         size = rec["image_size"]
         if image is not None:
-            ax.imshow(display_image(image, image_size=size, pad_to_square=rec.get("pad_to_square", True)))
+            ax.imshow(preprocess_uint8(image, image_size=size, pad_to_square=rec.get("pad_to_square", True)))
         else:
             ax.imshow(np.full((size, size, 3), 200, np.uint8))
         layers = rec["layers"]
         for j, (action, region) in enumerate(zip(rec["action"], rec["region"])):
             if action != "expand":
                 continue
-            x0, y0, x1, y1 = region_box(region, grid=rec["grid"], region_size=rec["region_size"], image_size=size)
+            x0, y0, x1, y1 = region_box(region, rec["grid"], rec["region_size"], patch=size // rec["grid"])
             inset = 1.5 * j
             ax.add_patch(patches.Rectangle((x0 + inset, y0 + inset), x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
                                            fill=False, linewidth=2, edgecolor=cmap(j / max(1, len(layers) - 1))))

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from blink_jax import CheckpointError, ConfigError
     from blink_jax.processing import ImageError, ProcessorError
     from eval.benchmarks import DataError
-    from eval.harness.modes import ModeError, parse_layers
+    from blink_jax.blink.config import parse_layers
+    from eval.harness.modes import ModeError
     from eval.harness.resume import RunConflict
     from eval.harness.runner import EvalConfig, run_eval
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(
             bench=args.bench, model=model, data_dir=args.data_dir, out=args.out,
             modes=modes, tokensr=args.tokensr, ablation=args.ablation, limit=args.limit, batch_size=args.batch_size,
-            bucket=args.bucket, max_new_tokens=args.max_new_tokens, layers=parse_layers(args.layers),
+            bucket=args.bucket, max_new_tokens=args.max_new_tokens,
+            layers=None if args.layers is None else parse_layers(args.layers),
             region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, dtype=args.dtype,
             tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
             pad_to_square=not args.no_pad_to_square, progress=not args.no_progress)

@@ -88,7 +88,7 @@ def _outputs(llava, ids, px, mask):
     tokens = jax.jit(functools.partial(forward.greedy_decode, max_new_tokens=3, eos_token_id=-1, pad_token_id=0),
                      static_argnums=0)(model, vanilla[:, -1], cache)
     blink, _, trace = jax.jit(blink_prefill, static_argnums=(0, 1, 5))(model, bank, ids, px, mask, static, thresholds,
-                                                                        jax.random.PRNGKey(0))
+                                                                        jax.random.key(0))
     assert (np.asarray(trace.action) != 0).all()  # the SR slots really are in use
     return np.asarray(vanilla), np.asarray(tokens), np.asarray(blink)
 

@@ -83,7 +83,6 @@ def test_accelerator_peak_lookup():
 def test_accelerator_default_layers():
     assert accelerator.default_layers(32) == tuple(range(12, 19))  # BLINK.md's 12-18 on LLaVA-1.5-7B
     assert accelerator.default_layers(8) == (3, 4, 5)
-    assert accelerator.parse_layers("12-14") == (12, 13, 14) and accelerator.parse_layers("1,3") == (1, 3)
 
 
 def test_prefill_flops_match_xla_cost_analysis():
@@ -157,7 +156,7 @@ def test_blink_extra_flops_match_xla_cost_analysis():
     static, thresholds = blink.split()
     bank_def, bank_state = runner._interp_bank(static, cfg.text.hidden_size)
     with_sr = flops(runtime._prefill.lower(graphdef, state, bank_def, bank_state, ids, pixels, ids, thresholds,
-                                           jax.random.PRNGKey(0), static=static))
+                                           jax.random.key(0), static=static))
     sr_tokens = (blink.region_size * blink.scale) ** 2
     ours = (accelerator.prefill_flops(size, batch, length, sr_tokens=sr_tokens, sr_layers=size.text_layers - 1 - first)
             - accelerator.prefill_flops(size, batch, length))

@@ -44,7 +44,7 @@ def random_conv_bank(dim: int, seed: int = 0) -> TokenSRBank:
     bank = TokenSRBank(blink_cfg(tokensr_kind="conv", tokensr_channels=7), dim, rngs=nnx.Rngs(seed))
     for i, layer in enumerate(LAYERS):
         conv3 = bank[layer].conv3
-        key = jax.random.PRNGKey(100 + i)
+        key = jax.random.key(100 + i)
         conv3.kernel[...] = 0.05 * jax.random.normal(key, conv3.kernel.shape)
         conv3.bias[...] = 0.05 * jax.random.normal(jax.random.fold_in(key, 1), conv3.bias.shape)
     return bank

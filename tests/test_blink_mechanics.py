@@ -31,15 +31,17 @@ from blink_jax.blink import (
     init_state,
     last_token_attention,
     random_regions,
+    region_box,
     region_scores,
     saliency_guided_scan,
     saliency_ratio,
     select_on_expand,
     sr_position_ids,
-    sr_valid_after,
     step,
     visual_saliency,
 )
+from blink_jax.blink.config import BlinkStatic, parse_layers
+from blink_jax.blink.tokensr import check_geometry, check_state
 from blink_jax.config import ConfigError
 
 B, N, K, H, D, G = 3, 6, 3, 5, 5, 6
@@ -176,7 +178,7 @@ def test_decide_table(policy):
     )
     got = list(zip(np.asarray(action).tolist(), np.asarray(new_exp).tolist(), np.asarray(new_region).tolist()))
     assert got == [c[1] for c in cases]
-    np.testing.assert_array_equal(np.asarray(sr_valid_after(action)), np.asarray(new_exp))
+    np.testing.assert_array_equal(np.isin(np.asarray(action), [EXPAND, KEEP]), np.asarray(new_exp))  # SR tokens stay
 
 
 def test_decide_compiles_once_across_thresholds():
@@ -287,6 +289,16 @@ def test_sr_position_ids_match_loop(r, s):
         np.testing.assert_array_equal(got[b], want)
 
 
+@pytest.mark.parametrize("r", [3, 2])
+def test_region_box_covers_the_region_cells(r):
+    patch = 7
+    for region in range((G // r) ** 2):
+        cells = region_cells(region, r)
+        rows, cols = [i for i, _ in cells], [j for _, j in cells]
+        want = (min(cols) * patch, min(rows) * patch, (max(cols) + 1) * patch, (max(rows) + 1) * patch)
+        assert region_box(region, G, r, patch) == want
+
+
 def test_select_on_expand():
     action = jnp.asarray([EXPAND, KEEP, DROP], jnp.int32)
     new, old = jnp.ones((B, 4, D)), jnp.zeros((B, 4, D))
@@ -360,6 +372,30 @@ def test_tokensr_bank_paths():
     assert interp[5](jnp.zeros((B, 3, 3, D))).shape == (B, 6, 6, D)
 
 
+def test_tokensr_geometry_checks_name_the_mismatch():
+    cfg = BlinkConfig(layers=(2, 5), region_size=3, tokensr_kind="conv", tokensr_channels=4)
+    bank = nnx.eval_shape(lambda: TokenSRBank(cfg, D, rngs=nnx.Rngs(0)))
+    check_geometry(cfg, D, bank)
+    check_geometry(dataclasses.replace(cfg, tau_exp=0.9).static_part(), D, bank)  # thresholds play no part
+    wrong = [
+        (dict(layers=(2, 6)), D, r"cover layers \(2, 5\) but BlinkConfig.layers=\(2, 6\)"),
+        ({}, D + 1, f"layer 2 was trained for hidden size {D} but this model's is {D + 1}"),
+        (dict(region_size=2), D, "layer 2 was built with region_size=3 but BlinkConfig.region_size=2"),
+        (dict(scale=3), D, "built with scale=2 but BlinkConfig.scale=3"),
+        (dict(tokensr_kind="interp"), D, "built with tokensr_kind='conv' but BlinkConfig.tokensr_kind='interp'"),
+        (dict(tokensr_channels=5), D, "built with tokensr_channels=4 but BlinkConfig.tokensr_channels=5"),
+    ]
+    for change, dim, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            check_geometry(dataclasses.replace(cfg, **change), dim, bank)
+    state = nnx.state(bank, nnx.Param)
+    check_state(cfg, D, state)
+    check_state(dataclasses.replace(cfg, scale=3), D, state)  # no shape depends on the scale
+    for change, dim in ((dict(tokensr_channels=5), D), ({}, D + 1), (dict(layers=(2,)), D)):
+        with pytest.raises(ValueError, match="the TokenSR state does not fit"):
+            check_state(dataclasses.replace(cfg, **change), dim, state)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -394,3 +430,18 @@ def test_config_ablations_and_split():
     assert hash(static) == hash(dataclasses.replace(cfg, tau_exp=0.9).static_part())
     assert float(thr.tau_exp) == pytest.approx(0.30) and thr.tau_drop.dtype == jnp.float32
     assert static.with_thresholds(0.3, 0.15) == cfg
+    # The static part is BlinkConfig's fields less the thresholds: names, order and defaults.
+    fields = lambda cls: [(f.name, f.default) for f in dataclasses.fields(cls)]
+    assert fields(BlinkStatic) == [f for f in fields(BlinkConfig) if f[0] not in ("tau_exp", "tau_drop")]
+    with pytest.raises(ConfigError, match="layers=.*sorted and unique"):
+        BlinkStatic(layers=(3, 2))
+
+
+def test_parse_layers():
+    assert parse_layers("12-14") == (12, 13, 14) and parse_layers("1,3") == (1, 3)
+    assert parse_layers(" 7, 1-3,2 ") == (1, 2, 3, 7)
+    for bad in ("1-x", "-1", "1-2-3", "a"):
+        with pytest.raises(ConfigError, match=f"--layers {bad!r} is not a list of layer indices"):
+            parse_layers(bad)
+    with pytest.raises(ConfigError, match="names no layer"):
+        parse_layers(" , ")

@@ -60,13 +60,13 @@ def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
 
 def test_zoom_view_is_the_tokensr_teacher_crop_and_lists_what_it_shows():
     from blink_jax.processing.image import normalize
-    from train.teacher import crop_box, crop_pixels
+    from blink_jax.blink.dtr import region_box
+    from train.teacher import crop_pixels
 
     scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, 3))
     full = shapes.render(scene)
     for r, region in ((3, 5), (4, 8), (6, 0)):
-        box = shapes.region_box(region, r)
-        assert box == crop_box(region, shapes.IMAGE_SIZE // shapes.PATCH, r, shapes.PATCH)
+        box = region_box(region, shapes.IMAGE_SIZE // shapes.PATCH, r, shapes.PATCH)
         view = shapes.zoom_view(scene, box, full)
         np.testing.assert_array_equal(normalize(np.asarray(view.image)),
                                       crop_pixels(np.asarray(full), region, 12, r, shapes.PATCH))

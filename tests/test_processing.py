@@ -17,6 +17,7 @@ from blink_jax.processing import (
     load_image,
     preprocess_image,
     preprocess_images,
+    preprocess_uint8,
     tokenize_with_image,
 )
 from tiny_llava import make_tokenizer, photo, save_hf_model, tiny_hf_config
@@ -60,6 +61,21 @@ def test_pad_to_square_matches_literal_expand2square(width, height, size):
     img = photo(width, height, seed=3 * width + height)
     ours = preprocess_image(img, image_size=size, pad_to_square=True)
     np.testing.assert_allclose(ours, hf_clip(numpy_expand2square(img, LLAVA_PAD), size), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_to_square", [False, True])
+@pytest.mark.parametrize("width,height", SIZES)
+def test_uint8_stage_is_the_image_transformers_normalises(width, height, pad_to_square):
+    """The image before normalisation (what training crops and reports draw on) is transformers' resize and
+    crop, with rescaling and normalisation switched off."""
+    img = photo(width, height, seed=5 * width + height)
+    ours = preprocess_uint8(img, image_size=56, pad_to_square=pad_to_square)
+    assert ours.shape == (56, 56, 3) and ours.dtype == np.uint8
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                 do_convert_rgb=True, do_rescale=False, do_normalize=False)
+    source = numpy_expand2square(img, LLAVA_PAD) if pad_to_square else img
+    want = np.asarray(proc(images=[source], return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)
+    np.testing.assert_array_equal(ours, want)
 
 
 def test_preprocess_images_stacks():

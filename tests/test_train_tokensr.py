@@ -27,7 +27,8 @@ from train.config import TrainConfig
 from train.data import llava_mix, pipeline
 from train.loss import distill_loss
 from train.metrics import read_metrics
-from train.teacher import TeacherCache, area_pool, crop_box, crop_pixels
+from blink_jax.blink.dtr import region_box
+from train.teacher import TeacherCache, area_pool, crop_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 6, 3
@@ -92,7 +93,7 @@ def uninterrupted(root, cpu8):
 
 def test_crop_box_and_pixels():
     # 6x6 grid of 14 px patches, r = 2: region 5 is row 1, col 2 of the 3x3 region grid.
-    assert crop_box(5, grid=6, region_size=2, patch=14) == (56, 28, 84, 56)
+    assert region_box(5, grid=6, region_size=2, patch=14) == (56, 28, 84, 56)
     image = np.asarray(tl.photo(84, 84, seed=2))
     got = crop_pixels(image, 5, grid=6, region_size=2, patch=14)
     from blink_jax.processing.image import normalize

@@ -11,6 +11,7 @@ from blink_jax.blink import BlinkConfig
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 BACKBONE_DTYPES = ("float32", "bfloat16")
+_BLINK = BlinkConfig()
 
 
 class TrainConfigError(ValueError):
@@ -51,10 +52,10 @@ class TrainConfig:
     workdir: str
     tfds_dir: str = ""
     mesh: str = "cpu"
-    layers: tuple[int, ...] = (12, 13, 14, 15, 16, 17, 18)
-    region_size: int = 6
-    scale: int = 2
-    channels: int = 512
+    layers: tuple[int, ...] = _BLINK.layers  # the Blink geometry's defaults are BlinkConfig's
+    region_size: int = _BLINK.region_size
+    scale: int = _BLINK.scale
+    channels: int = _BLINK.tokensr_channels
     batch_size: int = 16
     steps: int = 5000
     lr: float = 1e-4

@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from blink_jax.blink.dtr import region_box
 from blink_jax.blink.probe import probe_layers
-from blink_jax.processing import IMAGE_PLACEHOLDER, Processor, build_prompt
-from blink_jax.processing.image import normalize
+from blink_jax.processing import IMAGE_PLACEHOLDER, Processor, build_prompt, normalize
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,10 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ geometry
 
 
-def crop_box(region: int, grid: int, region_size: int, patch: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) pixel box of `region` (row-major over the region grid); right/bottom exclusive."""
-    per_row = grid // region_size
-    row, col = divmod(int(region), per_row)
-    side = region_size * patch
-    return col * side, row * side, (col + 1) * side, (row + 1) * side
-
-
 def crop_pixels(image: np.ndarray, region: int, grid: int, region_size: int, patch: int) -> np.ndarray:
     """uint8 [S, S, 3] preprocessed image -> float32 [3, S, S]: the region's box resized to S x S, normalised."""
     size = image.shape[0]
-    box = crop_box(region, grid, region_size, patch)
+    box = region_box(region, grid, region_size, patch)
     crop = Image.fromarray(image).crop(box).resize((size, size), resample=Image.Resampling.BICUBIC)
     return normalize(np.asarray(crop))
 

@@ -15,25 +15,10 @@ import argparse
 import logging
 import sys
 
+from blink_jax.blink.config import layers_argument
 from train.config import TrainConfig
 
 DEFAULTS = TrainConfig(model="", data_dir="", workdir="")
-
-
-def _layers(text: str) -> tuple[int, ...]:
-    """'12,13,14' or '12-18' (inclusive) or a mix."""
-    out = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part.strip():
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: give comma-separated layer indices or ranges, "
-                                         f"e.g. 12,13,14 or 12-18") from None
-    return tuple(out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
                     "to <workdir>/tokensr/ (after a multi-host run)")
 
     blink = p.add_argument_group("TokenSR (BLINK.md §4)")
-    blink.add_argument("--layers", type=_layers, default=d.layers, help="participating layers, e.g. 12-18 or 1,2")
+    blink.add_argument("--layers", type=layers_argument, default=d.layers, help="participating layers, e.g. 12-18 or 1,2")
     blink.add_argument("--region-size", type=int, default=d.region_size, help="r: regions are r x r visual tokens")
     blink.add_argument("--scale", type=int, default=d.scale, help="s: TokenSR output is (s r) x (s r)")
     blink.add_argument("--channels", type=int, default=d.channels, help="bottleneck C of the conv TokenSR")

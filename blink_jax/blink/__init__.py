@@ -21,11 +21,11 @@ from blink_jax.blink.dtr import (
     gather_visual,
     init_state,
     random_regions,
+    region_box,
     region_origin,
     select_on_expand,
     sr_position_ids,
     sr_source_index,
-    sr_valid_after,
     step,
 )
 from blink_jax.blink.saliency import (
@@ -35,13 +35,13 @@ from blink_jax.blink.saliency import (
     saliency_ratio,
     visual_saliency,
 )
-from blink_jax.blink.tokensr import TokenSR, TokenSRBank, bilinear_upsample
+from blink_jax.blink.tokensr import TokenSR, TokenSRBank, bilinear_upsample, check_geometry, check_state
 
 __all__ = [
     "ABLATIONS", "HIGH_TAU_EXP", "BlinkConfig", "BlinkStatic", "Thresholds",
     "ACTION_NAMES", "DROP", "EXPAND", "KEEP", "NO_REGION", "NONE", "DTRState", "action_names", "decide",
-    "gather_region", "gather_visual", "init_state", "random_regions", "region_origin", "select_on_expand",
-    "sr_position_ids", "sr_source_index", "sr_valid_after", "step",
+    "gather_region", "gather_visual", "init_state", "random_regions", "region_box", "region_origin", "select_on_expand",
+    "sr_position_ids", "sr_source_index", "step",
     "last_token_attention", "region_scores", "saliency_guided_scan", "saliency_ratio", "visual_saliency",
-    "TokenSR", "TokenSRBank", "bilinear_upsample",
+    "TokenSR", "TokenSRBank", "bilinear_upsample", "check_geometry", "check_state",
 ]

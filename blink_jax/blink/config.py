@@ -7,8 +7,9 @@ A jitted forward must not recompile when a threshold changes, so the config spli
     forward(params, inputs, thresholds, static=static)
 
 - `BlinkStatic` (hashable; pass it as a static argument): everything that shapes the program —
-  layers, region size, scale, drop/re-expand policy, ablation switches. It has no `tau_*` field, so
-  code under jit cannot read a threshold as a Python constant by mistake.
+  layers, region size, scale, drop/re-expand policy, ablation switches. Generated from `BlinkConfig`'s
+  fields less the thresholds, so it has no `tau_*` field and code under jit cannot read a threshold as a
+  Python constant by mistake.
 - `Thresholds(tau_exp, tau_drop)`: a NamedTuple pytree of float32 arrays, traced. Scalars by default;
   arrays of shape [B] also work (every DTR comparison broadcasts), for per-example thresholds.
 
@@ -17,8 +18,10 @@ A jitted forward must not recompile when a threshold changes, so the config spli
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import numbers
+import re
 from typing import NamedTuple
 
 import jax
@@ -48,7 +51,7 @@ def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
 
 
 def _validate_static(cfg) -> None:
-    """Checks shared by `BlinkConfig` and `BlinkStatic` (normalises `layers` to a tuple of ints)."""
+    """Checks of the static fields, run by `BlinkConfig` and `BlinkStatic` (normalises `layers` to a tuple of ints)."""
     layers = tuple(int(l) for l in cfg.layers)
     object.__setattr__(cfg, "layers", layers)
     if not layers:
@@ -69,12 +72,14 @@ def _validate_static(cfg) -> None:
     _check_choice("expansion", cfg.expansion, EXPANSIONS)
 
 
-class _Geometry:
-    """Derived sizes and model-dependent validation, shared by `BlinkConfig` and `BlinkStatic`."""
+class _Derived:
+    """Sizes, ablation switches and model-dependent validation read from the fields (both config classes)."""
 
     layers: tuple[int, ...]
     region_size: int
     scale: int
+    region_choice: str
+    expansion: str
 
     @property
     def sr_side(self) -> int:
@@ -90,8 +95,15 @@ class _Geometry:
         """R = (G / r)^2 regions on a G x G visual grid (16 for LLaVA-1.5's 24 x 24 with r = 6)."""
         return (grid // self.region_size) ** 2
 
-    def participates(self, layer: int) -> bool:
-        return layer in self.layers
+    @property
+    def fixed(self) -> bool:
+        """The w/o-DTR ablation: expand at every participating layer regardless of rho."""
+        return self.expansion == "fixed"
+
+    @property
+    def random_region(self) -> bool:
+        """The w/o-SGS ablation: expand a uniformly random region instead of r*."""
+        return self.region_choice == "random"
 
     def validate_for(self, num_layers: int, grid: int) -> None:
         """Raise `ConfigError` if this config cannot run on a model with `num_layers` and a G x G grid."""
@@ -109,39 +121,7 @@ class _Geometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlinkStatic(_Geometry):
-    """The hashable, threshold-free part of `BlinkConfig`: a static argument of the jitted forward."""
-
-    layers: tuple[int, ...] = (12, 13, 14, 15, 16, 17, 18)
-    region_size: int = 6
-    scale: int = 2
-    drop: bool = True
-    reexpand: str = "refocus"
-    tokensr_kind: str = "interp"
-    tokensr_channels: int = 512
-    region_choice: str = "saliency"
-    expansion: str = "dynamic"
-    return_attention: bool = False
-
-    def __post_init__(self):
-        _validate_static(self)
-
-    @property
-    def fixed(self) -> bool:
-        """The w/o-DTR ablation: expand at every participating layer regardless of rho."""
-        return self.expansion == "fixed"
-
-    @property
-    def random_region(self) -> bool:
-        """The w/o-SGS ablation: expand a uniformly random region instead of r*."""
-        return self.region_choice == "random"
-
-    def with_thresholds(self, tau_exp: float, tau_drop: float) -> "BlinkConfig":
-        return BlinkConfig(tau_exp=tau_exp, tau_drop=tau_drop, **dataclasses.asdict(self))
-
-
-@dataclasses.dataclass(frozen=True)
-class BlinkConfig(_Geometry):
+class BlinkConfig(_Derived):
     """Blink's knobs (BLINK.md §2-4, §6). Defaults are the spec's; see `split()` for use under jit.
 
     layers: participating layers of the language model (decisions taken from layer L act on L+1).
@@ -174,7 +154,7 @@ class BlinkConfig(_Geometry):
 
     def __post_init__(self):
         _validate_static(self)
-        for field in ("tau_exp", "tau_drop"):
+        for field in THRESHOLD_FIELDS:
             value = getattr(self, field)
             if not isinstance(value, numbers.Real) or not value >= 0:  # `not >=` also catches NaN
                 raise ConfigError(f"BlinkConfig.{field}={value!r} must be a non-negative number")
@@ -197,17 +177,42 @@ class BlinkConfig(_Geometry):
             raise ConfigError(f"Blink ablation {name!r} is unknown; use one of {ABLATIONS}")
         return dataclasses.replace(self, **changes[name])
 
-    def static_part(self) -> BlinkStatic:
+    def static_part(self) -> "BlinkStatic":
         """Everything but the thresholds: hashable, for `static_argnames`."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BlinkStatic)}
-        return BlinkStatic(**fields)
+        return BlinkStatic(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BlinkStatic)})
 
     def thresholds(self) -> Thresholds:
         """(tau_exp, tau_drop) as float32 scalar arrays, to pass traced."""
         return Thresholds(jnp.asarray(self.tau_exp, jnp.float32), jnp.asarray(self.tau_drop, jnp.float32))
 
-    def split(self) -> tuple[BlinkStatic, Thresholds]:
+    def split(self) -> tuple["BlinkStatic", Thresholds]:
         return self.static_part(), self.thresholds()
+
+
+THRESHOLD_FIELDS = Thresholds._fields  # the traced fields: BlinkConfig's, left out of BlinkStatic
+
+
+def _with_thresholds(self, tau_exp: float, tau_drop: float) -> BlinkConfig:
+    """The full config: this static part with thresholds."""
+    return BlinkConfig(tau_exp=tau_exp, tau_drop=tau_drop, **{f.name: getattr(self, f.name)
+                                                              for f in dataclasses.fields(self)})
+
+
+# The hashable, threshold-free part of `BlinkConfig`, a static argument of the jitted forward. Generated
+# from BlinkConfig's fields (same names, types, defaults and order, less THRESHOLD_FIELDS), so a field
+# added to BlinkConfig reaches the jitted code without being written twice.
+BlinkStatic = dataclasses.make_dataclass(
+    "BlinkStatic",
+    [(f.name, f.type, dataclasses.field(default=f.default))
+     for f in dataclasses.fields(BlinkConfig) if f.name not in THRESHOLD_FIELDS],
+    bases=(_Derived,),
+    frozen=True,
+    namespace={"__doc__": "The hashable, threshold-free part of `BlinkConfig` (`cfg.split()[0]`): a static "
+                          "argument of the jitted forward. No `tau_*` field, so code under jit cannot read a "
+                          "threshold as a Python constant.",
+               "__post_init__": _validate_static, "with_thresholds": _with_thresholds},
+)
+BlinkStatic.__module__ = __name__
 
 
 # Command-line flags of the BlinkConfig fields, for errors shown to a command's user.
@@ -217,7 +222,31 @@ FLAGS = {"layers": "--layers", "region_size": "--region-size", "scale": "--scale
 
 def in_flag_terms(message: str) -> str:
     """A BlinkConfig error as a command's user reads it: `BlinkConfig.region_size=6` -> `--region-size 6`."""
-    import re
-
     return re.sub(r"BlinkConfig\.(\w+)=", lambda m: f"{FLAGS[m.group(1)]} " if m.group(1) in FLAGS else m.group(0),
                   message)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """A --layers value: "12-18" or "1,2,5" or "1-3,7" -> the sorted, unique layer indices."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-")
+                layers.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--layers {text!r} is not a list of layer indices: write e.g. 12-18 or 1,2") from None
+    if not layers:
+        raise ConfigError(f"--layers {text!r} names no layer: write e.g. 12-18 or 1,2")
+    return tuple(sorted(set(layers)))
+
+
+def layers_argument(text: str) -> tuple[int, ...]:
+    """`parse_layers` as an argparse `type=`: its error becomes argparse's usage error, message kept."""
+    try:
+        return parse_layers(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -15,12 +15,12 @@ action that shapes the sequence entering layer L+1:
 Typical use inside the forward, per participating layer L (Python-unrolled, all traced):
 
   rho, r_star, s_v = saliency_guided_scan(...)
-  if static.random_region: r_star = random_regions(jax.random.fold_in(key, L), B, R)
+  if static.random_region: r_star = random_regions(fold_in(key, L), B, R)
   action, state = step(state, rho, r_star, thresholds, static)
   lr = gather_region(gather_visual(h, visual_index, G), state.region, r)   # [B, r, r, D]
   sr_h = select_on_expand(action, bank.for_layer(L)(lr).reshape(B, P, D), sr_h)
   sr_pos = select_on_expand(action, sr_position_ids(pos[visual], state.region, G, r, s), sr_pos)
-  sr_valid = sr_valid_after(action)                                           # [B]
+  sr_valid = state.expanded                                                   # [B]: EXPAND or KEEP
 """
 
 from __future__ import annotations
@@ -98,14 +98,9 @@ def step(
     """`decide` on a `DTRState` with the policy taken from the static config."""
     action, expanded, region = decide(
         rho, region_star, state.expanded, state.region, thresholds.tau_exp, thresholds.tau_drop,
-        drop=static.drop, reexpand=static.reexpand, fixed=static.expansion == "fixed",
+        drop=static.drop, reexpand=static.reexpand, fixed=static.fixed,
     )
     return action, DTRState(expanded, region)
-
-
-def sr_valid_after(action: jax.Array) -> jax.Array:  # [B] int -> [B] bool
-    """Whether SR tokens are in the sequence entering the next layer (EXPAND or KEEP)."""
-    return (action == EXPAND) | (action == KEEP)
 
 
 def select_on_expand(action: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
@@ -156,6 +151,15 @@ def region_origin(region: jax.Array, grid: int, region_size: int) -> tuple[jax.A
     per_row = grid // region_size
     region = region.astype(jnp.int32)
     return (region // per_row) * region_size, (region % per_row) * region_size
+
+
+def region_box(region: int, grid: int, region_size: int, patch: int) -> tuple[int, int, int, int]:
+    """Host-side: (left, top, right, bottom) pixel box of `region` on the preprocessed image (G p x G p pixels,
+    p the patch side), right/bottom exclusive; row-major over the region grid, as `region_origin`."""
+    per_row = grid // region_size
+    row, col = divmod(int(region), per_row)
+    side = region_size * patch
+    return col * side, row * side, (col + 1) * side, (row + 1) * side
 
 
 def gather_region(

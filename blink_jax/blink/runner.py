@@ -17,7 +17,7 @@ from flax import nnx
 from blink_jax.blink import dtr
 from blink_jax.blink.config import BlinkConfig, BlinkStatic, Thresholds
 from blink_jax.blink.forward import Trace
-from blink_jax.blink.tokensr import TokenSRBank
+from blink_jax.blink.tokensr import TokenSRBank, check_geometry, check_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +54,10 @@ def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
     if isinstance(tokensr, TokenSRBank):
         bank = tokensr
     else:  # a bare state: only its array shapes can be checked (scale and region size leave none: trust `blink`)
+        check_state(blink, dim, tokensr)
         bank = nnx.eval_shape(lambda: TokenSRBank(blink, dim, rngs=nnx.Rngs(0)))
-        expected = {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(bank, nnx.Param))}
-        given = {p: tuple(v.shape) for p, v in nnx.to_flat_state(tokensr)}
-        if given != expected:
-            wrong = sorted(set(given.items()) ^ set(expected.items()), key=str)[:4]
-            raise ValueError(f"the TokenSR state does not fit BlinkConfig(layers={blink.layers}, tokensr_channels="
-                             f"{blink.tokensr_channels}) on a model of hidden size {dim} (first differences, "
-                             f"path and shape: {wrong}): pass the config it was trained with (load_tokensr returns "
-                             f"both)")
         nnx.update(bank, tokensr)
-    if tuple(bank.layers) != tuple(blink.layers):
-        raise ValueError(f"the TokenSR parameters cover layers {tuple(bank.layers)} but BlinkConfig.layers="
-                         f"{tuple(blink.layers)}: train TokenSR for these layers or use its layers")
-    for layer in bank.layers:
-        module = bank.for_layer(layer)
-        if module.dim != dim:
-            raise ValueError(f"the TokenSR of layer {layer} was trained for hidden size {module.dim} but this model's "
-                             f"is {dim}: it belongs to another model; train TokenSR for this one")
-        built = {"region_size": module.region_size, "scale": module.scale, "tokensr_kind": module.kind}
-        if module.kind == "conv":
-            built["tokensr_channels"] = module.conv1.out_features
-        for field, value in built.items():
-            if getattr(blink, field) != value:
-                raise ValueError(f"the TokenSR of layer {layer} was built with {field}={value!r} but BlinkConfig."
-                                 f"{field}={getattr(blink, field)!r}: use the config it was trained with "
-                                 f"(`load_tokensr` returns it) or train TokenSR for this one")
+    check_geometry(blink, dim, bank)
     return bank
 
 
@@ -109,7 +87,7 @@ def prepare(blink: BlinkConfig, tokensr, rng, *, num_layers: int, grid: int, dim
         bank_def, bank_state = _interp_bank(static, dim)
     else:
         bank_def, bank_state = nnx.split(tokensr_bank(blink, dim, tokensr))
-    key = jax.random.PRNGKey(0) if rng is None else rng
+    key = jax.random.key(0) if rng is None else rng
     return BlinkArgs(bank_def, static, bank_state, thresholds, key)
 
 

@@ -94,3 +94,38 @@ class TokenSRBank(nnx.Module):
 
     def __getitem__(self, layer: int) -> TokenSR:
         return self.for_layer(layer)
+
+
+def check_state(blink: BlinkConfig | BlinkStatic, dim: int, state: nnx.State) -> None:
+    """Raise `ValueError` unless a bare TokenSR state has the parameter paths and shapes of
+    `TokenSRBank(blink, dim)`. Scale and region size leave no trace in the shapes: they are trusted to `blink`."""
+    bank = nnx.eval_shape(lambda: TokenSRBank(blink, dim, rngs=nnx.Rngs(0)))
+    expected = {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(bank, nnx.Param))}
+    given = {p: tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+    if given != expected:
+        wrong = sorted(set(given.items()) ^ set(expected.items()), key=str)[:4]
+        raise ValueError(f"the TokenSR state does not fit BlinkConfig(layers={blink.layers}, tokensr_channels="
+                         f"{blink.tokensr_channels}) on a model of hidden size {dim} (first differences, "
+                         f"path and shape: {wrong}): pass the config it was trained with (load_tokensr returns "
+                         f"both)")
+
+
+def check_geometry(blink: BlinkConfig | BlinkStatic, dim: int, bank: TokenSRBank) -> None:
+    """Raise `ValueError` unless `bank` was built for `blink`'s layers, region size, scale, TokenSR kind and
+    channels, on a model of hidden size `dim`: the one check that a TokenSR bank fits a Blink run."""
+    if tuple(bank.layers) != tuple(blink.layers):
+        raise ValueError(f"the TokenSR parameters cover layers {tuple(bank.layers)} but BlinkConfig.layers="
+                         f"{tuple(blink.layers)}: train TokenSR for these layers or use its layers")
+    for layer in bank.layers:
+        module = bank.for_layer(layer)
+        if module.dim != dim:
+            raise ValueError(f"the TokenSR of layer {layer} was trained for hidden size {module.dim} but this model's "
+                             f"is {dim}: it belongs to another model; train TokenSR for this one")
+        built = {"region_size": module.region_size, "scale": module.scale, "tokensr_kind": module.kind}
+        if module.kind == "conv":
+            built["tokensr_channels"] = module.conv1.out_features
+        for field, value in built.items():
+            if getattr(blink, field) != value:
+                raise ValueError(f"the TokenSR of layer {layer} was built with {field}={value!r} but BlinkConfig."
+                                 f"{field}={getattr(blink, field)!r}: use the config it was trained with "
+                                 f"(`load_tokensr` returns it) or train TokenSR for this one")

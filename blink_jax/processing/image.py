@@ -3,7 +3,8 @@
 The CLIP part reproduces transformers' PIL-backend `CLIPImageProcessor` (`CLIPImageProcessorPil` in
 transformers 5.x) step for step, including its rounding, so pixel values match it to the last bit:
 resize the shortest side with PIL bicubic on uint8, centre crop, `* (1/255)` in float64, then
-normalise in float32.
+normalise in float32. Two stages, `preprocess_uint8` (the image the model sees) and `normalize`, so
+everything that shows or crops that image (training's teacher crops, eval's reports) uses this one path.
 """
 
 from __future__ import annotations
@@ -75,18 +76,24 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
 
 
-def preprocess_image(img: Image.Image, *, image_size: int = 336, pad_to_square: bool = True) -> np.ndarray:
-    """One PIL image -> float32 pixel values [3, image_size, image_size].
+def preprocess_uint8(img: Image.Image, *, image_size: int = 336, pad_to_square: bool = True) -> np.ndarray:
+    """One PIL image -> the image the model sees, before normalisation: uint8 [image_size, image_size, 3].
 
     `pad_to_square=True` is the original LLaVA-1.5 eval (expand2square with the CLIP mean colour);
-    `False` is what llava-hf's processor does (the plain CLIP centre crop).
+    `False` is what llava-hf's processor does (the plain CLIP centre crop). Training crops regions of it
+    and reports draw on it; `normalize` of it is `preprocess_image`.
     """
     img = img.convert("RGB")
     if pad_to_square:
         img = expand2square(img, CLIP_MEAN_RGB)
     height, width = shortest_edge_size(img.height, img.width, image_size)
     img = img.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return normalize(center_crop(np.asarray(img), image_size))
+    return np.ascontiguousarray(center_crop(np.asarray(img), image_size))
+
+
+def preprocess_image(img: Image.Image, *, image_size: int = 336, pad_to_square: bool = True) -> np.ndarray:
+    """One PIL image -> float32 pixel values [3, image_size, image_size]; options as `preprocess_uint8`."""
+    return normalize(preprocess_uint8(img, image_size=image_size, pad_to_square=pad_to_square))
 
 
 def preprocess_images(images: Sequence[Image.Image], **kwargs) -> np.ndarray:

@@ -43,7 +43,7 @@ class Answerer:
         batches differently). Padding rows get the key of question id ""."""
         ids = list(question_ids) + [""] * (self.batch_size - len(question_ids))
         data = jnp.asarray([zlib.crc32(q.encode()) & 0x7FFFFFFF for q in ids], jnp.uint32)
-        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(self.seed), data)
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(self.seed), data)
 
     def decode(self, tokens: np.ndarray) -> str:
         """Generated ids [new tokens] -> the answer: up to the first EOS, special tokens left out."""

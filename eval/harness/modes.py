@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from blink_jax.blink import ABLATIONS, BlinkConfig
+from blink_jax.blink.tokensr import check_geometry
+from blink_jax.config import ConfigError
 from eval.harness.paper import KIND_LABELS, KINDS
 
 
@@ -50,24 +52,6 @@ class ModeSpec:
         if self.tokensr_sha256 is not None:  # another checkpoint of the same geometry must not resume this run
             settings["tokensr_sha256"] = self.tokensr_sha256
         return settings
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"12-18" or "1,2,5" or "1-3,7" -> a sorted tuple of layer indices."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                layers.append(int(part))
-    except ValueError:
-        raise ModeError(f"--layers {text!r} is not a list of layer indices: write e.g. 12-18 or 1,2") from None
-    return tuple(sorted(set(layers)))
 
 
 def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablation: str | None = None,
@@ -117,8 +101,6 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
               tokensr_dir: str | None = None) -> None:
     """Every Blink mode can run on this model (layers, region size, TokenSR width), checked before any runs:
     a `ModeError` names where the mismatched value came from (--tokensr or the flags) and the fix."""
-    from blink_jax import ConfigError
-
     for mode in modes:
         if mode.blink is None:
             continue
@@ -132,9 +114,7 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
             fix = "train TokenSR for this model" if trained else "pass --layers and --region-size that fit it"
             raise ModeError(f"mode {mode.name!r}: {e} (the value comes from {source}; {fix})") from None
         if trained:
-            from blink_jax.blink.runner import tokensr_bank
-
-            try:  # the same checks a forward pass makes (width, layers, geometry), before any mode runs
-                tokensr_bank(mode.blink, hidden_size, mode.tokensr)
+            try:  # the check a forward pass makes (width, layers, geometry), before any mode runs
+                check_geometry(mode.blink, hidden_size, mode.tokensr)
             except ValueError as e:
                 raise ModeError(f"mode 'blink': --tokensr {tokensr_dir}: {e}") from None

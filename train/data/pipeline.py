@@ -5,7 +5,7 @@ One batch (this host's share of the global batch, b = batch_size / hosts; S imag
   input_ids       int32   [b, T]       the vicuna_v1 prompt with the sample's first question, left-padded
   attention_mask  int32   [b, T]
   pixel_values    float32 [b, 3, S, S] CLIP-normalised, as `blink_jax.processing.preprocess_image`
-  image           uint8   [b, S, S, 3] the same preprocessed image before normalisation (for the crops)
+  image           uint8   [b, S, S, 3] the same image before normalisation (`preprocess_uint8`, for the crops)
   image_digest    uint8   [b, 20]      sha1 of the image file's bytes: the teacher cache's image key
 
 A record whose image fails to decode, or whose prompt is longer than T, is logged and dropped.
@@ -21,27 +21,13 @@ import grain
 import numpy as np
 from PIL import Image
 
-from blink_jax.processing import CLIP_MEAN_RGB, Processor, build_prompt, expand2square
-from blink_jax.processing.image import center_crop, normalize, shortest_edge_size
+from blink_jax.processing import Processor, build_prompt, normalize, preprocess_uint8
 
 log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A data set that cannot feed training, with what to check."""
-
-
-def preprocess_uint8(img: Image.Image, image_size: int, pad_to_square: bool = True) -> np.ndarray:
-    """LLaVA-1.5's preprocessing up to, not including, normalisation: uint8 [S, S, 3].
-
-    `normalize(preprocess_uint8(img, ...))` equals `preprocess_image(img, ...)` bit for bit.
-    """
-    img = img.convert("RGB")
-    if pad_to_square:
-        img = expand2square(img, CLIP_MEAN_RGB)
-    height, width = shortest_edge_size(img.height, img.width, image_size)
-    img = img.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return np.ascontiguousarray(center_crop(np.asarray(img), image_size))
 
 
 def _text(value) -> str:
@@ -74,7 +60,8 @@ class Encode(grain.transforms.Map):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                image = preprocess_uint8(img, self.processor.config.vision.image_size, self.pad_to_square)
+                image = preprocess_uint8(img, image_size=self.processor.config.vision.image_size,
+                                         pad_to_square=self.pad_to_square)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             log.warning("skipping sample %s: image %s does not decode (%s)", sample, _text(record["image_path"]), e)
             return None

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from blink_jax.blink.dtr import region_box
+
 IMAGE_SIZE = 168
 PATCH = 14
 SUPERSAMPLE = 4
@@ -206,15 +208,6 @@ def full_view(scene: Scene, image: Image.Image | None = None) -> View:
     return View(render(scene) if image is None else image, objects, frozenset(), None)
 
 
-def region_box(region: int, region_size: int, size: int = IMAGE_SIZE, patch: int = PATCH) -> tuple[int, int, int, int]:
-    """Pixel box of `region` (row-major) of the region grid with region_size x region_size patches per region,
-    the box Blink's TokenSR teacher crops (`train.teacher.crop_box`)."""
-    per_row = size // patch // region_size
-    row, col = divmod(int(region), per_row)
-    side = region_size * patch
-    return col * side, row * side, (col + 1) * side, (row + 1) * side
-
-
 def zoom_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image | None = None) -> View:
     """The scene's pixel `box` resized back to full size with PIL bicubic, as the TokenSR teacher sees a crop."""
     image = render(scene) if image is None else image
@@ -249,7 +242,7 @@ def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.4,
         region = min(int(o.cy // side), per_row - 1) * per_row + min(int(o.cx // side), per_row - 1)
     else:
         region = int(rng.integers(per_row * per_row))
-    return zoom_view(scene, region_box(region, r, scene.size))
+    return zoom_view(scene, region_box(region, scene.size // PATCH, r, PATCH))  # the box TokenSR's teacher crops
 
 
 def patch_targets(view: View, grid: int) -> np.ndarray:  # [grid * grid, classes + 1]

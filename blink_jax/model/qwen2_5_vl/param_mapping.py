@@ -1,10 +1,10 @@
 """Declarative map between Hugging Face Qwen2.5-VL checkpoint keys and this port's parameter paths.
 
-One table, built from the config: each entry names the HF key (in the layout transformers 5.x
-`save_pretrained` writes: `model.visual.*`, `model.language_model.*`, `lm_head.*`), our parameter path (as
-`nnx.state` flattens it) and the transform from the torch tensor to ours. Every transform has an exact
-inverse, so HF -> ours -> HF is bit-exact. The hub layout of the released checkpoints (`visual.*`,
-`model.*`) is reduced to the 5.x one by `canonical_key` before lookup.
+One table, built from the config: each entry names the HF key in the layout of the files (the released
+checkpoints and transformers 5.x `save_pretrained` alike: `visual.*`, `model.*`, `lm_head.*`), our parameter
+path (as `nnx.state` flattens it) and the transform from the torch tensor to ours. Every transform has an
+exact inverse, so HF -> ours -> HF is bit-exact. transformers' in-memory `state_dict` names
+(`model.visual.*`, `model.language_model.*`) are reduced to the file layout by `canonical_key` before lookup.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ TIED_HEAD = "lm_head.weight"
 
 
 def canonical_key(key: str) -> str:
-    """The hub layout (`visual.*`, `model.layers.*`, ...) or the 5.x layout -> the 5.x layout."""
-    if key.startswith("visual."):
-        return "model." + key
-    if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-        return "model.language_model." + key[len("model."):]
+    """transformers' state_dict names (`model.visual.*`, `model.language_model.*`) or the file layout -> the
+    file layout (`visual.*`, `model.*`)."""
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
     return key
 
 
@@ -87,7 +88,7 @@ def _norm(hf: str, ours: Path) -> Entry:
 
 def build_mapping(cfg: Qwen25VLConfig) -> list[Entry]:
     """Every parameter of the model, once."""
-    vt, vp = "model.visual", ("visual",)
+    vt, vp = "visual", ("visual",)
     entries = [Entry(f"{vt}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), patch_embed_transform(cfg))]
     for i in range(cfg.vision.depth):
         hf, ours = f"{vt}.blocks.{i}", vp + ("blocks", i)
@@ -100,7 +101,7 @@ def build_mapping(cfg: Qwen25VLConfig) -> list[Entry]:
     entries += _linear(f"{vt}.merger.mlp.0", vp + ("merger", "fc1"), True)
     entries += _linear(f"{vt}.merger.mlp.2", vp + ("merger", "fc2"), True)
 
-    t, lm, lp = cfg.text, "model.language_model", ("language_model",)
+    t, lm, lp = cfg.text, "model", ("language_model",)
     entries.append(Entry(f"{lm}.embed_tokens.weight", lp + ("embed_tokens", "embedding"), IDENTITY))
     for i in range(t.num_hidden_layers):
         hf, ours = f"{lm}.layers.{i}", lp + ("layers", i)

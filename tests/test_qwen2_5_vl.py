@@ -16,7 +16,7 @@ from flax import nnx
 from blink_jax.loading import CheckpointError
 from blink_jax.model.qwen2_5_vl import forward as qf
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
-from blink_jax.model.qwen2_5_vl.loading import load_pretrained
+from blink_jax.model.qwen2_5_vl.loading import hf_tensors, load_pretrained
 from blink_jax.model.qwen2_5_vl.processing import ImageProcessorConfig, QwenProcessor, preprocess_images
 from tiny_llava import photo
 
@@ -274,3 +274,18 @@ def test_state_dict_key_layout_loads(models, tmp_path):
     for (pa, va), (pb, vb) in zip(a, b):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(va[...]), np.asarray(vb[...]))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_round_trip_to_hf_is_bit_exact(models, name):
+    """HF file -> ours -> HF keys and tensors: every stored tensor back, bit for bit (the tied head is not stored)."""
+    from safetensors.numpy import load_file
+
+    path, _, cfg, ours = models[name]
+    stored = load_file(str(path / "model.safetensors"))
+    if cfg.text.tie_word_embeddings:
+        stored.pop("lm_head.weight", None)
+    back = hf_tensors(cfg, ours)
+    assert sorted(back) == sorted(stored)
+    for key, value in stored.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)

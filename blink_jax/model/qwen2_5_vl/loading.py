@@ -121,6 +121,12 @@ def read_hf_params(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> dict[tu
     return params
 
 
+def hf_tensors(cfg: Qwen25VLConfig, model: Qwen25VLModel) -> dict[str, np.ndarray]:
+    """The model's parameters under their HF keys, in torch's layout (the inverse of `read_hf_params`)."""
+    params = {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {e.hf_key: np.ascontiguousarray(e.transform.to_hf(params[e.path])) for e in build_mapping(cfg)}
+
+
 def load_pretrained(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, Qwen25VLModel]:
     """(config, model) from a Hugging Face Qwen2.5-VL directory."""
     model_dir = Path(model_dir)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import jax
@@ -204,6 +203,22 @@ def test_config_from_json(models):
     assert models["tied"][2].text.tie_word_embeddings
 
 
+def test_bad_inputs_name_the_problem(models):
+    path, _, cfg, _ = models["window"]
+    batch, _ = hf_inputs(path)
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    pixels, grid = batch["pixel_values"].numpy(), batch["image_grid_thw"].numpy()
+    with pytest.raises(ValueError, match="pad on the left"):
+        qf.prepare_inputs(cfg, ids[:, ::-1], mask[:, ::-1], pixels, grid)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(\d+, 1176\), expected"):
+        qf.prepare_inputs(cfg, ids, mask, pixels[:-4], grid)
+    wrong_order = r"row 0: an image-token run of 24 tokens does not match image 0's grid \(1, 10, 6\)"
+    with pytest.raises(ValueError, match=wrong_order):
+        qf.prepare_inputs(cfg, ids, mask, pixels, grid[::-1])
+    with pytest.raises(ValueError, match="image_grid_thw gives 3 images but the prompts hold 2"):
+        qf.prepare_inputs(cfg, ids, mask, np.concatenate([pixels, pixels[:16]]), np.concatenate([grid, [[1, 4, 4]]]))
+
+
 # ------------------------------------------------------------------------------------------ processing
 
 ASPECTS = [(97, 61), (61, 97), (300, 120), (25, 25), (1000, 700), (90, 90)]
@@ -225,6 +240,7 @@ def test_pixel_values_equal_transformers():
 
 def test_processor_equals_transformers(models):
     path = models["window"][0]
+    assert ImageProcessorConfig.from_json(path) == ImageProcessorConfig(**IMAGE_CFG)
     expected, images = hf_inputs(path)
     got = QwenProcessor.from_pretrained(path)(QUESTIONS, images)
     for key in ("input_ids", "attention_mask", "image_grid_thw"):

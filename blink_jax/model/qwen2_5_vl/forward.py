@@ -51,8 +51,9 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids, attention_mask, pixel_values,
                          f"{cfg.vision.patch_dim}) for image_grid_thw {grid.tolist()}")
     positions, next_position = rope_index(input_ids, attention_mask, grid, image_token_id=cfg.image_token_id,
                                           spatial_merge_size=cfg.vision.spatial_merge_size)
-    return QwenInputs(input_ids=jnp.asarray(input_ids, jnp.int32), attention_mask=jnp.asarray(attention_mask, jnp.int32),
-                      pixel_values=jnp.asarray(pixel_values), layout=vision_layout(grid, cfg.vision),
+    return QwenInputs(input_ids=jnp.asarray(input_ids, jnp.int32),
+                      attention_mask=jnp.asarray(attention_mask, jnp.int32), pixel_values=jnp.asarray(pixel_values),
+                      layout=vision_layout(grid, cfg.vision),
                       positions=jnp.asarray(positions), next_position=jnp.asarray(next_position))
 
 

@@ -58,8 +58,8 @@ class ImageProcessorConfig:
             raise ProcessorError(f"{file}: do_resize/do_rescale/do_normalize must be true (or absent)")
         return cls(min_pixels=int(raw.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels),
                    max_pixels=int(raw.get("max_pixels") or size.get("longest_edge") or cls.max_pixels),
-                   patch_size=int(raw.get("patch_size", 14)), temporal_patch_size=int(raw.get("temporal_patch_size", 2)),
-                   merge_size=int(raw.get("merge_size", 2)))
+                   patch_size=int(raw.get("patch_size", 14)),
+                   temporal_patch_size=int(raw.get("temporal_patch_size", 2)), merge_size=int(raw.get("merge_size", 2)))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -183,6 +183,29 @@ def test_rope_index_equals_transformers(models):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_vision_windows_equal_transformers(name):
+    """Our attention groups are transformers' windows and frames, as sets of patches."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+    from blink_jax.model.qwen2_5_vl.vision import vision_layout
+
+    hf_cfg = make_hf_model(name).config
+    v = hf_cfg.vision_config
+    grid = torch.tensor([[1, 12, 8], [1, 6, 10], [2, 4, 4]])
+    layout = vision_layout(grid.numpy(), Qwen25VLConfig.from_hf_config(hf_cfg).vision)
+    index, cu = get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+    unit = v.spatial_merge_size ** 2
+    patches = (index[:, None] * unit + torch.arange(unit)).reshape(-1).numpy()
+    cu = cu.tolist()
+    theirs = {frozenset(patches[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:])}
+    p = int(grid.prod(-1).sum())
+    ours = lambda groups: {frozenset(g[g < p].tolist()) for g in np.asarray(groups)}
+    assert ours(layout.windows) == theirs and len(theirs) > len(grid) + 1
+    cu_frames = get_vision_cu_seqlens(grid).tolist()
+    assert ours(layout.frames) == {frozenset(range(a, b)) for a, b in zip(cu_frames[:-1], cu_frames[1:])}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_generation_equals_transformers(models, name):
     path, hf, cfg, ours = models[name]
     batch, _ = hf_inputs(path)

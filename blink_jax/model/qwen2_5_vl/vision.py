@@ -1,12 +1,14 @@
 """Qwen2.5-VL's vision tower (transformers' `Qwen2_5_VisionTransformerPretrainedModel`).
 
 Patches come flattened and in the processor's order: image by image, frame by frame, 2x2 blocks of patches
-(one merged token each) in row-major order over the merged grid. transformers permutes them into windows
-and back; attention only sees which keys share a window, so here every block attends in the original order
-under a mask built from segment ids (`VisionLayout`), and the merged tokens come out in the processor's
-order without any permutation.
+(one merged token each) in row-major order over the merged grid. Attention runs within groups of patches:
+windows of `window_cells x window_cells` merged cells, or whole frames in the `fullatt_block_indexes`
+blocks. `VisionLayout` lists each group's patch indices (host-side, from `image_grid_thw`); a block gathers
+its groups, attends within each (cost ~ P x group size, not P^2) and scatters back, so the residual stream
+and the merged tokens stay in the processor's order (transformers permutes into windows and back instead).
 
-Einsum letters: P patches (all images of a batch, packed), N heads, H head dim, D vision width.
+Einsum letters: G groups, S patches per group, P patches (all images of a batch, packed), N heads, H head dim,
+D vision width.
 """
 
 from __future__ import annotations
@@ -24,10 +26,22 @@ from blink_jax.model.qwen2_5_vl.rope import rotate, vision_angles
 
 @struct.dataclass
 class VisionLayout:
-    """Where each packed patch sits, from `image_grid_thw` alone (host-side, see `vision_layout`)."""
+    """Where each packed patch sits, from `image_grid_thw` alone (host-side, see `vision_layout`).
+
+    Groups hold patch indices in increasing order, padded at the end with P (no patch)."""
     hw: jax.Array  # [P, 2] int32: the patch's (row, column) in its image, for the 2-D rotary
-    frame: jax.Array  # [P] int32: one id per (image, frame): the full-attention blocks attend within it
-    window: jax.Array  # [P] int32: one id per (image, frame, window): the other blocks attend within it
+    frames: jax.Array  # [G, S] int32: the patches of each (image, frame), for the full-attention blocks
+    windows: jax.Array  # [G', S'] int32: the patches of each window, for the other blocks
+
+
+def _groups(ids: np.ndarray) -> jax.Array:
+    """Group id per patch [P] -> [G, S] patch indices per group, padded with P."""
+    order = np.argsort(ids, kind="stable")
+    _, counts = np.unique(ids, return_counts=True)
+    out = np.full((counts.size, counts.max()), ids.size, np.int32)
+    for g, members in enumerate(np.split(order, np.cumsum(counts)[:-1])):
+        out[g, :members.size] = members
+    return jnp.asarray(out)
 
 
 def vision_layout(grid_thw: np.ndarray, cfg: QwenVisionConfig) -> VisionLayout:
@@ -51,8 +65,8 @@ def vision_layout(grid_thw: np.ndarray, cfg: QwenVisionConfig) -> VisionLayout:
             window.append(win + n_windows)
             n_frames += 1
             n_windows += per_frame
-    cat = lambda xs: jnp.asarray(np.concatenate(xs).astype(np.int32))
-    return VisionLayout(hw=cat(hw), frame=cat(frame), window=cat(window))
+    return VisionLayout(hw=jnp.asarray(np.concatenate(hw).astype(np.int32)), frames=_groups(np.concatenate(frame)),
+                        windows=_groups(np.concatenate(window)))
 
 
 class VisionAttention(nnx.Module):
@@ -62,15 +76,21 @@ class VisionAttention(nnx.Module):
         self.qkv = nnx.Linear(d, 3 * d, param_dtype=param_dtype, rngs=rngs)
         self.proj = nnx.Linear(d, d, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [P, D], angles [P, H/2] float32, mask [P, P] bool -> [P, D]."""
+    def __call__(self, x: jax.Array, angles: jax.Array, groups: jax.Array) -> jax.Array:
+        """x [P, D], angles [P, H/2] float32, groups [G, S] patch indices (P = padding) -> [P, D]."""
         p, d = x.shape
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)  # 3 x [P, N, H]
+        g, s = groups.shape
+        members = jnp.minimum(groups, p - 1)
+        xg = self.qkv(x)[members]  # [G, S, 3D]
+        q, k, v = jnp.moveaxis(xg.reshape(g, s, 3, self.num_heads, -1), 2, 0)  # 3 x [G, S, N, H]
         # transformers rotates in float32 whatever the weights' dtype.
-        q = rotate(q.astype(jnp.float32), angles).astype(x.dtype)
-        k = rotate(k.astype(jnp.float32), angles).astype(x.dtype)
-        out = attention(q[None], k[None], v[None], mask[None])[0]  # [P, N, H]
-        return self.proj(out.reshape(p, d))
+        q = rotate(q.astype(jnp.float32), angles[members]).astype(x.dtype)
+        k = rotate(k.astype(jnp.float32), angles[members]).astype(x.dtype)
+        # Groups pack every patch once; only if some are shorter than S are padded keys to hide.
+        mask = None if g * s == p else jnp.broadcast_to((groups < p)[:, None, :], (g, s, s))
+        out = attention(q, k, v, mask).reshape(g * s, d)  # [G*S, D]
+        out = jnp.zeros((p + 1, d), out.dtype).at[groups.reshape(-1)].set(out)[:p]  # padding lands in row P
+        return self.proj(out)
 
 
 class VisionBlock(nnx.Module):
@@ -80,8 +100,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, angles, mask):
-        x = x + self.attn(self.norm1(x), angles, mask)
+    def __call__(self, x, angles, groups):
+        x = x + self.attn(self.norm1(x), angles, groups)
         return x + self.mlp(self.norm2(x))
 
 
@@ -114,8 +134,6 @@ class VisionTower(nnx.Module):
         cfg = self.config
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
         angles = vision_angles(layout.hw, cfg.head_dim, cfg.rope_theta)
-        full = layout.frame[:, None] == layout.frame[None, :]  # [P, P]
-        windowed = layout.window[:, None] == layout.window[None, :]
         for i, block in enumerate(self.blocks):
-            x = block(x, angles, full if i in cfg.fullatt_block_indexes else windowed)
+            x = block(x, angles, layout.frames if i in cfg.fullatt_block_indexes else layout.windows)
         return self.merger(x)

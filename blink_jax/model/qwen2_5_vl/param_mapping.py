@@ -1,0 +1,122 @@
+"""Declarative map between Hugging Face Qwen2.5-VL checkpoint keys and this port's parameter paths.
+
+One table, built from the config: each entry names the HF key in the layout of the files (the released
+checkpoints and transformers 5.x `save_pretrained` alike: `visual.*`, `model.*`, `lm_head.*`), our parameter
+path (as `nnx.state` flattens it) and the transform from the torch tensor to ours. Every transform has an
+exact inverse, so HF -> ours -> HF is bit-exact. transformers' in-memory `state_dict` names
+(`model.visual.*`, `model.language_model.*`) are reduced to the file layout by `canonical_key` before lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
+
+Path = tuple  # a parameter path, e.g. ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """torch tensor -> our array (`to_ours`, given our array's shape) and back (`to_hf`)."""
+    name: str
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda x, shape: x.reshape(shape), lambda x: x)
+# torch Linear weight (out, in) -> kernel (in, out)
+LINEAR = Transform("linear", lambda x, shape: x.T.reshape(shape), lambda x: x.T)
+# torch Linear weight (N*H, D) -> Einsum kernel (D, N, H)
+HEADS_OUT = Transform("heads_out", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T)
+# torch Linear weight (D, N*H) -> Einsum kernel (N, H, D)
+HEADS_IN = Transform("heads_in", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T)
+# (N*H,) bias -> (N, H)
+HEADS_BIAS = Transform("heads_bias", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+
+
+def patch_embed_transform(cfg: Qwen25VLConfig) -> Transform:
+    """torch Conv3d weight (D, C, tp, p, p), kernel = stride = one patch -> Linear kernel (C*tp*p*p, D)."""
+    v = cfg.vision
+    conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return Transform("conv3d_patch", lambda x, shape: x.reshape(x.shape[0], -1).T.reshape(shape),
+                     lambda x: x.T.reshape(conv_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    path: Path
+    transform: Transform
+
+
+# Buffers older transformers versions saved; not parameters.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
+TIED_HEAD = "lm_head.weight"
+
+
+def canonical_key(key: str) -> str:
+    """transformers' state_dict names (`model.visual.*`, `model.language_model.*`) or the file layout -> the
+    file layout (`visual.*`, `model.*`)."""
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+def _linear(hf: str, ours: Path, bias: bool) -> list[Entry]:
+    out = [Entry(f"{hf}.weight", ours + ("kernel",), LINEAR)]
+    if bias:
+        out.append(Entry(f"{hf}.bias", ours + ("bias",), IDENTITY))
+    return out
+
+
+def _heads(hf: str, ours: Path, bias: bool, kind: str) -> list[Entry]:
+    out = [Entry(f"{hf}.weight", ours + ("kernel",), HEADS_OUT if kind == "out" else HEADS_IN)]
+    if bias:
+        out.append(Entry(f"{hf}.bias", ours + ("bias",), HEADS_BIAS))
+    return out
+
+
+def _norm(hf: str, ours: Path) -> Entry:
+    return Entry(f"{hf}.weight", ours + ("scale",), IDENTITY)
+
+
+def build_mapping(cfg: Qwen25VLConfig) -> list[Entry]:
+    """Every parameter of the model, once."""
+    vt, vp = "visual", ("visual",)
+    entries = [Entry(f"{vt}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), patch_embed_transform(cfg))]
+    for i in range(cfg.vision.depth):
+        hf, ours = f"{vt}.blocks.{i}", vp + ("blocks", i)
+        entries += [_norm(f"{hf}.norm1", ours + ("norm1",)), _norm(f"{hf}.norm2", ours + ("norm2",))]
+        entries += _linear(f"{hf}.attn.qkv", ours + ("attn", "qkv"), True)
+        entries += _linear(f"{hf}.attn.proj", ours + ("attn", "proj"), True)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            entries += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), True)
+    entries.append(_norm(f"{vt}.merger.ln_q", vp + ("merger", "ln_q")))
+    entries += _linear(f"{vt}.merger.mlp.0", vp + ("merger", "fc1"), True)
+    entries += _linear(f"{vt}.merger.mlp.2", vp + ("merger", "fc2"), True)
+
+    t, lm, lp = cfg.text, "model", ("language_model",)
+    entries.append(Entry(f"{lm}.embed_tokens.weight", lp + ("embed_tokens", "embedding"), IDENTITY))
+    for i in range(t.num_hidden_layers):
+        hf, ours = f"{lm}.layers.{i}", lp + ("layers", i)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            entries += _heads(f"{hf}.self_attn.{name}", ours + ("self_attn", name), True, "out")
+        entries += _heads(f"{hf}.self_attn.o_proj", ours + ("self_attn", "o_proj"), False, "in")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            entries += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), False)
+        entries += [_norm(f"{hf}.input_layernorm", ours + ("input_layernorm",)),
+                    _norm(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",))]
+    entries.append(_norm(f"{lm}.norm", lp + ("norm",)))
+    if not t.tie_word_embeddings:
+        entries += _linear("lm_head", lp + ("lm_head",), False)
+    return entries
+
+
+def path_str(path: Path) -> str:
+    return ".".join(str(p) for p in path)

@@ -55,14 +55,14 @@ class _Carry:
     sr_positions: jax.Array  # [B, P] int32: position ids of the SR slots
 
 
-def blink_hook(model: Backbone, prompt: Prompt, bank: TokenSRBank, static: BlinkStatic, thresholds: Thresholds,
+def blink_hook(prompt: Prompt, bank: TokenSRBank, static: BlinkStatic, thresholds: Thresholds,
                key: jax.Array) -> Hook:
     """SGS + DTR after a participating layer L (BLINK.md §2-3): decides from layer L's attention and shapes the
     stream entering layer L+1. Its record is (rho, r*, action, expanded region, S_v [B, G, G]).
 
     At the first participating layer the stream becomes the buffer `[prompt (T); SR slots (P)]`.
     """
-    grid = square_grid(model)
+    grid = square_grid(prompt)
     b, t = prompt.stream.valid.shape
     num_sr, r, s = static.num_sr_tokens, static.region_size, static.scale
     visual_index = prompt.visual_index
@@ -99,13 +99,14 @@ def blink_hook(model: Backbone, prompt: Prompt, bank: TokenSRBank, static: Blink
     return hook
 
 
-def square_grid(model: Backbone) -> int:
-    """The grid side G of a backbone whose visual grid is square (all Blink mechanics here assume G x G)."""
-    rows, cols = model.grid_shape
-    if rows != cols:
-        raise ValueError(f"Blink's mechanics here take a square visual grid, this backbone's is {rows} x {cols}: "
-                         f"run it with square images")
-    return rows
+def square_grid(prompt: Prompt) -> int:
+    """The grid side G of a prompt whose visual grid is square and the same in every row (Blink's mechanics
+    here take G x G; the Gh x Gw grids of BLINK.md §10 are not wired in yet)."""
+    if prompt.grid is None or prompt.grid[0] != prompt.grid[1]:
+        shape = "differs across the batch" if prompt.grid is None else f"is {prompt.grid[0]} x {prompt.grid[1]}"
+        raise ValueError(f"Blink here needs one square visual grid per batch; this prompt's {shape}: give every "
+                         f"example a square image of one size")
+    return prompt.grid[0]
 
 
 def blink_prefill(model: Backbone, bank: TokenSRBank, input_ids: jax.Array, pixel_values: jax.Array,
@@ -116,7 +117,7 @@ def blink_prefill(model: Backbone, bank: TokenSRBank, input_ids: jax.Array, pixe
     `all_logits=False`: the last prompt position's logits only ([B, 1, V]), for generation. `scan=True`: the
     layers outside the participating ones run as scans (`decoder.walk`)."""
     prompt = model.prompt(input_ids, pixel_values, attention_mask)
-    hook = blink_hook(model, prompt, bank, static, thresholds, key)
+    hook = blink_hook(prompt, bank, static, thresholds, key)
     logits, cache, records = forward.prefill_with_hooks(model, prompt, {layer: hook for layer in static.layers},
                                                         all_logits=all_logits, scan=scan)
     stack = lambda i: jnp.stack([record[i] for record in records])

@@ -44,7 +44,7 @@ def probe_layers(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array,
                  layers: tuple[int, ...], region_size: int) -> Probe:
     """Runs layers 0..max(layers) of the vanilla model. The saliency is that of the prompt's last token."""
     prompt = model.prompt(input_ids, pixel_values, attention_mask)
-    hook = probe_hook(prompt, square_grid(model), region_size)
+    hook = probe_hook(prompt, square_grid(prompt), region_size)
     _, _, records = walk(model.decoder_layers, prompt.stream, hooks={layer: hook for layer in layers},
                          stop=max(layers) + 1)
     stack = lambda i: jnp.stack([record[i] for record in records])

@@ -2,9 +2,10 @@
 
 A model family (LLaVA-1.5 in `llava.py`) implements it; everything above talks only to it:
 
-- `prompt(input_ids, pixel_values, attention_mask) -> Prompt`: the multimodal prompt embedded, as the
-  decoder's first `Stream`, with where the visual grid sits in each row;
-- `grid_shape`: (Gh, Gw), the visual grid's rows and columns;
+- `prompt(input_ids, pixel_values, attention_mask, **inputs) -> Prompt`: the multimodal prompt embedded, as
+  the decoder's first `Stream`, with where the visual grid sits in each row and its shape (Gh, Gw); a model
+  that needs more inputs than these three (Qwen2.5-VL: the vision layout and M-RoPE positions) takes them by
+  keyword;
 - `decoder_layers`: the layers `decoder.walk` runs; each is called as
   `layer(h, positions, mask, past=None, causal=False, tail=0, attend=None) -> (h, q, k, v)`, with q and k the
   attention's queries and keys after the position encoding (what SGS reads);
@@ -34,6 +35,7 @@ class Prompt:
     stream: Stream  # h [B, T, D], positions, order, valid
     visual_index: jax.Array  # [B, V] int32: slot of each grid token, row-major
     visual_end: jax.Array  # [B] int32: slot of the image run's last token (SR tokens rank right after it)
+    grid: tuple[int, int] | None = struct.field(pytree_node=False, default=None)  # (Gh, Gw); None: rows differ
 
 
 @runtime_checkable
@@ -42,12 +44,10 @@ class Backbone(Protocol):
     num_layers: int
 
     @property
-    def grid_shape(self) -> tuple[int, int]: ...
-
-    @property
     def decoder_layers(self) -> Sequence: ...
 
-    def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array) -> Prompt: ...
+    def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, **inputs) -> Prompt:
+        ...
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array: ...
 

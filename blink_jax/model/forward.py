@@ -20,14 +20,15 @@ from blink_jax.model.llava import position_ids  # noqa: F401
 
 
 def prefill(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
-            all_logits: bool = True, scan: bool = False):
+            all_logits: bool = True, scan: bool = False, **inputs):
     """Vanilla prefill. -> (logits [B, T, V] float32, KVCache with S = T).
 
     `all_logits=False` computes the logits of the last position only ([B, 1, V]), all that generation needs:
     the LM head over every prompt position is a large share of a prefill (XLA does not slice through it).
     `scan=True` runs the layers as one `jax.lax.scan` (`decoder.walk`): same numbers, a smaller program.
+    `inputs`: what the model's `prompt` takes beyond the three arrays (Qwen2.5-VL's layout and positions).
     """
-    logits, cache, _ = prefill_with_hooks(model, model.prompt(input_ids, pixel_values, attention_mask),
+    logits, cache, _ = prefill_with_hooks(model, model.prompt(input_ids, pixel_values, attention_mask, **inputs),
                                           all_logits=all_logits, scan=scan)
     return logits, cache
 

@@ -74,10 +74,6 @@ class LlavaModel(nnx.Module):
         return self.config.text.num_hidden_layers
 
     @property
-    def grid_shape(self) -> tuple[int, int]:
-        return self.config.vision.grid, self.config.vision.grid
-
-    @property
     def decoder_layers(self):
         return self.language_model.layers
 
@@ -88,7 +84,7 @@ class LlavaModel(nnx.Module):
         stream = prompt_stream(h, position_ids(attention_mask), attention_mask > 0)
         visual_index, visual_end = visual_layout(input_ids, attention_mask, cfg.image_token_index,
                                                  cfg.num_image_tokens, cfg.vision.grid)
-        return Prompt(stream, visual_index, visual_end)
+        return Prompt(stream, visual_index, visual_end, grid=(cfg.vision.grid, cfg.vision.grid))
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
         return self.language_model.embed(ids)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from blink_jax.model.forward import KVCache, causal_mask, greedy_decode
+from blink_jax.model import forward
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
 from blink_jax.model.qwen2_5_vl.positions import rope_index
@@ -58,25 +58,16 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids, attention_mask, pixel_values,
 
 
 def prefill(model: Qwen25VLModel, inputs: QwenInputs, *, all_logits: bool = True):
-    """-> (logits [B, T, V] float32, or [B, 1, V] of the last position with `all_logits=False`; KVCache, S = T)."""
-    h = model.embed_multimodal(inputs.input_ids, inputs.pixel_values, inputs.layout)
-    valid = inputs.attention_mask > 0
-    b, t = inputs.input_ids.shape
-    mask = causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), valid)
-    ks, vs = [], []
-    for layer in model.language_model.layers:
-        h, _, k, v = layer(h, inputs.positions, mask, causal=True)
-        ks.append(k)
-        vs.append(v)
-    logits = model.language_model.logits(h if all_logits else h[:, -1:])
-    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=(valid,) * len(ks), index=jnp.int32(t),
-                    next_position=inputs.next_position)
-    return logits, cache
+    """-> (logits [B, T, V] float32, or [B, 1, V] of the last position with `all_logits=False`; KVCache, S = T).
+    The backbone-generic prefill (`blink_jax.model.forward`) on this model's prompt."""
+    logits, cache = forward.prefill(model, inputs.input_ids, inputs.pixel_values, inputs.attention_mask,
+                                    all_logits=all_logits, layout=inputs.layout, positions=inputs.positions)
+    return logits, cache.replace(next_position=inputs.next_position)
 
 
 def generate(model: Qwen25VLModel, inputs: QwenInputs, *, max_new_tokens: int, eos_token_id: int,
              pad_token_id: int) -> jax.Array:
     """Greedy continuation (transformers' `generate(do_sample=False)`). -> [B, max_new_tokens] int32."""
     logits, cache = prefill(model, inputs, all_logits=False)
-    return greedy_decode(model, logits[:, 0], cache, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+    return forward.greedy_decode(model, logits[:, 0], cache, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id)

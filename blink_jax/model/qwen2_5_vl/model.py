@@ -1,4 +1,8 @@
-"""Qwen2.5-VL: the vision tower's merged tokens spliced into the Qwen2 decoder's token sequence."""
+"""Qwen2.5-VL: the vision tower's merged tokens spliced into the Qwen2 decoder's token sequence.
+
+`Qwen25VLModel` implements the backbone protocol (`blink_jax.model.backbone`), so `blink_jax.model.forward`'s
+prefill and decoding (the one decoder walk) run it. Letters: B batch, T prompt length, D model dim.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from blink_jax.model.backbone import Prompt
+from blink_jax.model.decoder import prompt_stream
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.text import LanguageModel
 from blink_jax.model.qwen2_5_vl.vision import VisionLayout, VisionTower
@@ -33,3 +39,38 @@ class Qwen25VLModel(nnx.Module):
         slot = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
         spliced = image[jnp.clip(slot, 0, image.shape[0] - 1)]  # [B, T, D]
         return jnp.where(is_image[..., None], spliced, text)
+
+    # ---------------------------------------------------------------------------- the backbone protocol
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.text.num_hidden_layers
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
+               layout: VisionLayout, positions: jax.Array, grid: tuple[int, int] | None = None) -> Prompt:
+        """input_ids/attention_mask [B, T] (left padded), pixel_values [P, patch_dim] packed, M-RoPE positions
+        [3, B, T] -> the embedded prompt. `grid` (Gh, Gw): every row's one image has this merged grid, which
+        places the visual grid at the row's image run; without it the prompt has no grid (no Blink)."""
+        h = self.embed_multimodal(input_ids, pixel_values, layout)
+        stream = prompt_stream(h, positions, attention_mask > 0)
+        b = input_ids.shape[0]
+        if grid is None:
+            return Prompt(stream, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32), grid=None)
+        is_image = (input_ids == self.config.image_token_id) & (attention_mask > 0)
+        start = jnp.argmax(is_image, axis=1).astype(jnp.int32)
+        count = grid[0] * grid[1]
+        return Prompt(stream, start[:, None] + jnp.arange(count, dtype=jnp.int32)[None], start + count - 1,
+                      grid=tuple(grid))
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return self.language_model.embed(ids)
+
+    def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        return self.language_model.logits(h)

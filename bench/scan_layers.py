@@ -50,7 +50,7 @@ def unrolled_prefill(graphdef, params, input_ids, pixel_values, attention_mask):
 def compile_times(size: common.Size, batch: int, length: int, dtype) -> str:
     """Lower + compile both variants on abstract parameters of `size` (nothing is allocated or run)."""
     from blink_jax.config import LlavaConfig
-    from blink_jax.loading import abstract_model
+    from blink_jax.weights.params import abstract_model
 
     cfg = LlavaConfig.from_hf_config(common.hf_config(size))
     gd, params = nnx.split(abstract_model(cfg, dtype))

@@ -22,22 +22,13 @@ import ml_dtypes
 import numpy as np
 
 from blink_jax.config import LlavaConfig
-from blink_jax.loading import CheckpointError
-from checkpoints_conversion import orbax_io
-from checkpoints_conversion.hf_reader import SAFETENSORS, hf_shape
-from checkpoints_conversion.param_mapping import build_mapping, saved_key
+from blink_jax.weights import orbax_io
+from blink_jax.weights.hf_reader import SAFETENSORS, hf_shape
+from blink_jax.weights.param_mapping import build_mapping, saved_key
+from blink_jax.weights.params import CheckpointError
 
 _ST_TAGS = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
             np.dtype(ml_dtypes.bfloat16): "BF16"}
-
-
-def group_metadata(folder: Path) -> dict[tuple, tuple[tuple, np.dtype]]:
-    """Relative path -> (shape, dtype) of one saved group, from orbax metadata (no array data read)."""
-    import orbax.checkpoint as ocp
-
-    meta = ocp.PyTreeCheckpointer().metadata(folder)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in orbax_io._flatten(dict(tree))}
 
 
 def _layout(converted_dir: Path, cfg: LlavaConfig) -> list[tuple[str, tuple, np.dtype, tuple]]:
@@ -46,7 +37,7 @@ def _layout(converted_dir: Path, cfg: LlavaConfig) -> list[tuple[str, tuple, np.
     rows = []
     for group in orbax_io.read_marker(converted_dir)["groups"]:
         prefix = tuple(group["prefix"])
-        for rel, (shape, dtype) in group_metadata(converted_dir / orbax_io.PARAMS_DIR / group["name"]).items():
+        for rel, (shape, dtype) in orbax_io.group_metadata(converted_dir / orbax_io.PARAMS_DIR / group["name"]).items():
             entry = entries.get(prefix + rel)
             if entry is None:
                 raise CheckpointError(f"'{converted_dir}' holds parameter {prefix + rel} that this config's model "

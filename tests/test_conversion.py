@@ -20,10 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import tiny_llava as tl
 from blink_jax.config import ConfigError, LlavaConfig
-from blink_jax.loading import CheckpointError, load_pretrained, model_from_params
+from blink_jax.loading import load_pretrained
 from blink_jax.model import forward
-from checkpoints_conversion import hf_reader, hf_to_orbax, orbax_io, orbax_to_hf
-from checkpoints_conversion.param_mapping import canonical_key
+from blink_jax.weights import hf_reader, orbax_io
+from blink_jax.weights.param_mapping import canonical_key
+from blink_jax.weights.params import CheckpointError, model_from_params
+from checkpoints_conversion import hf_to_orbax, orbax_to_hf
 
 AUX = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blink_jax import sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
-from train import sharding, step as step_lib
+from train import step as step_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig, TrainConfigError

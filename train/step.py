@@ -20,7 +20,7 @@ from flax import nnx
 
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.tokensr import TokenSRBank
-from train import sharding
+from blink_jax import sharding
 from train.loss import distill_loss
 from train.optim import OptimConfig
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 import tiny_llava as tl
 import tiny_llava_mix as tm
-from train import loop, sharding
+from blink_jax import sharding
+from train import loop
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
 from train.loss import distill_loss

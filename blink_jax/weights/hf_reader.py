@@ -40,7 +40,7 @@ import numpy as np
 from blink_jax.config import LlavaConfig
 from blink_jax.weights.orbax_io import is_converted_dir
 from blink_jax.weights.param_mapping import Entry, build_mapping, canonical_key
-from blink_jax.weights.params import CheckpointError, param_shapes
+from blink_jax.weights.params import CheckpointError, np_dtype, param_shapes
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

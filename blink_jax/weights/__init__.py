@@ -5,6 +5,7 @@ Modules, lowest first:
   param_mapping  the declarative key map between Hugging Face checkpoint keys and our parameter paths
   orbax_io       this project's converted (orbax) directory: written streaming and atomically, read validated
   hf_reader      a Hugging Face LLaVA directory's weights (safetensors or torch), validated, one tensor at a time
+  hf_writer      a converted directory back to a Hugging Face directory (streaming safetensors)
 
 `blink_jax.loading` builds runnable models from them; `checkpoints_conversion` is their command line.
 """

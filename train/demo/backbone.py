@@ -46,12 +46,12 @@ import optax
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
-from blink_jax.weights.orbax_io import atomic_dir
-from blink_jax.weights.param_mapping import build_mapping, saved_key
-from blink_jax.weights.params import flat_params, model_from_params
 from blink_jax.model.llava import LlavaModel
 from blink_jax.model.ops import attention
 from blink_jax.processing import build_prompt, preprocess_image, tokenize_with_image
+from blink_jax.weights.orbax_io import atomic_dir
+from blink_jax.weights.param_mapping import build_mapping, saved_key
+from blink_jax.weights.params import flat_params, model_from_params
 from demo import shapes
 from demo.pope import confusion_metrics
 from train.demo.tokenizer import ANSWERS, BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_tokenizer, vocabulary

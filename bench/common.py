@@ -73,9 +73,9 @@ def make_models(size: Size, seed: int = 0, with_torch: bool = True):
     from transformers import LlavaForConditionalGeneration
 
     from blink_jax.config import LlavaConfig
-    from blink_jax.loading import model_from_params, param_shapes
+    from blink_jax.weights.params import model_from_params, param_shapes
     from blink_jax.runtime import Llava
-    from checkpoints_conversion.param_mapping import build_mapping, canonical_key
+    from blink_jax.weights.param_mapping import build_mapping, canonical_key
 
     torch.manual_seed(seed)
     cfg = hf_config(size)

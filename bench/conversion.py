@@ -39,8 +39,9 @@ _ST_TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 def checkpoint_tensors(size: common.Size) -> list[tuple[str, tuple[int, ...]]]:
     """(hub-layout key, torch-layout shape) of every tensor of the LLaVA of `size`, in the converter's order."""
     from blink_jax.config import LlavaConfig
-    from checkpoints_conversion.hf_reader import hf_shape, param_shapes
-    from checkpoints_conversion.param_mapping import build_mapping
+    from blink_jax.weights.hf_reader import hf_shape
+    from blink_jax.weights.param_mapping import build_mapping
+    from blink_jax.weights.params import param_shapes
 
     cfg = LlavaConfig.from_hf_config(common.hf_config(size))
     shapes = param_shapes(cfg)

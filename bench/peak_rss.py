@@ -25,12 +25,13 @@ def main(argv=None) -> int:
         return 2
     import orbax.checkpoint  # noqa: F401  (the converter imports it lazily: the baseline includes it)
 
-    from checkpoints_conversion import hf_reader, hf_to_orbax
+    from blink_jax.weights.params import param_shapes
+    from checkpoints_conversion import hf_to_orbax
     if argv[0] == "convert":
         code = hf_to_orbax.main(argv[1:])
     else:
         from blink_jax.config import LlavaConfig
-        hf_reader.param_shapes(LlavaConfig.from_json(argv[1]))
+        param_shapes(LlavaConfig.from_json(argv[1]))
         code = 0
     print(f"peak_rss_bytes={peak_rss_bytes()}")
     return code

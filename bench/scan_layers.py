@@ -56,7 +56,7 @@ def lower(graphdef, params, ids, px, mask, blink_args, scan: bool):
 def compile_times(size: common.Size, batch: int, length: int, dtype) -> str:
     """Lower + compile both variants on abstract parameters of `size` (nothing is allocated or run)."""
     from blink_jax.config import LlavaConfig
-    from blink_jax.loading import abstract_model
+    from blink_jax.weights.params import abstract_model
 
     cfg = LlavaConfig.from_hf_config(common.hf_config(size))
     gd, params = nnx.split(abstract_model(cfg, dtype))

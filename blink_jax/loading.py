@@ -1,4 +1,5 @@
-"""Build a `LlavaModel` from a flat parameter dict, and `load_pretrained` for converted or HF directories."""
+"""`load_pretrained`: a runnable model from a converted orbax directory or a Hugging Face LLaVA directory, on
+one device or with every parameter born sharded on a device mesh."""
 
 from __future__ import annotations
 
@@ -7,72 +8,57 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from blink_jax import sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.model.llava import LlavaModel
+from blink_jax.runtime import Llava
+from blink_jax.weights import hf_reader, orbax_io
+from blink_jax.weights.params import abstract_model, model_from_params, np_dtype
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the key(s) and what is wrong."""
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                    rules=sharding.LOGICAL_RULES) -> Llava:
+    """A runnable model (`blink_jax.Llava`) from a converted orbax directory or a Hugging Face LLaVA directory.
 
-
-def abstract_model(cfg: LlavaConfig, dtype=jnp.float32) -> LlavaModel:
-    """The model's structure with `ShapeDtypeStruct` leaves: no memory, no random init."""
-    return nnx.eval_shape(lambda: LlavaModel(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
-
-
-def param_shapes(cfg: LlavaConfig) -> dict[tuple, tuple]:
-    """Our parameter path -> shape, for validating a checkpoint before reading it."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
-    return {path: tuple(var.shape) for path, var in flat}
-
-
-def model_from_params(cfg: LlavaConfig, params: dict[tuple, np.ndarray | jax.Array], dtype=jnp.float32) -> LlavaModel:
-    """A `LlavaModel` whose parameters are exactly `params` (path -> array), cast to `dtype`.
-
-    Every parameter must be given with its exact shape; nothing is randomly initialised.
+    With `mesh`, every parameter is created already sharded as `rules` (`blink_jax.sharding`) say; see
+    `load_model`.
     """
-    model = abstract_model(cfg, dtype)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    expected = {path for path, _ in flat}
-    missing = sorted(expected - set(params), key=str)
-    extra = sorted(set(params) - expected, key=str)
-    if missing or extra:
-        raise CheckpointError(f"parameters do not match the model: missing {[_p(p) for p in missing]}, "
-                              f"unexpected {[_p(p) for p in extra]}")
-    leaves = []
-    for path, var in flat:
-        value = params[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"parameter '{_p(path)}' has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return Llava(load_model(path, dtype, mesh, rules), model_dir=Path(path))
 
 
-def flat_params(model: LlavaModel) -> dict[tuple, jax.Array]:
-    """The inverse of `model_from_params`."""
-    return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+               rules=sharding.LOGICAL_RULES) -> LlavaModel:
+    """The `LlavaModel` stored at `path` (converted or HF), its parameters cast to `dtype`.
 
-
-def _p(path) -> str:
-    return ".".join(str(x) for x in path)
-
-
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
-    """A runnable model (`blink_jax.Llava`) from a converted orbax directory or a Hugging Face LLaVA directory."""
-    from blink_jax.runtime import Llava
-    from checkpoints_conversion import hf_reader, orbax_io
-
+    No mesh: the whole model is read into host memory, then put on the default device. With a mesh, no
+    parameter ever exists whole on one device: a converted directory is restored by orbax straight into each
+    parameter's sharding (each host reads only what its devices hold); an HF directory is read one tensor at a
+    time, each tensor placed in its sharding before the next is read.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory '{path}' does not exist: give a Hugging Face LLaVA directory or "
                                 f"one written by `python -m checkpoints_conversion.hf_to_orbax`")
+    if mesh is None:
+        if orbax_io.is_converted_dir(path):
+            cfg, params = orbax_io.read_params(path)
+        else:
+            cfg = LlavaConfig.from_json(path)
+            params = hf_reader.read_params(path, cfg)
+        return model_from_params(cfg, params, dtype)
+
+    cfg = LlavaConfig.from_json(path)
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    flat = nnx.to_flat_state(abstract)
+    targets = {p: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding.named(
+        mesh, sharding.param_logical_axes(p, len(var.shape)), var.shape, rules)) for p, var in flat}
     if orbax_io.is_converted_dir(path):
-        cfg, params = orbax_io.read_params(path)
+        arrays = orbax_io.restore_sharded(path, targets)
     else:
-        cfg = LlavaConfig.from_json(path)
-        params = hf_reader.read_params(path, cfg)
-    return Llava(model_from_params(cfg, params, dtype), model_dir=path)
+        arrays = {}
+        for p, value in hf_reader.iter_params(path, cfg, np_dtype(jnp.dtype(dtype).name)):  # validated first
+            arrays[p] = jax.make_array_from_callback(value.shape, targets[p].sharding, lambda index, v=value: v[index])
+            del value  # freed before the next tensor is read
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, var.replace(arrays[p])) for p, var in flat]))

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from blink_jax.config import ConfigError, LlavaConfig
-from blink_jax.loading import CheckpointError
-from checkpoints_conversion import hf_reader, orbax_io
-from checkpoints_conversion.hf_reader import TORCH_HINT
+from blink_jax.loading import load_pretrained
+from blink_jax.weights import hf_reader, orbax_io
+from blink_jax.weights.hf_reader import TORCH_HINT
+from blink_jax.weights.params import CheckpointError
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Largest |logit difference| accepted by --verify. Both models run in fp32 with identical weights (HF's
@@ -77,13 +78,7 @@ def sample_inputs(cfg: LlavaConfig, batch: int = 2, text_len: int = 7, seed: int
 
 def our_logits(converted_dir, input_ids, pixel_values, attention_mask) -> np.ndarray:
     """Logits of our model loaded from a converted directory, computed in fp32."""
-    import jax.numpy as jnp
-
-    from blink_jax.loading import model_from_params
-    from blink_jax.runtime import Llava
-
-    cfg, params = orbax_io.read_params(converted_dir)
-    model = Llava(model_from_params(cfg, params, jnp.float32), model_dir=converted_dir)
+    model = load_pretrained(converted_dir, dtype=np.float32)
     return np.asarray(model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits)
 
 

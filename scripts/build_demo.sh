@@ -13,7 +13,7 @@ echo "intermediate files in $WORK"
 python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0
 
 # 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
-python -m train.demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
+python -m demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
 
 # 3. TokenSR on the frozen demo backbone, Blink geometry for a 6-layer decoder and a 12x12 grid.
 python -m train.tokensr --model demo/model --data-dir "$WORK/mix" --workdir "$WORK/tokensr" --mesh cpu \

@@ -94,7 +94,7 @@ def test_prefill_flops_match_xla_cost_analysis():
 
     from bench import common
     from blink_jax.config import LlavaConfig
-    from blink_jax.loading import abstract_model
+    from blink_jax.weights.params import abstract_model
     from blink_jax.model import forward
 
     size = common.Size(vision_width=128, vision_layers=3, vision_heads=4, text_width=256, text_layers=2,
@@ -139,7 +139,7 @@ def test_blink_extra_flops_match_xla_cost_analysis():
     from blink_jax import runtime
     from blink_jax.blink import BlinkConfig, runner
     from blink_jax.config import LlavaConfig
-    from blink_jax.loading import abstract_model
+    from blink_jax.weights.params import abstract_model
     from blink_jax.model import forward
 
     size = common.Size(vision_width=128, vision_layers=3, vision_heads=4, text_width=256, text_layers=4,

@@ -20,10 +20,13 @@ from safetensors.torch import load_file, save_file
 
 import tiny_llava as tl
 from blink_jax.config import ConfigError, LlavaConfig
-from blink_jax.loading import CheckpointError, load_pretrained, model_from_params
+from blink_jax.loading import load_pretrained
 from blink_jax.model import forward
-from checkpoints_conversion import hf_reader, hf_to_orbax, orbax_io, orbax_to_hf
-from checkpoints_conversion.param_mapping import canonical_key
+from blink_jax.weights import hf_reader, orbax_io
+from blink_jax.weights.hf_writer import export
+from blink_jax.weights.param_mapping import canonical_key
+from blink_jax.weights.params import CheckpointError, model_from_params
+from checkpoints_conversion import hf_to_orbax, orbax_to_hf
 
 AUX = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -186,7 +189,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tiny, tmp_path, dtype
 
     src = new_dir(tmp_path / "hf", {k: v.to(dtype) for k, v in stored(tiny["dir"]).items()}, src=tiny["dir"])
     conv = hf_to_orbax.convert(src, tmp_path / "jax", progress=False)
-    back = orbax_to_hf.export(conv, tmp_path / "back")
+    back = export(conv, tmp_path / "back")
     a, b = stored(src), stored(back)
     assert set(b) == set(a)  # the source is in the saved layout: same keys exactly
     for key in a:
@@ -202,7 +205,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tiny, tmp_path, dtype
 def test_round_trip_from_hub_layout_writes_saved_layout(tiny, tmp_path):
     hub = {canonical_key(k): v for k, v in stored(tiny["dir"]).items()}
     src = new_dir(tmp_path / "hf", hub, src=tiny["dir"])
-    back = orbax_to_hf.export(hf_to_orbax.convert(src, tmp_path / "jax", progress=False), tmp_path / "back")
+    back = export(hf_to_orbax.convert(src, tmp_path / "jax", progress=False), tmp_path / "back")
     assert set(stored(back)) == set(stored(tiny["dir"]))
 
 

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from blink_jax.processing import Processor, build_prompt, preprocess_image, tokenize_with_image
-from train.demo import backbone, shapes
+from demo import shapes
+from train.demo import backbone
 from train.demo.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from blink_jax.processing import build_prompt
 from eval import benchmarks
 from eval.benchmarks.mmbench import extract_option
 from eval.benchmarks.mme import parse_pred_ans
-from eval.benchmarks.pope import parse_yes_no
+from demo.pope import parse_yes_no
 from eval.benchmarks.scienceqa import parse_answer, pred_index
 from eval.harness.io import append_lines, open_append_jsonl, read_jsonl
 from eval.harness.paper import paper_value

@@ -9,8 +9,8 @@ import torch
 
 import tiny_llava as tl
 from blink_jax import InputError, LlavaConfig, Llava
-from blink_jax.loading import model_from_params, param_shapes
-from checkpoints_conversion.param_mapping import build_mapping, canonical_key
+from blink_jax.weights.param_mapping import build_mapping, canonical_key
+from blink_jax.weights.params import model_from_params, param_shapes
 
 CONFIGS = {
     # GQA (3 kv heads of 6), odd widths, default strategy, second-to-last vision layer.

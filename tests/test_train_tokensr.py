@@ -22,7 +22,8 @@ from PIL import Image
 
 import tiny_llava as tl
 import tiny_llava_mix as tm
-from train import loop, sharding, stopping
+from blink_jax import sharding
+from train import loop, stopping
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
 from train.loss import distill_loss

@@ -1,8 +1,7 @@
-"""The frozen LLaVA backbone, loaded one tensor at a time straight into its shardings, and its fingerprint.
+"""The frozen LLaVA backbone, its parameters born sharded on the training mesh, and its fingerprint.
 
-`blink_jax.load_pretrained` puts the whole model on one device, which a 7B model in float32 does not fit
-on a 16 GiB chip; here each tensor goes from the checkpoint reader to `make_array_from_callback` with the
-sharding that `train.sharding` assigns to its path, so no device ever holds more than its shard.
+Loading is the library's (`blink_jax.loading.load_model` with a mesh: no device ever holds more than its
+shard); training keeps the split pure-function form and a fingerprint of the weights for the teacher cache.
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from blink_jax import sharding
 from blink_jax.config import LlavaConfig
-from blink_jax.loading import CheckpointError, abstract_model
-from train import sharding
+from blink_jax.loading import load_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,36 +31,9 @@ class Backbone:
 def load_backbone(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh, dtype=jnp.float32,
                   rules=sharding.LOGICAL_RULES) -> Backbone:
     """The LLaVA at `model_dir` (HF or converted) with every parameter born sharded on `mesh`."""
-    from checkpoints_conversion import hf_reader, orbax_io
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir} is not a directory: give a Hugging Face LLaVA directory or "
-                                f"one written by `python -m checkpoints_conversion.hf_to_orbax`")
-    cfg = LlavaConfig.from_json(model_dir)
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
-    targets = dict(nnx.to_flat_state(abstract))
-    np_dtype = hf_reader.np_dtype(jnp.dtype(dtype).name)
-    if orbax_io.is_converted_dir(model_dir):
-        pairs = (item for group in orbax_io.iter_groups(model_dir) for item in group.items())
-    else:
-        pairs = hf_reader.iter_params(model_dir, cfg)
-    arrays = {}
-    for path, value in pairs:
-        if path not in targets:
-            raise CheckpointError(f"checkpoint parameter '{sharding.path_str(path)}' is not in the model")
-        var = targets[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"parameter '{sharding.path_str(path)}' has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(var.shape)}")
-        value = np.asarray(value).astype(np_dtype, copy=False)
-        shard = sharding.named(mesh, sharding.param_logical_axes(path, value.ndim), value.shape, rules)
-        arrays[path] = jax.make_array_from_callback(value.shape, shard, lambda index, v=value: v[index])
-    missing = sorted(set(targets) - set(arrays), key=str)
-    if missing:
-        raise CheckpointError(f"{model_dir}: missing parameters {[sharding.path_str(p) for p in missing]}")
-    state = nnx.from_flat_state([(path, var.replace(arrays[path])) for path, var in targets.items()])
-    return Backbone(cfg, graphdef, state, fingerprint(model_dir, dtype))
+    model = load_model(model_dir, dtype, mesh, rules)
+    graphdef, params = nnx.split(model)
+    return Backbone(model.config, graphdef, params, fingerprint(model_dir, dtype))
 
 
 def fingerprint(model_dir: str | os.PathLike, dtype, sample: int = 1 << 16) -> str:

@@ -4,7 +4,7 @@
 
 The model is the LLaVA-1.5 architecture at toy size (CLIP ViT, mlp2x_gelu projector, Llama decoder, a
 word-level tokenizer); the task is "Is there a {colour} {shape} in the image?" over scenes of small shapes,
-some well below one 14 px patch, plus zoomed crops of them (`train.demo.shapes`). The run is a function of
+some well below one 14 px patch, plus zoomed crops of them (`demo.shapes`). The run is a function of
 --seed: the same command gives the same weights on the same software.
 
 Writes --out atomically: config.json, generation_config.json, model.safetensors, tokenizer files,

@@ -18,9 +18,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blink_jax import sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
-from train import inputs as inputs_lib, sharding, step as step_lib, workdir as workdir_lib
+from train import inputs as inputs_lib, step as step_lib, workdir as workdir_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig

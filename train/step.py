@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from blink_jax import sharding
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.tokensr import TokenSRBank
-from train import sharding
 from train.loss import distill_loss
 from train.optim import OptimConfig
 

@@ -147,7 +147,7 @@ class Teacher:
 
     def __init__(self, backbone, processor: Processor, blink, *, mesh, local_batch: int, cache: TeacherCache | None,
                  cache_dtype: str, image_sharding, token_sharding, target_sharding):
-        from train import sharding
+        from blink_jax import sharding
 
         cfg = backbone.config
         self.backbone, self.blink, self.mesh = backbone, blink, mesh
@@ -162,7 +162,7 @@ class Teacher:
 
     def __call__(self, images: np.ndarray, digests: np.ndarray, regions: np.ndarray) -> np.ndarray:
         """images uint8 [b, S, S, 3], digests uint8 [b, 20], regions int [Lp, b] -> float32 [Lp, b, O, O, D]."""
-        from train import sharding
+        from blink_jax import sharding
 
         layers = self.blink.layers
         num_layers, b = regions.shape

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from blink_jax.blink.config import in_flag_terms
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
-    from train.sharding import MeshError
+    from blink_jax.sharding import MeshError
 
     if args.export_only:
         try:

@@ -46,12 +46,15 @@ import optax
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
-from blink_jax.loading import flat_params, model_from_params
 from blink_jax.model.decoder import prompt_stream, walk
 from blink_jax.model.llava import LlavaModel
 from blink_jax.model.ops import attention
 from blink_jax.processing import build_prompt, preprocess_image, tokenize_with_image
-from train.demo import shapes
+from blink_jax.weights.orbax_io import atomic_dir
+from blink_jax.weights.param_mapping import build_mapping, saved_key
+from blink_jax.weights.params import flat_params, model_from_params
+from demo import shapes
+from demo.pope import confusion_metrics
 from train.demo.tokenizer import ANSWERS, BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_tokenizer, vocabulary
 
 # ------------------------------------------------------------------------------------------------ config
@@ -633,8 +636,6 @@ def train(model_cfg: DemoModelConfig, settings: TrainSettings, *, log: Callable[
 
 def hf_tensors(model: LlavaModel, dtype=np.float16) -> dict[str, np.ndarray]:
     """Our parameters in the transformers-5 `save_pretrained` key layout, as `dtype` numpy arrays."""
-    from checkpoints_conversion.param_mapping import build_mapping, saved_key
-
     params = flat_params(model)
     out = {}
     for entry in build_mapping(model.config):
@@ -649,8 +650,6 @@ def save_hf(model: LlavaModel, model_cfg: DemoModelConfig, out_dir: str | os.Pat
     tokenizer files, and `extra_files` (name -> text)."""
     from safetensors.numpy import save_file
     from transformers import GenerationConfig
-
-    from checkpoints_conversion.orbax_io import atomic_dir
 
     with atomic_dir(out_dir, overwrite) as tmp:
         model_cfg.hf_config().save_pretrained(str(tmp))
@@ -688,8 +687,6 @@ def evaluate_pope(model: LlavaModel, data_dir: str | os.PathLike, *, batch_size:
     """Vanilla answers (the greedy first token) to a POPE-format shapes set written by `shapes.write_pope`:
     eval_pope.py's metrics per split and accuracy per size bucket (`shapes.question_bucket`)."""
     from PIL import Image
-
-    from eval.benchmarks.pope import confusion_metrics
 
     data_dir = Path(data_dir)
     scenes = shapes.read_annotations(data_dir)

@@ -15,14 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from train.demo import shapes
+from demo import shapes
+from demo.pope import parse_yes_no
 
 BUCKETS = tuple(name for name, _, _ in shapes.SIZE_BUCKETS) + ("none",)
 
 
 def _said_yes(prediction: str | None) -> bool:
-    from eval.benchmarks.pope import parse_yes_no
-
     return parse_yes_no(prediction or "") != "no"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from blink_jax.processing import SHORT_ANSWER_SUFFIX, VICUNA_V1_SYSTEM
-from train.demo.shapes import COLOURS, SHAPES, question_text
+from demo.shapes import COLOURS, SHAPES, question_text
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(len(SPECIALS))

@@ -1,5 +1,6 @@
 """Meshes and the logical-axis rules table, after maxtext: parameters and activations carry logical axis names,
-one table maps each name to mesh axes, and meshes come as named presets.
+one table maps each name to mesh axes, and meshes come as named presets. One table for inference
+(`blink_jax.load_pretrained(..., mesh=...)`) and training (`train.tokensr --mesh`).
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel whose members also split the weights) and
 `tensor` (tensor parallel: heads, MLP width, vocabulary, TokenSR channels). The batch is split over
@@ -19,6 +20,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from blink_jax.weights.params import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -233,19 +236,15 @@ def check_batch(batch_size: int, mesh: Mesh, rules=LOGICAL_RULES) -> None:
                         f"{math.lcm(d, jax.process_count()) * max(1, batch_size // d)}")
 
 
-def path_str(path: Sequence) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def param_logical_axes(path: Sequence, ndim: int, table=PARAM_AXES) -> tuple[str, ...]:
     name = path_str(path)
     for pattern, axes in table:
         if re.search(pattern, name):
             if len(axes) != ndim:
                 raise ValueError(f"parameter '{name}' has {ndim} dims but rule {pattern!r} names {len(axes)}: "
-                                 f"fix PARAM_AXES in train/sharding.py")
+                                 f"fix PARAM_AXES in blink_jax/sharding.py")
             return axes
-    raise ValueError(f"parameter '{name}' matches no rule in PARAM_AXES (train/sharding.py): add its logical axes")
+    raise ValueError(f"parameter '{name}' matches no rule in PARAM_AXES (blink_jax/sharding.py): add its logical axes")
 
 
 def param_shardings(tree, mesh: Mesh, rules=LOGICAL_RULES):

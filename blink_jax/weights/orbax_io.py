@@ -32,12 +32,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import jax
 import numpy as np
 
 from blink_jax.config import LlavaConfig
-from blink_jax.loading import CheckpointError
-from checkpoints_conversion.hf_reader import np_dtype, param_shapes
-from checkpoints_conversion.param_mapping import path_str
+from blink_jax.weights.params import CheckpointError, np_dtype, param_shapes, path_str
 
 MARKER = "blink_jax_checkpoint.json"
 FORMAT, VERSION = "blink-jax-llava-orbax", 1
@@ -55,7 +54,6 @@ def group_of(path: tuple) -> tuple:
 
 def saving_checkpointer():
     """A synchronous orbax checkpointer that neither copies nor compresses the numpy arrays it saves."""
-    import jax
     import orbax.checkpoint as ocp
 
     th = ocp.type_handlers
@@ -208,24 +206,73 @@ def read_marker(model_dir: str | os.PathLike) -> dict:
     return json.loads((Path(model_dir) / MARKER).read_text())
 
 
-def iter_groups(model_dir: str | os.PathLike) -> Iterator[dict[tuple, np.ndarray]]:
-    """Yields each group's {our path: array}, one group in memory at a time."""
-    import orbax.checkpoint as ocp
-
+def _groups(model_dir: str | os.PathLike) -> Iterator[tuple[tuple, Path]]:
+    """(prefix, folder) of each saved group, after checking the marker's format and version."""
     d = Path(model_dir).absolute()
     marker = read_marker(d)
     if marker.get("format") != FORMAT or marker.get("version") != VERSION:
         raise CheckpointError(f"'{d / MARKER}' is format {marker.get('format')!r} version {marker.get('version')!r}; "
                               f"this code reads {FORMAT!r} version {VERSION}: re-run the conversion")
-    checkpointer = ocp.PyTreeCheckpointer()
     for group in marker["groups"]:
-        prefix = tuple(group["prefix"])
-        folder = d / PARAMS_DIR / group["name"]
+        yield tuple(group["prefix"]), d / PARAMS_DIR / group["name"]
+
+
+def iter_groups(model_dir: str | os.PathLike) -> Iterator[dict[tuple, np.ndarray]]:
+    """Yields each group's {our path: array}, one group in memory at a time."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    for prefix, folder in _groups(model_dir):
         try:
             tree = checkpointer.restore(folder)
         except Exception as e:
             raise CheckpointError(f"cannot restore parameter group '{folder}': {e}; re-run the conversion") from None
         yield {prefix + rel: np.asarray(x) for rel, x in _flatten(tree)}
+
+
+def group_metadata(folder: Path) -> dict[tuple, tuple[tuple, np.dtype]]:
+    """Relative path -> (shape, dtype) of one saved group, from orbax metadata (no array data read)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(folder)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flatten(dict(tree))}
+
+
+def restore_sharded(model_dir: str | os.PathLike,
+                    targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+    """Our path -> jax.Array with the shape, dtype and sharding of `targets[path]`, for every parameter.
+
+    Orbax reads each array's shards straight into the devices that hold them, so a host reads only the parts of
+    the checkpoint its own devices need. The checkpoint must hold exactly the parameters of `targets`, with
+    their shapes: checked from orbax metadata before any array is read.
+    """
+    import orbax.checkpoint as ocp
+
+    groups = []  # (prefix, folder, the group's paths relative to prefix)
+    for prefix, folder in _groups(model_dir):
+        try:
+            groups.append((prefix, folder, {rel: shape for rel, (shape, _) in group_metadata(folder).items()}))
+        except Exception as e:
+            raise CheckpointError(f"cannot read parameter group '{folder}': {e}; re-run the conversion") from None
+    stored = {prefix + rel: shape for prefix, _, shapes in groups for rel, shape in shapes.items()}
+    check_params(stored, {path: tuple(t.shape) for path, t in targets.items()}, model_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    params: dict[tuple, jax.Array] = {}
+    for prefix, folder, shapes in groups:
+        restore_args: dict = {}
+        for rel in shapes:
+            node = restore_args
+            for part in rel[:-1]:
+                node = node.setdefault(str(part), {})
+            t = targets[prefix + rel]
+            node[str(rel[-1])] = ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=tuple(t.shape), dtype=t.dtype)
+        try:
+            tree = checkpointer.restore(folder, restore_args=restore_args)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore parameter group '{folder}': {e}; re-run the conversion") from None
+        params.update({prefix + rel: x for rel, x in _flatten(tree)})
+    return params
 
 
 def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
@@ -250,11 +297,14 @@ def read_params(model_dir: str | os.PathLike) -> tuple[LlavaConfig, dict[tuple, 
     return cfg, params
 
 
-def check_params(params: dict[tuple, np.ndarray], shapes: dict[tuple, tuple], where) -> None:
+def check_params(params: dict[tuple, np.ndarray | tuple], shapes: dict[tuple, tuple], where) -> None:
+    """One CheckpointError naming every missing, unexpected and misshapen parameter. `params` maps each path to
+    its array or its shape."""
+    params = {p: tuple(getattr(x, "shape", x)) for p, x in params.items()}
     problems = [f"missing parameter '{path_str(p)}'" for p in sorted(set(shapes) - set(params), key=str)]
     problems += [f"unexpected parameter '{path_str(p)}'" for p in sorted(set(params) - set(shapes), key=str)]
-    problems += [f"parameter '{path_str(p)}' has shape {tuple(params[p].shape)}, expected {shapes[p]}"
-                 for p in shapes if p in params and tuple(params[p].shape) != shapes[p]]
+    problems += [f"parameter '{path_str(p)}' has shape {params[p]}, expected {shapes[p]}"
+                 for p in shapes if p in params and params[p] != shapes[p]]
     if problems:
         raise CheckpointError(f"converted checkpoint '{where}' does not match its config.json; re-run the "
                               f"conversion:\n  " + "\n  ".join(problems))

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from blink_jax.blink.dtr import region_box
+from demo.pope import SPLITS
 
 IMAGE_SIZE = 168
 PATCH = 14
@@ -48,7 +49,6 @@ SIZE_BUCKET_PROBS = (0.3, 0.25, 0.25, 0.2)
 SUB_PATCH = ("tiny", "small")
 
 TRAIN, VAL, POPE, MIX = 0, 1, 2, 3  # random streams
-SPLITS = ("random", "popular", "adversarial")
 MIN_VISIBLE = 0.6
 # Shapes sit on patch centres, moved by up to this many pixels. A CLIP ViT has no translation equivariance
 # inside a patch; one trained from scratch for minutes does not learn shapes at every sub-patch offset.
@@ -369,7 +369,7 @@ def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_p
         with open(out / f"coco_pope_{split}.json", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     annotations = {
-        "generator": "train.demo.shapes.write_pope", "seed": seed, "n_images": n_images,
+        "generator": "demo.shapes.write_pope", "seed": seed, "n_images": n_images,
         "questions_per_image": questions_per_image, "image_size": IMAGE_SIZE, "patch_size": PATCH,
         "size_buckets": {name: [lo, hi] for name, lo, hi in SIZE_BUCKETS},
         "images": [{"image": pope_image_name(i), "objects": [
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m train.demo.shapes",
+        prog="python -m demo.shapes",
         description="Write a shapes data set: the POPE-format eval set (coco_pope_{random,popular,adversarial}.json, "
                     "val2014/*.png, shapes_annotations.json) or, with --format llava-mix, TokenSR training data in "
                     "the LLaVA-1.5 mix layout (llava_v1_5_mix665k.json, coco/train2017/*.png).")

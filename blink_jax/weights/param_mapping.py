@@ -140,6 +140,3 @@ def build_mapping(cfg: LlavaConfig) -> list[Entry]:
         entries += _linear("language_model.lm_head", lp + ("lm_head",), False)
     return entries
 
-
-def path_str(path: Path) -> str:
-    return ".".join(str(p) for p in path)

@@ -38,9 +38,9 @@ import ml_dtypes
 import numpy as np
 
 from blink_jax.config import LlavaConfig
-from blink_jax import loading
-from blink_jax.loading import CheckpointError
-from checkpoints_conversion.param_mapping import Entry, build_mapping, canonical_key
+from blink_jax.weights.orbax_io import is_converted_dir
+from blink_jax.weights.param_mapping import Entry, build_mapping, canonical_key
+from blink_jax.weights.params import CheckpointError, np_dtype, param_shapes
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -64,19 +64,6 @@ class TensorRef:
     offset: int | None = None  # safetensors: byte offset of the tensor's data in the file; None for torch files
 
 
-@functools.lru_cache(maxsize=8)
-def param_shapes(cfg: LlavaConfig) -> dict[tuple, tuple]:
-    """`loading.param_shapes`, cached: tracing the model's shapes takes a while. Do not mutate the result."""
-    return loading.param_shapes(cfg)
-
-
-def np_dtype(dtype) -> np.dtype | None:
-    """None, a name ('bfloat16', 'float32', ...) or a numpy/jax dtype -> numpy dtype (bf16 via ml_dtypes)."""
-    if dtype is None:
-        return None
-    return np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
-
-
 # ---------------------------------------------------------------------------------------------- files
 
 
@@ -88,8 +75,6 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
             return _files_from_index(d / index)
         if (d / single).is_file():
             return [d / single]
-    from checkpoints_conversion.orbax_io import is_converted_dir
-
     if is_converted_dir(d):
         raise CheckpointError(f"'{d}' is already a converted blink-jax directory (no Hugging Face weights to read): "
                               f"blink_jax.load_pretrained and eval.run read it as it is; "

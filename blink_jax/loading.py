@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
+from blink_jax.hub import resolve_model_dir
 from blink_jax.model.llava import LlavaModel
 
 
@@ -66,7 +67,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
     from blink_jax.runtime import Llava
     from checkpoints_conversion import hf_reader, orbax_io
 
-    path = Path(path)
+    path = resolve_model_dir(path)  # a directory, or a Hugging Face Hub id
     if not path.is_dir():
         raise FileNotFoundError(f"model directory '{path}' does not exist: give a Hugging Face LLaVA directory or "
                                 f"one written by `python -m checkpoints_conversion.hf_to_orbax`")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from blink_jax.config import ConfigError, LlavaConfig
+from blink_jax.hub import ModelNotFoundError, resolve_model_dir
 from blink_jax.loading import CheckpointError
 from checkpoints_conversion import hf_reader, orbax_io
 from checkpoints_conversion.hf_reader import TORCH_HINT
@@ -156,8 +157,9 @@ def main(argv=None) -> int:
               f"or convert without --verify", file=sys.stderr)
         return 2
     try:
+        args.hf_dir = resolve_model_dir(args.hf_dir)  # a directory, or a Hugging Face Hub id
         out = convert(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, FileExistsError, ModelNotFoundError) as e:
         print(f"error: {e}\nnothing was written to '{args.out}'", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -28,6 +28,7 @@ from blink_jax.blink import BlinkConfig
 from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace
+from blink_jax.hub import resolve_model_dir
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
                                   load_image)
 from eval.calibrate import parse_layers, positive_int, scan
@@ -243,8 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = args.mode or ("blink" if args.tokensr else "interp")
 
     try:
-        if not Path(args.model).is_dir():
-            raise FileNotFoundError(f"--model directory '{args.model}' does not exist")
+        args.model = resolve_model_dir(args.model)  # a directory or a Hugging Face Hub id, checked before the work
         image = load_image(args.image)
         blink, bank = blink_settings(mode, layers=args.layers, region_size=args.region_size, tau_exp=args.tau_exp,
                                      tau_drop=args.tau_drop, tokensr_dir=args.tokensr)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
+from blink_jax.hub import resolve_model_dir
 from blink_jax.loading import CheckpointError, abstract_model
 from train import sharding
 
@@ -35,10 +36,7 @@ def load_backbone(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh, dtype=j
     """The LLaVA at `model_dir` (HF or converted) with every parameter born sharded on `mesh`."""
     from checkpoints_conversion import hf_reader, orbax_io
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir} is not a directory: give a Hugging Face LLaVA directory or "
-                                f"one written by `python -m checkpoints_conversion.hf_to_orbax`")
+    model_dir = resolve_model_dir(model_dir)  # a directory, or a Hugging Face Hub id
     cfg = LlavaConfig.from_json(model_dir)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
     targets = dict(nnx.to_flat_state(abstract))

@@ -2,7 +2,7 @@
 so an installed blink-jax is found by an unmodified lmms-eval (tested with the version pinned in pyproject's
 `lmms` extra):
 
-    python -m lmms_eval --model blink_jax --tasks pope --batch_size 8 --log_samples --output_path out \\
+    lmms-eval --model blink_jax --tasks pope --batch_size 8 --log_samples --output_path out \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,mode=blink,tokensr=TOKENSR_DIR
 
 model_args (comma-separated key=value):
@@ -36,7 +36,6 @@ from typing import Any
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-DTYPES = ("bfloat16", "float32", "float16")
 DEFAULT_MAX_NEW_TOKENS = 1024  # when a task sets none (lmms-eval's LLaVA models do the same)
 
 
@@ -62,6 +61,7 @@ class BlinkJax(lmms):
         from blink_jax.hub import resolve_model_dir
         from blink_jax.processing import Processor
         from eval.harness.modes import ModeError, build_modes, check_fit, parse_layers
+        from eval.harness.runner import DTYPES
 
         if unknown:
             raise PluginError(f"blink_jax: unknown model_args {sorted(unknown)}; use pretrained, revision, mode, "
@@ -101,7 +101,6 @@ class BlinkJax(lmms):
         except ModeError as e:
             raise PluginError(f"blink_jax model_args (named as eval.run's flags there): {e}") from None
         self.model = load_pretrained(model_dir, dtype=getattr(jnp, dtype))
-        self.model_dir = model_dir
         text = cfg.text
         self.pad_id = int(text.pad_token_id if text.pad_token_id is not None else self.processor.pad_id)
         self.eos_id = text.eos_token_id
@@ -111,19 +110,40 @@ class BlinkJax(lmms):
         return self.batch_size_per_device
 
     def generate_until(self, requests) -> list[str]:
-        """One answer per request, in request order; requests with the same generation settings are batched."""
+        """One answer per request, in request order. Requests with the same generation settings are batched by
+        prompt length: one compiled program per (settings, bucket)."""
         from tqdm import tqdm
 
+        from eval.harness.batching import pad_batch, plan_batches, prefetch
+
         args = [req.args for req in requests]  # (context, gen_kwargs, doc_to_visual, doc_id, task, split)
+        settings = [self._generation(gen_kwargs, task) for _, gen_kwargs, _, _, task, _ in args]
+        answers, failed, ids = [""] * len(args), [], {}
+        for i, (context, _, _, doc_id, task, _) in enumerate(args):
+            try:
+                ids[i] = self._prompt_ids(context)
+            except ValueError as e:
+                failed.append(f"{task} doc {doc_id}: {e}")
         groups: dict[str, list[int]] = {}
-        for i, (_, gen_kwargs, _, _, task, _) in enumerate(args):
-            groups.setdefault(json.dumps(self._generation(gen_kwargs, task), sort_keys=True), []).append(i)
-        answers = [""] * len(args)
-        failed: list[str] = []
-        bar = tqdm(total=len(args), desc=f"blink_jax {self.mode.name}", disable=self.rank != 0)
-        for key, indices in groups.items():
-            settings = json.loads(key)
-            self._answer_group(args, indices, settings, answers, failed, bar)
+        for i in ids:
+            groups.setdefault(json.dumps(settings[i], sort_keys=True), []).append(i)
+        batches = [batch for group in groups.values()
+                   for batch in plan_batches(group, [len(ids[i]) for i in group], bucket=self.bucket,
+                                             batch_size=self.batch_size)]
+        bar = tqdm(total=len(args), initial=len(args) - len(ids), desc=f"blink_jax {self.mode.name}",
+                   disable=self.rank != 0)
+        for batch, rows in zip(batches, prefetch(lambda b: [self._pixels(args[i]) for i in b.items], batches)):
+            ok = [(i, px) for i, (px, error) in zip(batch.items, rows) if error is None]
+            failed += [f"{args[i][4]} doc {args[i][3]}: {error}" for i, (_, error) in zip(batch.items, rows) if error]
+            if ok:
+                gen = settings[ok[0][0]]
+                inputs = pad_batch([ids[i] for i, _ in ok], [px for _, px in ok], length=batch.length,
+                                   batch_size=self.batch_size, pad_id=self.pad_id)
+                tokens = self.model.generate(**inputs, max_new_tokens=gen["max_new_tokens"], blink=self.mode.blink,
+                                             tokensr=self.mode.tokensr)
+                for row, (i, _) in enumerate(ok):
+                    answers[i] = _cut(self._decode(tokens[row]), gen["until"])
+            bar.update(len(batch.items))
         bar.close()
         if failed:
             print(f"blink_jax: {len(failed)} question(s) could not be asked and are answered \"\" (scored wrong): "
@@ -149,34 +169,10 @@ class BlinkJax(lmms):
         return {"max_new_tokens": steps, "until": until}
 
     def _prompt_ids(self, context: str) -> list[int]:
+        """LLaVA-1.5's eval prompt around the task's text (the `<image>` goes first), as token ids [T]."""
         from blink_jax.processing import IMAGE_PLACEHOLDER, build_prompt
 
         return self.processor.tokenize(build_prompt(context.replace(IMAGE_PLACEHOLDER, "").strip(), suffix=None))
-
-    def _answer_group(self, args: Sequence[tuple], indices: Sequence[int], settings: dict, answers: list[str],
-                      failed: list[str], bar) -> None:
-        from eval.harness.batching import pad_batch, plan_batches, prefetch
-
-        ids: dict[int, list[int]] = {}
-        for i in indices:
-            try:
-                ids[i] = self._prompt_ids(args[i][0])
-            except ValueError as e:
-                failed.append(f"{args[i][4]} doc {args[i][3]}: {e}")
-                bar.update()
-        asked = [i for i in indices if i in ids]
-        batches = plan_batches(asked, [len(ids[i]) for i in asked], bucket=self.bucket, batch_size=self.batch_size)
-        for batch, rows in zip(batches, prefetch(lambda b: [self._pixels(args[i]) for i in b.items], batches)):
-            ok = [(i, px) for i, (px, error) in zip(batch.items, rows) if error is None]
-            failed += [f"{args[i][4]} doc {args[i][3]}: {error}" for i, (_, error) in zip(batch.items, rows) if error]
-            if ok:
-                inputs = pad_batch([ids[i] for i, _ in ok], [px for _, px in ok], length=batch.length,
-                                   batch_size=self.batch_size, pad_id=self.pad_id)
-                tokens = self.model.generate(**inputs, max_new_tokens=settings["max_new_tokens"], blink=self.mode.blink,
-                                             tokensr=self.mode.tokensr)
-                for row, (i, _) in enumerate(ok):
-                    answers[i] = _cut(self._decode(tokens[row]), settings["until"])
-            bar.update(len(batch.items))
 
     def _pixels(self, request: tuple):
         """(pixel values [3, H, W], None) of a request's one image, or (None, why it cannot be asked)."""

@@ -120,6 +120,7 @@ def test_paths_that_are_not_ids(offline, tmp_path):
 
 def test_clis_take_hub_ids(offline, tmp_path, capsys):
     from eval import predict, run
+    from train import tokensr
 
     data = ROOT / "demo" / "data" / "pope"
     assert run.main(["--bench", "pope", "--model", "tiny-org/absent", "--data-dir", str(data), "--out",
@@ -128,6 +129,9 @@ def test_clis_take_hub_ids(offline, tmp_path, capsys):
     with pytest.raises(SystemExit, match="'tiny-org/absent' is neither a local directory"):
         predict.main(["--model", "tiny-org/absent", "--image", str(data / "val2014" / "COCO_val2014_000000000001.png"),
                       "--question", "is there a circle?"])
+    assert tokensr.main(["--model", "tiny-org/absent", "--data-dir", str(tmp_path), "--workdir",
+                         str(tmp_path / "work")]) == 2
+    assert "'tiny-org/absent' is neither a local directory" in capsys.readouterr().err
 
 
 def test_converter_reads_a_hub_id_with_the_environment_offline(hub, tmp_path):

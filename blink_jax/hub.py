@@ -72,8 +72,8 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         offline = constants.HF_HUB_OFFLINE
         where = f"the Hub cache {constants.HF_HUB_CACHE}" + (" (HF_HUB_OFFLINE is set)" if offline else "")
         fix = (f"download it while online (`hf download {repo_id}`) or point HF_HUB_CACHE to a cache that holds it"
-               if offline else "check the id and the network, and for a gated or private repository log in (`hf auth login`) or "
-               "set HF_TOKEN")
+               if offline else "check the id and the network, and for a gated or private repository log in "
+               "(`hf auth login`) or set HF_TOKEN")
         raise ModelNotFoundError(f"model {repo_id!r}{at} is neither a local directory nor a Hugging Face Hub model "
                                  f"found in {where} ({type(e).__name__}): give a LLaVA directory, or {fix}") from None
     return folder

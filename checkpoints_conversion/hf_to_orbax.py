@@ -135,7 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "orbax directory, loadable with blink_jax.load_pretrained(out).",
         epilog="Example: python -m checkpoints_conversion.hf_to_orbax --hf-dir llava-1.5-7b-hf "
                "--out llava-1.5-7b-jax --dtype bfloat16 --verify")
-    p.add_argument("--hf-dir", required=True, help="Hugging Face LLaVA directory (config.json, weights, tokenizer)")
+    p.add_argument("--hf-dir", required=True,
+                   help="Hugging Face LLaVA directory (config.json, weights, tokenizer) or Hub id "
+                        "(llava-hf/llava-1.5-7b-hf)")
     p.add_argument("--out", required=True, help="output directory; must not exist or be empty (see --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store parameters in this dtype (default: keep the checkpoint's own dtype)")

@@ -72,7 +72,8 @@ class BlinkJax(lmms):
                               "Hub id, e.g. --model_args pretrained=llava-hf/llava-1.5-7b-hf")
         if mesh not in (None, "", "none"):
             raise PluginError(f"blink_jax: mesh={mesh!r}: inference (load_pretrained, generate) runs on one device; "
-                              f"meshes exist for TokenSR training only (python -m train.tokensr --mesh): leave mesh out")
+                              f"meshes exist for TokenSR training only (python -m train.tokensr --mesh): leave mesh "
+                              f"out")
         if device is not None:
             raise PluginError(f"blink_jax: --device {device!r}: JAX picks the device (set JAX_PLATFORMS, or "
                               f"CUDA_VISIBLE_DEVICES): leave --device out")

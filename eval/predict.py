@@ -209,7 +209,8 @@ def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, ta
 def build_parser() -> argparse.ArgumentParser:
     defaults = BlinkConfig()
     parser = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face LLaVA directory or a converted blink-jax one")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id")
     parser.add_argument("--image", required=True, help="the image file")
     parser.add_argument("--question", required=True, help="the question; the LLaVA-1.5 eval prompt is built around "
                                                           "it (short-answer suffix included)")

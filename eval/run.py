@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=NAMES, help="the benchmark")
-    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted); default: the bundled demo "
-                                   "model (pope only)")
+    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted) or Hub id; default: the bundled "
+                                   "demo model (pope only)")
     p.add_argument("--data-dir", help="the benchmark's release files, in their official layout (default with the "
                                       "demo model: its shapes set)")
     p.add_argument("--modes", default=None,

@@ -97,9 +97,9 @@ def test_revision_selects_that_snapshot(offline, revision):
 
 
 def test_missing_id_or_revision_names_it_and_the_fix(offline):
-    with pytest.raises(ModelNotFoundError, match=r"'tiny-org/absent' is neither a local directory nor a Hugging Face "
-                                                 r"Hub model found in the Hub cache .*HF_HUB_OFFLINE is set.*hf download "
-                                                 r"tiny-org/absent"):
+    with pytest.raises(ModelNotFoundError, match=r"'tiny-org/absent' is neither a local directory nor a Hugging "
+                                                 r"Face Hub model found in the Hub cache .*HF_HUB_OFFLINE is set.*hf "
+                                                 r"download tiny-org/absent"):
         load_pretrained("tiny-org/absent")
     with pytest.raises(ModelNotFoundError, match="'tiny-org/absent'"):
         Processor.from_pretrained("tiny-org/absent")

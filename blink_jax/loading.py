@@ -12,6 +12,7 @@ from flax import nnx
 
 from blink_jax import sharding
 from blink_jax.config import LlavaConfig
+from blink_jax.hub import resolve_model_dir
 from blink_jax.model.llava import LlavaModel
 from blink_jax.runtime import Llava
 from blink_jax.weights import hf_reader, orbax_io
@@ -25,7 +26,8 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
     With `mesh`, every parameter is created already sharded as `rules` (`blink_jax.sharding`) say; see
     `load_model`.
     """
-    return Llava(load_model(path, dtype, mesh, rules), model_dir=Path(path))
+    path = resolve_model_dir(path)
+    return Llava(load_model(path, dtype, mesh, rules), model_dir=path)
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
@@ -35,9 +37,9 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Me
     No mesh: the whole model is read into host memory, then put on the default device. With a mesh, no
     parameter ever exists whole on one device: a converted directory is restored by orbax straight into each
     parameter's sharding (each host reads only what its devices hold); an HF directory is read one tensor at a
-    time, each tensor placed in its sharding before the next is read.
+    time, each tensor placed in its sharding before the next is read. `path` may be a Hugging Face Hub id.
     """
-    path = Path(path)
+    path = resolve_model_dir(path)  # a directory, or a Hugging Face Hub id
     if not path.is_dir():
         raise FileNotFoundError(f"model directory '{path}' does not exist: give a Hugging Face LLaVA directory or "
                                 f"one written by `python -m checkpoints_conversion.hf_to_orbax`")

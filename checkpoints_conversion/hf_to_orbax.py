@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from blink_jax.config import ConfigError, LlavaConfig
+from blink_jax.hub import ModelNotFoundError, resolve_model_dir
 from blink_jax.loading import load_pretrained
 from blink_jax.weights import hf_reader, orbax_io
 from blink_jax.weights.hf_reader import TORCH_HINT
@@ -129,7 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "orbax directory, loadable with blink_jax.load_pretrained(out).",
         epilog="Example: python -m checkpoints_conversion.hf_to_orbax --hf-dir llava-1.5-7b-hf "
                "--out llava-1.5-7b-jax --dtype bfloat16 --verify")
-    p.add_argument("--hf-dir", required=True, help="Hugging Face LLaVA directory (config.json, weights, tokenizer)")
+    p.add_argument("--hf-dir", required=True,
+                   help="Hugging Face LLaVA directory (config.json, weights, tokenizer) or Hub id "
+                        "(llava-hf/llava-1.5-7b-hf)")
     p.add_argument("--out", required=True, help="output directory; must not exist or be empty (see --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store parameters in this dtype (default: keep the checkpoint's own dtype)")
@@ -151,8 +154,9 @@ def main(argv=None) -> int:
               f"or convert without --verify", file=sys.stderr)
         return 2
     try:
+        args.hf_dir = resolve_model_dir(args.hf_dir)  # a directory, or a Hugging Face Hub id
         out = convert(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, FileExistsError, ModelNotFoundError) as e:
         print(f"error: {e}\nnothing was written to '{args.out}'", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -287,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval.calibrate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face LLaVA directory or a converted blink-jax one")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id")
     parser.add_argument("--data", required=True,
                         help="JSONL question file (lines with \"image\" and \"question\"/\"text\", the LLaVA-eval/"
                              "POPE format) or a folder of images asked --question")

@@ -29,6 +29,7 @@ from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace
+from blink_jax.hub import resolve_model_dir
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
                                   load_image)
 from eval.calibrate import positive_int, scan
@@ -209,7 +210,8 @@ def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, ta
 def build_parser() -> argparse.ArgumentParser:
     defaults = BlinkConfig()
     parser = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face LLaVA directory or a converted blink-jax one")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id")
     parser.add_argument("--image", required=True, help="the image file")
     parser.add_argument("--question", required=True, help="the question; the LLaVA-1.5 eval prompt is built around "
                                                           "it (short-answer suffix included)")
@@ -244,8 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = args.mode or ("blink" if args.tokensr else "interp")
 
     try:
-        if not Path(args.model).is_dir():
-            raise FileNotFoundError(f"--model directory '{args.model}' does not exist")
+        args.model = resolve_model_dir(args.model)  # a directory or a Hugging Face Hub id, checked before the work
         image = load_image(args.image)
         blink, bank = blink_settings(mode, layers=args.layers, region_size=args.region_size, tau_exp=args.tau_exp,
                                      tau_drop=args.tau_drop, tokensr_dir=args.tokensr)

@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=NAMES, help="the benchmark")
-    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted); default: the bundled demo "
-                                   "model (pope only)")
+    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted) or Hub id; default: the bundled "
+                                   "demo model (pope only)")
     p.add_argument("--data-dir", help="the benchmark's release files, in their official layout (default with the "
                                       "demo model: its shapes set)")
     p.add_argument("--modes", default=None,
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from blink_jax import CheckpointError, ConfigError
+    from blink_jax.hub import resolve_model_dir
     from blink_jax.processing import ImageError, ProcessorError
     from eval.benchmarks import DataError
     from blink_jax.blink.config import parse_layers
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
+        model = str(resolve_model_dir(model))  # a Hub id runs from (and run.json records) its cached snapshot
         cfg = EvalConfig(
             bench=args.bench, model=model, data_dir=args.data_dir, out=args.out,
             modes=modes, tokensr=args.tokensr, ablation=args.ablation, limit=args.limit, batch_size=args.batch_size,
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, dtype=args.dtype,
             tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
             pad_to_square=not args.no_pad_to_square, progress=not args.no_progress)
-    except ValueError as e:  # flags out of range
+    except (ValueError, FileNotFoundError) as e:  # flags out of range, a --model that is not there
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -15,5 +15,8 @@ if timeout 10 python -c 'import socket; socket.setdefaulttimeout(3); socket.crea
 fi
 python -m pip install -q "torch==2.13.0" ${torch_index[@]+"${torch_index[@]}"}
 python -m pip install -q -e ".[test]"
+# lmms-eval (the version of the `lmms` extra) for the plugin test, without its heavy dependency list: the test
+# extra holds what its evaluator and POPE task import.
+python -m pip install -q --no-deps "$(grep -o 'lmms-eval==[0-9.]*' pyproject.toml)"
 export JAX_PLATFORMS=cpu
 python -m pytest tests -q -p no:cacheprovider "$@"

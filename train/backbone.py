@@ -17,6 +17,7 @@ from flax import nnx
 
 from blink_jax import sharding
 from blink_jax.config import LlavaConfig
+from blink_jax.hub import resolve_model_dir
 from blink_jax.loading import load_model
 
 
@@ -31,6 +32,7 @@ class Backbone:
 def load_backbone(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh, dtype=jnp.float32,
                   rules=sharding.LOGICAL_RULES) -> Backbone:
     """The LLaVA at `model_dir` (HF or converted) with every parameter born sharded on `mesh`."""
+    model_dir = resolve_model_dir(model_dir)  # a directory, or a Hugging Face Hub id
     model = load_model(model_dir, dtype, mesh, rules)
     graphdef, params = nnx.split(model)
     return Backbone(model.config, graphdef, params, fingerprint(model_dir, dtype))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from blink_jax.blink.config import layers_argument
+from blink_jax.hub import resolve_model_dir
 from train.config import TrainConfig
 
 DEFAULTS = TrainConfig(model="", data_dir="", workdir="")
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
     try:
+        fields["model"] = os.fspath(resolve_model_dir(args.model))  # a Hub id trains on (and records) its snapshot
         result = loop.train(TrainConfig(**fields), progress=args.progress)
     except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)

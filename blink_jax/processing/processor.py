@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from blink_jax.config import LlavaConfig
+from blink_jax.hub import resolve_model_dir
 from blink_jax.processing.image import load_image, preprocess_images
 from blink_jax.processing.prompt import IMAGE_PLACEHOLDER
 
@@ -94,7 +95,7 @@ class Processor:
     def from_pretrained(cls, model_dir: str | os.PathLike, config: LlavaConfig | None = None,
                         pad_to_square: bool = True) -> "Processor":
         """Tokenizer from `model_dir` (AutoTokenizer) and, unless given, the config from its `config.json`."""
-        model_dir = Path(model_dir)
+        model_dir = resolve_model_dir(model_dir)  # a directory, or a Hugging Face Hub id
         tokenizer = _load_tokenizer(model_dir)
         config = LlavaConfig.from_json(model_dir) if config is None else config
         return cls(tokenizer, config, pad_to_square=pad_to_square)

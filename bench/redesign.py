@@ -69,7 +69,10 @@ def worker(task: str, size_name: str, reps: int) -> dict:
 
     size = {**common.SIZES, "7b": common.LLAVA_7B}[size_name]
     if task == "compile":
-        from blink_jax.loading import abstract_model
+        try:
+            from blink_jax.weights.params import abstract_model
+        except ImportError:  # a checkout from before the library held its checkpoint code
+            from blink_jax.loading import abstract_model
 
         cfg = LlavaConfig.from_hf_config(common.hf_config(size))
         gd, params = nnx.split(abstract_model(cfg, jnp.bfloat16))

@@ -97,6 +97,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"conv3\.kernel$", ("conv", "conv", "channels", "embed")),
     (r"conv[12]\.bias$", ("channels",)),
     (r"conv3\.bias$", ("norm",)),
+    # TokenSR mlp: per-token dense layers
+    (r"dense1\.kernel$", ("embed", "channels")),
+    (r"dense2\.kernel$", ("channels_in", "channels")),
+    (r"dense3\.kernel$", ("channels", "embed")),
+    (r"dense[12]\.bias$", ("channels",)),
+    (r"dense3\.bias$", ("norm",)),
 )
 
 # Activations that cross jit boundaries.

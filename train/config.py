@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 from blink_jax.blink import BlinkConfig
+from blink_jax.blink.tokensr import KINDS, trained
+
+TRAINED_KINDS = tuple(kind for kind in KINDS if trained(kind))  # --kind choices
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 BACKBONE_DTYPES = ("float32", "bfloat16")
@@ -28,10 +31,11 @@ class TrainConfig:
     workdir: checkpoints, metrics.jsonl, the exported `tokensr/` and (by default) the teacher cache.
     mesh: a preset name (`cpu`, `cpu_8`, `gpu_1`, `gpu_8`, `tpu_v4_8`, `tpu_v5e_8`) or `data:2,fsdp:4`.
     layers, region_size, scale, channels: the Blink geometry the TokenSR modules are trained for.
+    kind: the TokenSR kind trained (`conv`, or `mlp`: per-token dense layers; BLINK.md §4).
     batch_size: the global batch (all hosts); it must divide by the mesh's batch axes (data x fsdp).
     steps: total optimiser steps; also the cosine decay horizon.
     lr, warmup_steps, end_lr_ratio: linear warm-up from 0 to `lr`, cosine decay to `lr * end_lr_ratio`.
-    clip_norm: global gradient-norm clip (0 disables). weight_decay: AdamW's, on conv kernels only.
+    clip_norm: global gradient-norm clip (0 disables). weight_decay: AdamW's, on kernels only (not biases).
     mse_weight, temperature: the loss is KL(softmax(t/T) || softmax(s/T)) + mse_weight * MSE(s, t).
     p_random_region: probability that a (layer, example) uses a uniformly random region instead of r*.
     save_every, keep: checkpoint every N steps (and at the end), keeping the last `keep`.
@@ -56,6 +60,7 @@ class TrainConfig:
     region_size: int = _BLINK.region_size
     scale: int = _BLINK.scale
     channels: int = _BLINK.tokensr_channels
+    kind: str = "conv"
     batch_size: int = 16
     steps: int = 5000
     lr: float = 1e-4
@@ -100,13 +105,15 @@ class TrainConfig:
             raise TrainConfigError(f"--cache-dtype={self.cache_dtype!r}: use one of {CACHE_DTYPES}")
         if self.backbone_dtype not in BACKBONE_DTYPES:
             raise TrainConfigError(f"--backbone-dtype={self.backbone_dtype!r}: use one of {BACKBONE_DTYPES}")
+        if self.kind not in TRAINED_KINDS:
+            raise TrainConfigError(f"--kind={self.kind!r}: use one of {TRAINED_KINDS} (interp has nothing to train)")
         self.blink  # validates layers / region size / scale
 
     @property
     def blink(self) -> BlinkConfig:
-        """The Blink geometry the TokenSR bank is trained for (conv TokenSR)."""
+        """The Blink geometry and TokenSR kind the TokenSR bank is trained for."""
         return BlinkConfig(layers=tuple(self.layers), region_size=self.region_size, scale=self.scale,
-                           tokensr_kind="conv", tokensr_channels=self.channels)
+                           tokensr_kind=self.kind, tokensr_channels=self.channels)
 
     @property
     def tfds_path(self) -> Path:

@@ -3,7 +3,7 @@
 The backbone never enters the optimiser: the train step differentiates a function of the TokenSR parameters
 alone (the frozen backbone's outputs arrive as inputs), so the backbone has no gradient and no optimiser
 state, which is what maxtext's `multi_transform`/`set_to_zero` achieves when frozen weights share the
-parameter tree. Weight decay applies to conv kernels, not biases.
+parameter tree. Weight decay applies to kernels, not biases.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import sys
 
 from blink_jax.blink.config import layers_argument
 from blink_jax.hub import resolve_model_dir
-from train.config import TrainConfig
+from train.config import TRAINED_KINDS, TrainConfig
 
 DEFAULTS = TrainConfig(model="", data_dir="", workdir="")
 
@@ -49,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     blink.add_argument("--layers", type=layers_argument, default=d.layers, help="participating layers, e.g. 12-18 or 1,2")
     blink.add_argument("--region-size", type=int, default=d.region_size, help="r: regions are r x r visual tokens")
     blink.add_argument("--scale", type=int, default=d.scale, help="s: TokenSR output is (s r) x (s r)")
-    blink.add_argument("--channels", type=int, default=d.channels, help="bottleneck C of the conv TokenSR")
+    blink.add_argument("--kind", default=d.kind, choices=TRAINED_KINDS,
+                       help="TokenSR kind: conv (3x3 convolutions) or mlp (per-token dense layers)")
+    blink.add_argument("--channels", type=int, default=d.channels, help="bottleneck C of the TokenSR")
 
     opt = p.add_argument_group("optimisation (BLINK.md §5)")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all hosts")

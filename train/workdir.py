@@ -12,7 +12,7 @@ from train.config import TrainConfig, TrainConfigError
 
 log = logging.getLogger(__name__)
 # Fields that fix the shapes of the saved state: a resumed run must agree on them.
-STATE_FIELDS = ("layers", "region_size", "scale", "channels")
+STATE_FIELDS = ("layers", "region_size", "scale", "channels", "kind")
 
 
 def has_checkpoints(workdir: Path) -> bool:

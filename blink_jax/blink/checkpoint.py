@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from blink_jax.blink.config import BlinkConfig
-from blink_jax.blink.tokensr import TokenSRBank
+from blink_jax.blink.tokensr import TokenSRBank, trained
 
 FORMAT = "blink-jax-tokensr/1"
 
@@ -28,8 +28,9 @@ def save_tokensr(out_dir: str | os.PathLike, bank: TokenSRBank, blink: BlinkConf
                  extra: dict | None = None, overwrite: bool = True) -> Path:
     """Writes `bank` (trained for `blink`'s layers) to `out_dir` atomically."""
     out_dir = Path(out_dir).absolute()
-    if blink.tokensr_kind != "conv":
-        raise ValueError(f"only conv TokenSR has parameters to save; BlinkConfig.tokensr_kind={blink.tokensr_kind!r}")
+    if not trained(blink.tokensr_kind):
+        raise ValueError(f"BlinkConfig.tokensr_kind={blink.tokensr_kind!r} has no parameters to save; a trained "
+                         f"kind has (conv, mlp)")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True or choose another directory")
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

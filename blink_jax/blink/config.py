@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from blink_jax.config import ConfigError
 
 REEXPAND = ("refocus", "hold")
-TOKENSR_KINDS = ("interp", "conv")
+TOKENSR_KINDS = ("interp", "conv", "mlp")  # their modules: `tokensr.KINDS`
 REGION_CHOICES = ("saliency", "random")
 EXPANSIONS = ("dynamic", "fixed")
 # The §6 ablations; `ablation(name)` maps each to a config change.
@@ -132,8 +132,9 @@ class BlinkConfig(_Derived):
     drop: False is the "w/o Drop" ablation (SR tokens stay to the end once expanded).
     reexpand: when already expanded and rho > tau_exp: "refocus" replaces the SR tokens with the new
       region's, "hold" keeps the old ones.
-    tokensr_kind: "interp" (Blink-interp, no parameters) or "conv" (Blink, trained).
-    tokensr_channels: bottleneck C of the conv TokenSR.
+    tokensr_kind: "interp" (Blink-interp, no parameters), "conv" (Blink, trained) or "mlp" (Blink with a
+      per-token MLP residual instead of convolutions, trained).
+    tokensr_channels: bottleneck C of the trained TokenSR.
     region_choice: "saliency" (r*) or "random" (the w/o-SGS ablation; rho still decides *whether*).
     expansion: "dynamic" or "fixed" (the w/o-DTR ablation).
     return_attention: the trace carries S_v per layer.

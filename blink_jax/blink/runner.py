@@ -17,7 +17,7 @@ from flax import nnx
 from blink_jax.blink import dtr
 from blink_jax.blink.config import BlinkConfig, BlinkStatic, Thresholds
 from blink_jax.blink.forward import Trace
-from blink_jax.blink.tokensr import TokenSRBank, check_geometry, check_state
+from blink_jax.blink.tokensr import TokenSRBank, check_geometry, check_state, trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +42,17 @@ class HostTrace:
 
 
 def tokensr_bank(blink: BlinkConfig, dim: int, tokensr) -> TokenSRBank:
-    """The TokenSR bank to run: built for `interp`, or the given (trained) bank / its state for `conv`."""
-    if blink.tokensr_kind == "interp":
+    """The TokenSR bank to run: built for `interp`, or the given (trained) bank / its state for a trained kind."""
+    if not trained(blink.tokensr_kind):
         if tokensr is not None:
-            raise ValueError("tokensr parameters were given but BlinkConfig.tokensr_kind='interp' has none: "
-                             "use tokensr_kind='conv' to run trained TokenSR, or pass tokensr=None")
+            raise ValueError(f"tokensr parameters were given but BlinkConfig.tokensr_kind={blink.tokensr_kind!r} has "
+                             f"none: use the kind they were trained as (load_tokensr returns its config), or pass "
+                             f"tokensr=None")
         return TokenSRBank(blink, dim, rngs=nnx.Rngs(0))
     if tokensr is None:
-        raise ValueError("BlinkConfig.tokensr_kind='conv' needs trained TokenSR parameters: pass tokensr= "
-                         "(a TokenSRBank or its nnx.State, e.g. from train.tokensr's checkpoint), or use 'interp'")
+        raise ValueError(f"BlinkConfig.tokensr_kind={blink.tokensr_kind!r} needs trained TokenSR parameters: pass "
+                         f"tokensr= (a TokenSRBank or its nnx.State, e.g. from train.tokensr's checkpoint), or use "
+                         f"'interp'")
     if isinstance(tokensr, TokenSRBank):
         bank = tokensr
     else:  # a bare state: only its array shapes can be checked (scale and region size leave none: trust `blink`)
@@ -83,7 +85,7 @@ def prepare(blink: BlinkConfig, tokensr, rng, *, num_layers: int, grid: int, dim
         raise TypeError(f"blink must be a BlinkConfig, got {type(blink).__name__}")
     blink.validate_for(num_layers, grid)
     static, thresholds = blink.split()
-    if blink.tokensr_kind == "interp" and tokensr is None:
+    if not trained(blink.tokensr_kind) and tokensr is None:
         bank_def, bank_state = _interp_bank(static, dim)
     else:
         bank_def, bank_state = nnx.split(tokensr_bank(blink, dim, tokensr))

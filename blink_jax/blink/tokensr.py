@@ -1,16 +1,27 @@
 """TokenSR (BLINK.md §4): upsample an r x r grid of hidden states to (s r) x (s r).
 
+Every kind is U + f(U), U the bilinear upsampling and f a learned residual (none for `interp`) whose last layer is
+zero-initialised, so an untrained TokenSR is exactly Blink-interp. The kinds are the rows of `KINDS`: adding one
+is a build function (its parameters), a residual function, its name in `config.TOKENSR_KINDS` and its parameter
+axes in `blink_jax.sharding.PARAM_AXES` (docs/ARCHITECTURE.md).
+
 Layout NHWC throughout (flax convs, kernels HWIO). Letters: B batch, r region side, s scale, D model
 dim, C bottleneck channels.
 
 Parameter paths (stable, for orbax and optax), in a `TokenSRBank`:
-  layer_{L}/conv1/{kernel,bias}   [3, 3, D, C], [C]
-  layer_{L}/conv2/{kernel,bias}   [3, 3, C, C], [C]
-  layer_{L}/conv3/{kernel,bias}   [3, 3, C, D], [D]   (zero-initialised)
+  conv   layer_{L}/conv1/{kernel,bias}    [3, 3, D, C], [C]
+         layer_{L}/conv2/{kernel,bias}    [3, 3, C, C], [C]
+         layer_{L}/conv3/{kernel,bias}    [3, 3, C, D], [D]   (zero-initialised)
+  mlp    layer_{L}/dense1/{kernel,bias}   [D, C], [C]          (the same per token: 1 x 1 "convolutions")
+         layer_{L}/dense2/{kernel,bias}   [C, C], [C]
+         layer_{L}/dense3/{kernel,bias}   [C, D], [D]          (zero-initialised)
 The "interp" kind has no parameters.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +36,51 @@ def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:  # [B, r, r, D] ->
     return jax.image.resize(x, (b, scale * h, scale * w, d), "bilinear")
 
 
+def _build_conv(m: "TokenSR", dim: int, channels: int, **kw) -> None:
+    conv = lambda i, o, **init: nnx.Conv(i, o, (3, 3), padding="SAME", use_bias=True, **kw, **init)
+    m.conv1 = conv(dim, channels)
+    m.conv2 = conv(channels, channels)
+    m.conv3 = conv(channels, dim, kernel_init=nnx.initializers.zeros_init(), bias_init=nnx.initializers.zeros_init())
+
+
+def _conv_residual(m: "TokenSR", u: jax.Array) -> jax.Array:  # [B, s r, s r, D] -> same
+    return m.conv3(jax.nn.relu(m.conv2(jax.nn.relu(m.conv1(u)))))
+
+
+def _build_mlp(m: "TokenSR", dim: int, channels: int, **kw) -> None:
+    dense = lambda i, o, **init: nnx.Linear(i, o, use_bias=True, **kw, **init)
+    m.dense1 = dense(dim, channels)
+    m.dense2 = dense(channels, channels)
+    m.dense3 = dense(channels, dim, kernel_init=nnx.initializers.zeros_init(),
+                     bias_init=nnx.initializers.zeros_init())
+
+
+def _mlp_residual(m: "TokenSR", u: jax.Array) -> jax.Array:  # [B, s r, s r, D] -> same, token by token
+    return m.dense3(jax.nn.relu(m.dense2(jax.nn.relu(m.dense1(u)))))
+
+
+class Kind(NamedTuple):
+    """A TokenSR kind: how to build its parameters on a `TokenSR` and its residual f(U); None for no parameters."""
+    build: Callable[..., None] | None
+    residual: Callable[["TokenSR", jax.Array], jax.Array] | None
+
+
+KINDS: dict[str, Kind] = {
+    "interp": Kind(None, None),
+    "conv": Kind(_build_conv, _conv_residual),
+    "mlp": Kind(_build_mlp, _mlp_residual),
+}
+if tuple(KINDS) != TOKENSR_KINDS:
+    raise ImportError(f"TokenSR kinds {tuple(KINDS)} and config.TOKENSR_KINDS {TOKENSR_KINDS} differ: keep one list")
+
+
+def trained(kind: str) -> bool:
+    """Whether a TokenSR kind has parameters (is trained), e.g. conv and mlp; interp has none."""
+    return KINDS[kind].build is not None
+
+
 class TokenSR(nnx.Module):
-    """TokenSR_L for one layer: `interp` U = bilinear(X), or `conv` U + f(U) with f zero at init."""
+    """TokenSR_L for one layer: U = bilinear(X), plus the kind's residual f(U) (zero at init)."""
 
     def __init__(
         self,
@@ -40,20 +94,13 @@ class TokenSR(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
-        if kind not in TOKENSR_KINDS:
-            raise ValueError(f"TokenSR kind={kind!r} is unknown; use one of {TOKENSR_KINDS}")
+        if kind not in KINDS:
+            raise ValueError(f"TokenSR kind={kind!r} is unknown; use one of {tuple(KINDS)}")
         self.dim, self.region_size, self.scale, self.kind = dim, region_size, scale, kind
         self.dtype = dtype
-        if kind == "conv":
-            conv = lambda i, o, **kw: nnx.Conv(
-                i, o, (3, 3), padding="SAME", use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs, **kw,
-            )
-            self.conv1 = conv(dim, channels)
-            self.conv2 = conv(channels, channels)
-            # Zero kernel and bias: an untrained conv TokenSR is exactly Blink-interp.
-            self.conv3 = conv(channels, dim, kernel_init=nnx.initializers.zeros_init(),
-                              bias_init=nnx.initializers.zeros_init())
+        self.channels = channels if trained(kind) else None  # the bottleneck C built
+        if trained(kind):
+            KINDS[kind].build(self, dim, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, r, r, D] -> [B, s r, s r, D] in `dtype`
         if x.shape[1:] != (self.region_size, self.region_size, self.dim):
@@ -61,11 +108,8 @@ class TokenSR(nnx.Module):
                 f"TokenSR input has shape {x.shape}, expected [B, {self.region_size}, {self.region_size}, {self.dim}]"
             )
         u = bilinear_upsample(x.astype(self.dtype), self.scale)
-        if self.kind == "interp":
-            return u
-        f = jax.nn.relu(self.conv1(u))
-        f = jax.nn.relu(self.conv2(f))
-        return u + self.conv3(f)
+        residual = KINDS[self.kind].residual
+        return u if residual is None else u + residual(self, u)
 
 
 class TokenSRBank(nnx.Module):
@@ -122,8 +166,8 @@ def check_geometry(blink: BlinkConfig | BlinkStatic, dim: int, bank: TokenSRBank
             raise ValueError(f"the TokenSR of layer {layer} was trained for hidden size {module.dim} but this model's "
                              f"is {dim}: it belongs to another model; train TokenSR for this one")
         built = {"region_size": module.region_size, "scale": module.scale, "tokensr_kind": module.kind}
-        if module.kind == "conv":
-            built["tokensr_channels"] = module.conv1.out_features
+        if module.channels is not None:
+            built["tokensr_channels"] = module.channels
         for field, value in built.items():
             if getattr(blink, field) != value:
                 raise ValueError(f"the TokenSR of layer {layer} was built with {field}={value!r} but BlinkConfig."

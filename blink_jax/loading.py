@@ -4,7 +4,6 @@ one device or with every parameter born sharded on a device mesh."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

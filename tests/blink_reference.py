@@ -15,9 +15,17 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 
-def tokensr_torch(x: torch.Tensor, scale: int, conv: list[tuple[np.ndarray, np.ndarray]] | None) -> torch.Tensor:
-    """x [r, r, D] -> [s r, s r, D]; `conv` = [(kernel HWIO, bias)] * 3 from our bank, or None for interp."""
+def tokensr_torch(x: torch.Tensor, scale: int, conv: list[tuple[np.ndarray, np.ndarray]] | None,
+                  mlp: list[tuple[np.ndarray, np.ndarray]] | None = None) -> torch.Tensor:
+    """x [r, r, D] -> [s r, s r, D]; `conv` = [(kernel HWIO, bias)] * 3 from our bank, `mlp` = [(kernel [in, out],
+    bias)] * 3 (a dense residual applied to each token), or neither for interp."""
     u = F.interpolate(x.permute(2, 0, 1)[None], scale_factor=scale, mode="bilinear", align_corners=False)
+    if mlp is not None:
+        f = u[0].permute(1, 2, 0)  # [s r, s r, D]
+        for i, (kernel, bias) in enumerate(mlp):
+            f = f @ torch.tensor(np.asarray(kernel)) + torch.tensor(np.asarray(bias))
+            f = F.relu(f) if i < 2 else f
+        return u[0].permute(1, 2, 0) + f
     if conv is not None:
         f = u
         for i, (kernel, bias) in enumerate(conv):
@@ -47,11 +55,12 @@ def _saliency(layer, x, pos, rotary, visual_idx):
     return probs[:, visual_idx].mean(0)
 
 
-def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0):
+def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, mlp_params=None):
     """-> (logits [T, V] numpy, trace list of dicts per participating layer, generated token list).
 
     hf: LlavaForConditionalGeneration (eager, fp32); ids [T] one example, no padding; pixels [3, H, W].
-    blink: a BlinkConfig; conv_params: {layer: [(kernel, bias)] * 3} for tokensr_kind='conv'.
+    blink: a BlinkConfig; conv_params: {layer: [(kernel, bias)] * 3} for tokensr_kind='conv', mlp_params likewise
+    for 'mlp'.
     """
     cfg = hf.config
     lm = hf.model.language_model
@@ -102,7 +111,8 @@ def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0):
                 expanded, cur_region = True, r_star
                 r0, c0 = (r_star // per_row) * r, (r_star % per_row) * r
                 grid_h = seq[visual_idx].reshape(grid, grid, -1)
-                up = tokensr_torch(grid_h[r0:r0 + r, c0:c0 + r], s, None if conv_params is None else conv_params[index])
+                up = tokensr_torch(grid_h[r0:r0 + r, c0:c0 + r], s, None if conv_params is None else conv_params[index],
+                                   None if mlp_params is None else mlp_params[index])
                 sr = up.reshape(-1, up.shape[-1])
                 sr_pos = [pos[visual_idx[(r0 + i // s) * grid + c0 + j // s]] for i in range(s * r) for j in range(s * r)]
             elif action == "drop":

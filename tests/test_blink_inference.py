@@ -100,24 +100,43 @@ def events_of(actions, regions) -> set[str]:
     return events
 
 
-def assert_matches_reference(hf, ours, ids, pixels, mask, cfg, tokensr=None, conv=None):
+def random_mlp_bank(dim: int, seed: int = 0) -> TokenSRBank:
+    """An mlp TokenSR whose last dense layer is not zero, so it differs from interp."""
+    bank = TokenSRBank(blink_cfg(tokensr_kind="mlp", tokensr_channels=7), dim, rngs=nnx.Rngs(seed))
+    for i, layer in enumerate(LAYERS):
+        dense3 = bank[layer].dense3
+        key = jax.random.key(200 + i)
+        dense3.kernel[...] = 0.05 * jax.random.normal(key, dense3.kernel.shape)
+        dense3.bias[...] = 0.05 * jax.random.normal(jax.random.fold_in(key, 1), dense3.bias.shape)
+    return bank
+
+
+def mlp_params(bank: TokenSRBank) -> dict:
+    return {layer: [(getattr(bank[layer], f"dense{i}").kernel[...], getattr(bank[layer], f"dense{i}").bias[...])
+                    for i in (1, 2, 3)] for layer in LAYERS}
+
+
+def assert_matches_reference(hf, ours, ids, pixels, mask, cfg, tokensr=None, conv=None, mlp=None):
     out = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg, tokensr=tokensr)
-    ref_logits, ref_trace, _ = reference_blink(hf, ids[0], pixels[0], cfg, conv)
+    ref_logits, ref_trace, _ = reference_blink(hf, ids[0], pixels[0], cfg, conv, mlp_params=mlp)
     np.testing.assert_allclose(np.asarray(out.logits)[0], ref_logits, atol=1e-4, rtol=0)
     assert out.trace.actions() == [[t["action"]] for t in ref_trace]
     np.testing.assert_array_equal(out.trace.region[:, 0], [t["region"] for t in ref_trace])
     np.testing.assert_allclose(out.trace.rho[:, 0], [t["rho"] for t in ref_trace], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["interp", "conv"])
+@pytest.mark.parametrize("kind", ["interp", "conv", "mlp"])
 def test_buffered_blink_equals_literal_reference(models, cases, kind):
     hf, ours = models
     ids, pixels, mask = batch(ours.config, (60,), seed=5)
-    bank = random_conv_bank(ours.config.text.hidden_size) if kind == "conv" else None
+    dim = ours.config.text.hidden_size
+    bank = {"conv": random_conv_bank, "mlp": random_mlp_bank}[kind](dim) if kind != "interp" else None
     for cfg in cases:
-        if kind == "conv":
-            cfg = BlinkConfig(**{**cfg.__dict__, "tokensr_kind": "conv", "tokensr_channels": 7})
-        assert_matches_reference(hf, ours, ids, pixels, mask, cfg, bank, conv_params(bank) if bank else None)
+        if kind != "interp":
+            cfg = BlinkConfig(**{**cfg.__dict__, "tokensr_kind": kind, "tokensr_channels": 7})
+        assert_matches_reference(hf, ours, ids, pixels, mask, cfg, bank,
+                                 conv_params(bank) if kind == "conv" else None,
+                                 mlp_params(bank) if kind == "mlp" else None)
 
 
 @pytest.mark.parametrize("variant", [dict(reexpand="hold"), dict(drop=False), dict(expansion="fixed")])
@@ -240,6 +259,17 @@ def test_tokensr_checkpoint_round_trip(models, tmp_path):
         other = dataclasses.replace(cfg, **{field: value})
         with pytest.raises(ValueError, match=f"built with {field}=.* but BlinkConfig.{field}={value}"):
             ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=other, tokensr=loaded)
+    # A trained mlp TokenSR goes through the same checkpoint and is refused under a conv config by name.
+    mlp_bank = random_mlp_bank(ours.config.text.hidden_size)
+    mlp_cfg = dataclasses.replace(cfg, tokensr_kind="mlp")
+    save_tokensr(tmp_path / "mlp", mlp_bank, mlp_cfg, dim=ours.config.text.hidden_size)
+    loaded_mlp, loaded_mlp_cfg = load_tokensr(tmp_path / "mlp")
+    assert loaded_mlp_cfg == mlp_cfg
+    run_mlp = lambda b: np.asarray(ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=mlp_cfg,
+                                        tokensr=b).logits)
+    np.testing.assert_array_equal(run_mlp(loaded_mlp), run_mlp(mlp_bank))
+    with pytest.raises(ValueError, match="built with tokensr_kind='mlp' but BlinkConfig.tokensr_kind='conv'"):
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask, blink=cfg, tokensr=loaded_mlp)
     state = nnx.state(loaded)
     np.testing.assert_array_equal(run(state), run(bank))  # a bare state runs too ...
     with pytest.raises(ValueError, match="the TokenSR state does not fit"):  # ... and is shape-checked

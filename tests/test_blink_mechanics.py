@@ -357,6 +357,28 @@ def test_tokensr_conv_matches_torch():
     np.testing.assert_allclose(np.asarray(sr(x)), want, rtol=1e-4, atol=1e-4)
 
 
+def test_untrained_mlp_tokensr_equals_interp_and_trained_matches_torch():
+    r, s, C = 3, 2, 7
+    x = jnp.asarray(rng(9).normal(size=(B, r, r, D)), jnp.float32)
+    sr = TokenSR(D, region_size=r, scale=s, kind="mlp", channels=C, rngs=nnx.Rngs(0))
+    interp = TokenSR(D, region_size=r, scale=s, kind="interp", rngs=nnx.Rngs(0))
+    assert np.any(np.asarray(sr.dense1.kernel[...]) != 0)
+    np.testing.assert_array_equal(np.asarray(sr(x)), np.asarray(interp(x)))
+    g = rng(11)
+    weights = []
+    for dense, (cin, cout) in ((sr.dense1, (D, C)), (sr.dense2, (C, C)), (sr.dense3, (C, D))):
+        kernel = g.normal(size=(cin, cout)).astype(np.float32) * 0.3
+        bias = g.normal(size=(cout,)).astype(np.float32)
+        dense.kernel.set_value(jnp.asarray(kernel))
+        dense.bias.set_value(jnp.asarray(bias))
+        weights.append((torch.from_numpy(kernel), torch.from_numpy(bias)))
+    u = F.interpolate(to_torch(x), scale_factor=s, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    f = F.relu(u @ weights[0][0] + weights[0][1])  # the same dense layers on every token
+    f = F.relu(f @ weights[1][0] + weights[1][1])
+    want = (u + f @ weights[2][0] + weights[2][1]).numpy()
+    np.testing.assert_allclose(np.asarray(sr(x)), want, rtol=1e-4, atol=1e-4)
+
+
 def test_tokensr_bank_paths():
     cfg = BlinkConfig(layers=(2, 5), region_size=3, tokensr_kind="conv", tokensr_channels=4)
     bank = nnx.eval_shape(lambda: TokenSRBank(cfg, D, rngs=nnx.Rngs(0)))

@@ -3,8 +3,7 @@
 Modules, one concern each:
   config         `TrainConfig`, every knob of a run
   data/          the LLaVA-1.5 mix as a tfds builder, and the grain input pipeline
-  sharding       mesh presets, logical axis names and the rules table that maps them to mesh axes
-  backbone       the frozen LLaVA, loaded straight into its shardings; its fingerprint
+  backbone       the frozen LLaVA, loaded straight into its shardings (`blink_jax.sharding`); its fingerprint
   student        SGS region choice and TokenSR inputs h_L[region](image), one jitted probe
   teacher        crop targets h_L[visual](crop), area-pooled, with an on-disk cache
   loss, optim    KL (+ MSE) distillation loss; AdamW with warm-up + cosine and clipping

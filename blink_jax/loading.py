@@ -15,7 +15,7 @@ from blink_jax.hub import resolve_model_dir
 from blink_jax.model.llava import LlavaModel
 from blink_jax.runtime import Llava
 from blink_jax.weights import hf_reader, orbax_io
-from blink_jax.weights.params import abstract_model, model_from_params, np_dtype
+from blink_jax.weights.params import abstract_model, check_finite, model_from_params, np_dtype
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
@@ -57,9 +57,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Me
         mesh, sharding.param_logical_axes(p, len(var.shape)), var.shape, rules)) for p, var in flat}
     if orbax_io.is_converted_dir(path):
         arrays = orbax_io.restore_sharded(path, targets)
+        for p, array in arrays.items():
+            check_finite(p, array)
     else:
         arrays = {}
         for p, value in hf_reader.iter_params(path, cfg, np_dtype(jnp.dtype(dtype).name)):  # validated first
+            check_finite(p, value)
             arrays[p] = jax.make_array_from_callback(value.shape, targets[p].sharding, lambda index, v=value: v[index])
             del value  # freed before the next tensor is read
     return nnx.merge(graphdef, nnx.from_flat_state([(p, var.replace(arrays[p])) for p, var in flat]))

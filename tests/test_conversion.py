@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -365,6 +366,36 @@ def test_crash_mid_write_leaves_nothing_that_looks_converted(tiny, tmp_path, mon
         hf_to_orbax.convert(tiny["dir"], out, progress=False)
     assert len(calls) == 1
     assert not orbax_io.is_converted_dir(out) and nothing_written(out)
+
+
+def test_a_killed_conversions_leftovers_are_removed_by_the_next(tiny, tmp_path):
+    """What a `kill -9` leaves (`.jax.tmp-<pid>` of a dead process, up to the model's size) goes with the next
+    conversion to the same place; a live process's temporary directory is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stranded = tmp_path / f".jax.tmp-{dead.pid}"
+    (stranded / "params").mkdir(parents=True)
+    (stranded / "params" / "chunk").write_bytes(b"0" * 1024)
+    live = tmp_path / f".jax.tmp-{os.getppid()}"
+    live.mkdir()
+    out = hf_to_orbax.convert(tiny["dir"], tmp_path / "jax", progress=False)
+    assert orbax_io.is_converted_dir(out)
+    assert not stranded.exists() and live.exists()
+
+
+def test_non_finite_weights_are_refused_by_name(tiny, tmp_path):
+    """NaN weights would convert and load, and every answer would be "" (POPE 66.67): refused, naming the
+    tensor, by the converter and by both loaders."""
+    tensors = stored(tiny["dir"])
+    key = next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, :3] = float("nan")
+    bad = new_dir(tmp_path / "bad", tensors, src=tiny["dir"])
+    with pytest.raises(CheckpointError, match=r"'language_model\.layers\.1\.mlp\.up_proj\.kernel' holds 3 NaN"):
+        hf_to_orbax.convert(bad, tmp_path / "jax", progress=False)
+    assert nothing_written(tmp_path / "jax")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.kernel' holds 3 NaN or infinite"):
+        load_pretrained(bad)
 
 
 def test_writer_refuses_an_incomplete_stream(tiny, tmp_path):

@@ -20,7 +20,8 @@ splits the largest axis first) are copied, and held, until the save commits. Eac
 to the array it writes.
 
 Atomicity: everything is written into a hidden sibling `.{name}.tmp-<pid>` and renamed into place at the
-end, so a crash or kill never leaves a directory that `is_converted_dir` accepts.
+end, so a crash or kill never leaves a directory that `is_converted_dir` accepts; the next write to the same
+place removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 
 from blink_jax.config import LlavaConfig
-from blink_jax.weights.params import CheckpointError, np_dtype, param_shapes, path_str
+from blink_jax.weights.params import CheckpointError, check_finite, np_dtype, param_shapes, path_str
 
 MARKER = "blink_jax_checkpoint.json"
 FORMAT, VERSION = "blink-jax-llava-orbax", 1
@@ -85,6 +86,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     """Yields a temporary sibling directory to fill; on success it replaces `out_dir`, on error it is removed."""
     out = check_out_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stranded(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -94,6 +96,28 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stranded(out: Path) -> list[Path]:
+    """Removes what a killed writer of `out` left beside it (`.{name}.tmp-<pid>` / `.{name}.old-<pid>` of a
+    process that no longer runs: up to the model's size). -> the removed paths."""
+    removed = []
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -141,6 +165,7 @@ class _GroupWriter:
         if tuple(array.shape) != self.shapes[path]:
             raise CheckpointError(f"parameter '{path_str(path)}' has shape {tuple(array.shape)}, expected "
                                   f"{self.shapes[path]}")
+        check_finite(path, array)
         if self.dtype is not None:
             array = array.astype(self.dtype, copy=False)
         self.seen.add(path)

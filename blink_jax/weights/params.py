@@ -18,6 +18,16 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the key(s) and what is wrong."""
 
 
+def check_finite(path, value) -> None:
+    """Raise `CheckpointError` naming the parameter if `value` (numpy or jax) holds NaN or infinity: such weights
+    load and run, and every answer comes out empty (a silent wrong number)."""
+    finite = np.asarray(jnp.isfinite(value)) if isinstance(value, jax.Array) else np.isfinite(np.asarray(value))
+    if not finite.all():
+        bad = int(finite.size - finite.sum())
+        raise CheckpointError(f"parameter '{path_str(path)}' holds {bad} NaN or infinite value(s) of {finite.size}: "
+                              f"the checkpoint is corrupt; download or convert it again")
+
+
 def abstract_model(cfg: LlavaConfig, dtype=jnp.float32) -> LlavaModel:
     """The model's structure with `ShapeDtypeStruct` leaves: no memory, no random init."""
     return nnx.eval_shape(lambda: LlavaModel(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -34,7 +44,7 @@ def param_shapes(cfg: LlavaConfig) -> dict[tuple, tuple]:
 def model_from_params(cfg: LlavaConfig, params: dict[tuple, np.ndarray | jax.Array], dtype=jnp.float32) -> LlavaModel:
     """A `LlavaModel` whose parameters are exactly `params` (path -> array), cast to `dtype`.
 
-    Every parameter must be given with its exact shape; nothing is randomly initialised.
+    Every parameter must be given with its exact shape and finite values; nothing is randomly initialised.
     """
     model = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(model)
@@ -51,6 +61,7 @@ def model_from_params(cfg: LlavaConfig, params: dict[tuple, np.ndarray | jax.Arr
         if tuple(value.shape) != tuple(var.shape):
             raise CheckpointError(f"parameter '{path_str(path)}' has shape {tuple(value.shape)}, "
                                   f"expected {tuple(var.shape)}")
+        check_finite(path, value)
         leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 

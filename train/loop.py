@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blink_jax import rundir
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from train import sharding, step as step_lib
@@ -109,7 +110,7 @@ class Trainer:
         self.train_step = self.program.step
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep)
         if self.is_main:  # paths made absolute, so `export_only` and readers work from any directory
-            (self.workdir / "config.json").write_text(cfg.with_absolute_paths().to_json())
+            cfg.with_absolute_paths().save(self.workdir / "config.json")
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -132,7 +133,7 @@ class Trainer:
             if changed and self.is_main:
                 log.warning("resuming %s with changed settings: %s (the earlier config.json is kept as %s)",
                             self.workdir, "; ".join(changed), saved.with_suffix(".previous.json").name)
-                saved.with_suffix(".previous.json").write_text(old.to_json())
+                old.save(saved.with_suffix(".previous.json"))
 
     def _data_source(self):
         if self.is_main:
@@ -285,7 +286,10 @@ def provenance(cfg: TrainConfig, step: int) -> dict:
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    return Trainer(cfg, progress=progress).run(stop_after=stop_after)
+    if cfg.distributed:
+        initialize_distributed()  # first: each process locks its own file (blink_jax.rundir)
+    with rundir.hold(cfg.workdir, process=jax.process_index(), flag="--workdir"):
+        return Trainer(cfg, progress=progress).run(stop_after=stop_after)
 
 
 def export_only(workdir: str | Path) -> Path:

@@ -106,6 +106,7 @@ def main(argv=None) -> int:
 
     from blink_jax import CheckpointError, ConfigError
     from blink_jax.blink.config import in_flag_terms
+    from blink_jax.rundir import DirectoryBusy
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
     from train.sharding import MeshError
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
     try:
         result = loop.train(TrainConfig(**fields), progress=args.progress)
-    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError,
+            DirectoryBusy) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
     except loop.NonFiniteLossError as e:

@@ -28,6 +28,7 @@ from eval.harness import traces as trace_io
 from eval.harness.batching import Batch, pad_batch, plan_batches, prefetch
 from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, open_append_jsonl, read_jsonl
 from eval.harness.modes import ModeSpec, build_modes, check_fit
+from eval.harness.questions import question_error
 from eval.harness.results import (answered_results, latest_records, markdown_table, results_document,
                                   score_records, versions)
 
@@ -74,6 +75,8 @@ class EvalConfig:
             raise ValueError(f"--dtype {self.dtype!r} is unknown; use one of {DTYPES}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be positive")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be positive")
 
 
 @dataclasses.dataclass
@@ -175,7 +178,9 @@ class Runner:
                                       cfg.num_image_tokens)
         except ValueError as e:
             return Prepared(doc, prompt, None, f"cannot tokenize the prompt: {e}")
-        return Prepared(doc, prompt, ids)
+        error = question_error(doc, ids, max_positions=cfg.text.max_position_embeddings,
+                               max_new_tokens=self.max_new_tokens)
+        return Prepared(doc, prompt, None if error else ids, error)
 
     def _load(self, batch: Batch) -> list[tuple[Prepared, np.ndarray | None, str | None]]:
         from blink_jax.processing import preprocess_image

@@ -88,6 +88,34 @@ def test_bundled_demo_tokensr_loads_whatever_device_it_names(tmp_path):
     assert cfg == original_cfg and fingerprint(moved) == fingerprint(original)
 
 
+TWO_PROCESSES = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                           initialization_timeout=60)
+from blink_jax.blink.checkpoint import fingerprint, load_tokensr
+bank, _ = load_tokensr(sys.argv[3])
+print("fingerprint", fingerprint(bank), flush=True)
+"""
+
+
+def test_demo_tokensr_loads_in_each_process_of_a_two_process_run():
+    """Process 1 has no device cpu:0 (the demo's arrays were saved there): it used to refuse the checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    children = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address, str(i), str(ROOT / "demo" / "tokensr")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+                for i in range(2)]
+    outputs = [c.communicate(timeout=180)[0] for c in children]
+    expected = fingerprint(load_tokensr(ROOT / "demo" / "tokensr")[0])
+    for i, (child, output) in enumerate(zip(children, outputs)):
+        assert child.returncode == 0 and f"fingerprint {expected}" in output, (i, output[-2000:])
+
+
 # ----------------------------------------------------------------------------- 5. torn lines, atomic config.json
 
 def test_a_torn_last_line_is_cut_off_with_a_warning_and_a_whole_one_kept(tmp_path):

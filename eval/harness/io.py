@@ -115,8 +115,8 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> Iterator[dic
                 if strict:
                     raise ValueError(f"{path}:{number} is not a JSON line ({e}): fix or delete that line") from None
                 warnings.warn(f"{path}:{number}: skipped a line that is not JSON, {_excerpt(line)} (a run killed while "
-                              f"writing it?): its question counts as unanswered; rerun eval.run with the same --out to "
-                              f"ask it again", TornLineWarning, stacklevel=2)
+                              f"writing it?): unless a later line answers its question, that question counts as "
+                              f"unanswered; rerun eval.run with the same --out to ask it", TornLineWarning, stacklevel=2)
                 continue
             if isinstance(record, dict):
                 yield record

@@ -36,6 +36,7 @@ from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
 from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
+from eval.harness.flags import positive_int
 
 DEFAULT_QUESTION = "What is in the image?"
 PERCENTILES = (10, 25, 50, 75, 90)
@@ -272,14 +273,6 @@ def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

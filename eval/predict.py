@@ -28,11 +28,12 @@ from blink_jax.blink import BlinkConfig
 from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
-from blink_jax.blink.runner import HostTrace
+from blink_jax.blink.runner import HostTrace, tokensr_bank
 from blink_jax.hub import resolve_model_dir
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
                                   load_image)
-from eval.calibrate import positive_int, scan
+from eval.calibrate import scan
+from eval.harness.flags import positive_int
 
 MODES = ("vanilla", "interp", "blink")
 
@@ -207,6 +208,15 @@ def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, ta
     return dataclasses.replace(trained, **thresholds, return_attention=True), bank
 
 
+def check_tokensr(blink: BlinkConfig, hidden_size: int, bank, tokensr_dir) -> None:
+    """The checks a forward pass makes on a TokenSR bank (width, layers, geometry), as a ConfigError naming
+    --tokensr."""
+    try:
+        tokensr_bank(blink, hidden_size, bank)
+    except ValueError as e:
+        raise ConfigError(f"--tokensr {tokensr_dir}: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = BlinkConfig()
     parser = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__.split("\n\n")[0])
@@ -254,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("note: --tau-exp/--tau-drop do nothing in --mode vanilla", file=sys.stderr)
         llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
         blink.validate_for(llava.config.text.num_hidden_layers, llava.config.vision.grid)
+        if bank is not None:  # another model's TokenSR, named as eval.run names it (before any forward)
+            check_tokensr(blink, llava.config.text.hidden_size, bank, args.tokensr)
         processor = Processor.from_pretrained(args.model, config=llava.config, pad_to_square=not args.no_pad_to_square)
         result = predict(llava, processor, image, args.question, None if mode == "vanilla" else blink, bank,
                          max_new_tokens=args.max_new_tokens, scan_config=blink)

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from eval.benchmarks import NAMES
+from eval.harness.flags import positive_int
 
 NO_MODEL = """\
 eval.run needs LLaVA-1.5 weights: pass --model DIR, a Hugging Face LLaVA directory (e.g. a download of
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N questions per split/subtask")
     p.add_argument("--batch-size", type=int, help="questions per forward (default 8; demo 16)")
     p.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this")
-    p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (16 for short answers)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="default: the benchmark's (16 for short answers)")
     p.add_argument("--out", help="output directory (default: eval_out/<bench>; demo eval_out/pope_demo)")
     p.add_argument("--layers", help="Blink's participating layers, e.g. 12-18 (mode interp only: mode blink runs the "
                    "layers its TokenSR was trained for)")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval.run: --data-dir is required: the folder with {args.bench}'s release files", file=sys.stderr)
         return EXIT_USAGE
 
-    from blink_jax import CheckpointError, ConfigError
+    from blink_jax import CheckpointError, ConfigError, rundir
     from blink_jax.hub import resolve_model_dir
     from blink_jax.processing import ImageError, ProcessorError
     from eval.benchmarks import DataError
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        document = run_eval(cfg)
+        with rundir.hold(cfg.out, flag="--out"):  # one run per output directory
+            document = run_eval(cfg)
     except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, ProcessorError, ImageError,
-            FileNotFoundError) as e:
+            FileNotFoundError, rundir.DirectoryBusy) as e:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from blink_jax import CheckpointError
 from blink_jax.blink.checkpoint import save_tokensr
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,27 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: dict, iterator) -> dict:
         """The state at `step`, born in the shardings of `abstract_state` (ShapeDtypeStructs with `sharding`);
         `iterator` is moved to where it stood when that step was saved."""
+        self._check_data_processes(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)))
         return restored["state"]
+
+    def _check_data_processes(self, step: int) -> None:
+        """The data iterator's position is saved per process, for that process's shard of the data
+        (`process_<i>-of-<n>.json`); another process count reads other shards, which no saved position describes.
+        The train state itself would restore on any count: say so, and what works, instead of grain's bare error."""
+        data = self.directory / str(step) / "data"
+        index, count = jax.process_index(), jax.process_count()
+        if not data.is_dir() or (data / f"process_{index}-of-{count}.json").exists():
+            return
+        saved = sorted(p.name for p in data.glob("process_*-of-*.json"))
+        counts = sorted({name.rsplit("-of-", 1)[1].removesuffix(".json") for name in saved})
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} was saved by {' or '.join(counts) or 'an unknown number of'} "
+            f"process(es) ({', '.join(saved) or 'no data iterator files'}) and this run has {count}: the data "
+            f"iterator's position is saved per process and does not carry over to another process count. Resume "
+            f"with the process count it was saved with, or export what it learned on any count with "
+            f"`python -m train.tokensr --export-only --workdir {self.directory.parent}` and start a new --workdir")
 
     def restore_state(self, step: int, abstract_state: dict) -> dict:
         """Only the train state (e.g. for exporting), leaving the data item alone."""

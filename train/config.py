@@ -9,6 +9,7 @@ from pathlib import Path
 
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.tokensr import KINDS, trained
+from blink_jax.rundir import atomic_write_text
 
 TRAINED_KINDS = tuple(kind for kind in KINDS if trained(kind))  # --kind choices
 
@@ -136,9 +137,19 @@ class TrainConfig:
                                    workdir=absolute(self.workdir), tfds_dir=absolute(self.tfds_dir),
                                    teacher_cache=cache)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes `config.json` atomically: a run killed while writing it leaves the old file, never half of one."""
+        return atomic_write_text(path, self.to_json())
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        fields = json.loads(Path(path).read_text())
+        try:
+            fields = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(
+                f"{path} is not a whole training config ({e}): it was cut off or edited. Delete it and rerun the "
+                f"training command with its flags to rewrite it (the checkpoints beside it are kept and resumed)"
+            ) from None
         fields["layers"] = tuple(fields["layers"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in known})

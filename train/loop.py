@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blink_jax import sharding
+from blink_jax import rundir, sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from train import inputs as inputs_lib, step as step_lib, workdir as workdir_lib
@@ -197,7 +197,10 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    return Trainer(cfg, progress=progress).run(stop_after=stop_after)
+    if cfg.distributed:
+        initialize_distributed()  # first: each process locks its own file (blink_jax.rundir)
+    with rundir.hold(cfg.workdir, process=jax.process_index(), flag="--workdir"):
+        return Trainer(cfg, progress=progress).run(stop_after=stop_after)
 
 
 def export_only(workdir: str | Path) -> Path:

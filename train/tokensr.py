@@ -96,6 +96,7 @@ def main(argv=None) -> int:
 
     from blink_jax import CheckpointError, ConfigError
     from blink_jax.blink.config import in_flag_terms
+    from blink_jax.rundir import DirectoryBusy
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
     from blink_jax.sharding import MeshError
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     try:
         fields["model"] = os.fspath(resolve_model_dir(args.model))  # a Hub id trains on (and records) its snapshot
         result = loop.train(TrainConfig(**fields), progress=args.progress)
-    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError,
+            DirectoryBusy) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

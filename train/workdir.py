@@ -39,11 +39,11 @@ def check_resume(workdir: Path, cfg: TrainConfig, *, is_main: bool) -> None:
     if changed and is_main:
         log.warning("resuming %s with changed settings: %s (the earlier config.json is kept as %s)",
                     workdir, "; ".join(changed), saved.with_suffix(".previous.json").name)
-        saved.with_suffix(".previous.json").write_text(old.to_json())
+        old.save(saved.with_suffix(".previous.json"))
 
 
 def write_config(workdir: Path, cfg: TrainConfig) -> None:
-    (workdir / "config.json").write_text(cfg.with_absolute_paths().to_json())
+    cfg.with_absolute_paths().save(workdir / "config.json")
 
 
 def read_config(workdir: Path) -> TrainConfig:

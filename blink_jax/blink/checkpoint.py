@@ -48,8 +48,14 @@ def save_tokensr(out_dir: str | os.PathLike, bank: TokenSRBank, blink: BlinkConf
     return out_dir
 
 
-def load_tokensr(path: str | os.PathLike) -> tuple[TokenSRBank, BlinkConfig]:
-    """-> (bank, the BlinkConfig it was trained with). Use the config's static fields with your own thresholds."""
+def load_tokensr(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
+                 ) -> tuple[TokenSRBank, BlinkConfig]:
+    """-> (bank, the BlinkConfig it was trained with). Use the config's static fields with your own thresholds.
+
+    The arrays land on `sharding` (e.g. `NamedSharding(mesh, P())` to replicate them over a mesh), by default on
+    this process's first device - never on the device recorded at save time, which another machine or a
+    multi-process run may not have (a TPU-trained bank loads on a CPU, a 1-process export in every process).
+    """
     path = Path(path).absolute()
     meta_file = path / "tokensr.json"
     if not meta_file.is_file():
@@ -63,7 +69,9 @@ def load_tokensr(path: str | os.PathLike) -> tuple[TokenSRBank, BlinkConfig]:
     blink = BlinkConfig(**fields)
     bank = nnx.eval_shape(lambda: TokenSRBank(blink, meta["dim"], rngs=nnx.Rngs(0)))
     target = nnx.to_pure_dict(nnx.state(bank, nnx.Param))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), target)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sharding), target)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path / "params", abstract)
     state = nnx.state(bank, nnx.Param)

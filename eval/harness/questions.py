@@ -1,14 +1,15 @@
 """A benchmark's questions on their way to the model: prompt ids (tokenized once per run), images (read per batch in
 background threads while the model answers the batch before), and each question's samples-file record.
 
-A question that cannot be asked (a prompt that does not tokenize, an unreadable image) becomes a record with an
-`error` instead of stopping the run.
+A question that cannot be asked (a prompt that does not tokenize, an empty question, a prompt past the model's
+context, an unreadable image) becomes a record with an `error` instead of stopping the run: counted wrong, listed
+beside the metrics, retried with --retry-errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,32 @@ class Prepared:
         return self.doc["question_id"]
 
 
-def prepare(bench: Benchmark, doc: dict, tokenizer, model_config) -> Prepared:
+def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int) -> Prepared:
     prompt = bench.doc_to_text(doc)
     try:
         ids = tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None), model_config.image_token_index,
                                   model_config.num_image_tokens)
     except ValueError as e:
         return Prepared(doc, prompt, None, f"cannot tokenize the prompt: {e}")
-    return Prepared(doc, prompt, ids)
+    error = question_error(doc, ids, max_positions=model_config.text.max_position_embeddings,
+                           max_new_tokens=max_new_tokens)
+    return Prepared(doc, prompt, None if error else ids, error)
+
+
+def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int, max_new_tokens: int) -> str | None:
+    """Why the question of `doc`, tokenised to `ids` [T] (image tokens included), cannot be asked, or None.
+
+    The prompt and every token generated after it need a position below `max_positions` (the model's
+    `max_position_embeddings`): past it the model would answer from positions it was never trained on."""
+    if not str(doc.get("question") or "").strip():
+        return "the question is empty: correct that row of the benchmark's data"
+    needed = len(ids) + max_new_tokens
+    if needed > max_positions:
+        return (f"the prompt is {len(ids)} tokens (the image's included) and the answer up to {max_new_tokens} more: "
+                f"{needed} positions, past the model's context of {max_positions} (max_position_embeddings); shorten "
+                f"the question, or lower --max-new-tokens if the prompt alone fits")
+    return None
+
 
 
 def record(item: Prepared, prediction: str | None, error: str | None, trace: dict | None) -> dict:

@@ -74,6 +74,8 @@ class EvalConfig:
             raise ValueError(f"--dtype {self.dtype!r} is unknown; use one of {DTYPES}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be positive")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be positive")
 
 
 class Runner:
@@ -85,7 +87,8 @@ class Runner:
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir)
         self.max_new_tokens = cfg.max_new_tokens or bench.max_new_tokens
-        self.prepared = [prepare(bench, doc, tokenizer, model.config) for doc in docs]
+        self.prepared = [prepare(bench, doc, tokenizer, model.config, max_new_tokens=self.max_new_tokens)
+                         for doc in docs]
         self.images = ImageLoader(bench, self.data_dir, model.config.vision.image_size, cfg.pad_to_square)
         self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size, max_new_tokens=self.max_new_tokens,
                                  seed=cfg.seed)

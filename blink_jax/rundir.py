@@ -1,4 +1,5 @@
-"""A run's output directory: one run at a time, and whole files replaced atomically.
+"""A run's output directory: writable before the run starts, one run at a time, whole files replaced atomically,
+and a disk that fills or turns read-only mid-run said in one sentence.
 
 Training (`--workdir`) and evaluation (`--out`) both resume from what their directory holds, so two runs
 writing into one directory would interleave their checkpoints or answers. `hold` takes an exclusive
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -26,6 +29,51 @@ from pathlib import Path
 
 class DirectoryBusy(RuntimeError):
     """Another live run holds the directory."""
+
+
+class NotWritable(OSError):
+    """An output place that cannot take the run's files: names it, its flag, and the fix."""
+
+
+MIN_FREE_BYTES = 256 << 20  # what every output place must have free before a run starts (checkpoints need more)
+
+
+def check_writable(path: str | os.PathLike, *, flag: str, min_free: int = MIN_FREE_BYTES) -> Path:
+    """Raise `NotWritable` unless files can be created at directory `path` (or, while it does not exist, in its
+    nearest existing parent, where it would be created) with at least `min_free` bytes free. Creates nothing."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotWritable(f"{flag} {path}: {existing} is a file, not a directory: choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise NotWritable(f"{flag} {path}: files cannot be created in {existing} ({e.strerror}): make it writable "
+                          f"or choose another {flag}") from None
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        raise NotWritable(f"{flag} {path}: only {free / 2**20:.0f} MiB free on its disk (at least "
+                          f"{min_free / 2**20:.0f} MiB needed to start): free some space or choose another {flag}")
+    return path
+
+
+# Errors of a disk that cannot take more: full, over quota, read-only, no permission.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def failed_write(e: BaseException, *, resume: str) -> str | None:
+    """The one sentence for a write that failed mid-run because of its disk, or None for any other error.
+    `resume` says how to go on (e.g. "rerun the same command: it resumes from what is saved")."""
+    while e is not None:  # orbax and threads wrap the OSError
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            where = f" {e.filename}" if e.filename else ""
+            return (f"writing{where} failed: {e.strerror} (the disk is full, over quota or read-only); free space "
+                    f"or make it writable, then {resume}")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def lock_path(directory: str | os.PathLike, process: int = 0) -> Path:

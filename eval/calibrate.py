@@ -31,7 +31,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from blink_jax import CheckpointError, ConfigError, load_pretrained
+from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
@@ -308,12 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None:
             examples = examples[:args.limit]
         BlinkConfig(layers=args.layers, region_size=args.region_size)
+        if args.out:  # before the model loads: a read-only or full disk is named now, not after the probe
+            rundir.check_writable(Path(args.out).absolute().parent, flag="--out", min_free=1 << 20)
         llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
         processor = Processor.from_pretrained(args.model, config=llava.config,
                                               pad_to_square=not args.no_pad_to_square)
         result = calibrate(llava, processor, examples, layers=args.layers, region_size=args.region_size,
                            batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
-    except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError) as e:
+    except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError, rundir.NotWritable) as e:
         raise SystemExit(f"error: {in_flag_terms(str(e))}") from None
     missing = sum("does not exist" in error for _, error in result.skipped)
     hint = ""

@@ -13,6 +13,7 @@ Writes to --out: samples_<bench>_<mode>.jsonl, results.json, results.md (and tra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from eval.benchmarks import NAMES
@@ -126,12 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        tfds_dir = cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+        for place, flag in ((cfg.out, "--out"), (tfds_dir, "--tfds-dir")):  # named before the model loads
+            rundir.check_writable(place, flag=flag)
         with rundir.hold(cfg.out, flag="--out"):  # one run per output directory
             document = run_eval(cfg)
     except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, ProcessorError, ImageError,
-            FileNotFoundError, rundir.DirectoryBusy) as e:
+            FileNotFoundError, rundir.DirectoryBusy, rundir.NotWritable) as e:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        message = rundir.failed_write(e, resume=f"rerun the same command: every answer saved in {cfg.out} is kept")
+        if message is None:
+            raise
+        print(f"eval.run: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\neval.run: interrupted; every answer so far is saved in {cfg.out}: rerun the same command to go on",
               file=sys.stderr)

@@ -310,3 +310,81 @@ def test_a_checkpoint_of_two_processes_is_refused_in_one_in_a_sentence(tmp_path)
     # What does not depend on the data order (the export) still reads it.
     np.testing.assert_array_equal(np.asarray(ckpt.restore_state(1, abstract)["w"]), np.arange(5.0))
     ckpt.close()
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit PNG opens in PIL as "I;16"; `convert("RGB")` clips it at 255 (a white image). Scaled instead,
+    v * 255 / 65535 rounded, by the library's loader and the benchmarks' embedded-image path alike."""
+    import io
+
+    from PIL import Image
+
+    from blink_jax.processing import load_image
+    from eval.benchmarks import get
+
+    wide = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365)  # 0 .. 64155
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    want = np.round(wide.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    got = np.asarray(load_image(tmp_path / "g16.png"))
+    assert got.shape == (6, 8, 3) and got[..., 0].max() < 255
+    for channel in range(3):
+        np.testing.assert_array_equal(got[..., channel], want)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    embedded = get("pope").load_image({"question_id": "q", "image_bytes": buffer.getvalue()}, tmp_path)
+    np.testing.assert_array_equal(np.asarray(embedded)[..., 1], want)
+
+
+# ----------------------------------------------------------------------------- 4. outputs checked before work
+
+def test_unwritable_outputs_are_named_before_the_model_loads(env, tmp_path, monkeypatch, capsys):
+    """An --out below a file, or a disk with too little free space, is one sentence before anything loads
+    (the model loader is made to fail loudly if it is reached)."""
+    import shutil as shutil_lib
+
+    from blink_jax import rundir
+    from eval.harness import runner
+    from train import tokensr as train_cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(runner, "load_model", no_loading)
+    (tmp_path / "a_file").write_text("x")
+    assert eval_run.main(eval_args(env, tmp_path, tmp_path / "a_file" / "out")) == 2
+    assert "--out" in capsys.readouterr().err
+    assert train_cli.main(["--model", str(env / "model"), "--data-dir", str(tmp_path), "--workdir",
+                           str(tmp_path / "a_file" / "w"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--workdir" in err and "is a file, not a directory" in err
+    usage = shutil_lib.disk_usage(tmp_path)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=3 << 20))
+    assert eval_run.main(eval_args(env, tmp_path, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "only 3 MiB free" in err
+    assert not (tmp_path / "out").exists()  # nothing created
+
+
+def test_a_disk_that_fills_mid_run_is_one_sentence_and_the_rerun_resumes(env, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from eval.harness import runner
+
+    ids = tb.make_pope(tmp_path / "pope", corrupt=False)
+    out = tmp_path / "out"
+    write_results = runner.write_results
+
+    def full_disk(*args, **kwargs):  # the answers are on disk; the results file is what no longer fits
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "results.json"))
+
+    monkeypatch.setattr(runner, "write_results", full_disk)
+    assert eval_run.main(eval_args(env, tmp_path / "pope", out)) == 1
+    err = capsys.readouterr().err
+    assert "results.json failed: No space left on device" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(runner, "write_results", write_results)
+    assert eval_run.main(eval_args(env, tmp_path / "pope", out)) == 0
+    total = sum(map(len, ids.values()))
+    samples = list(read_jsonl(out / "samples_pope_vanilla.jsonl"))
+    assert len(samples) == len({r["question_id"] for r in samples}) == total  # resumed: nothing asked twice
+    assert json.loads((out / "results.json").read_text())["modes"]["vanilla"]["counts"]["answered"] == total

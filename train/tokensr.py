@@ -96,6 +96,7 @@ def main(argv=None) -> int:
 
     from blink_jax import CheckpointError, ConfigError
     from blink_jax.blink.config import in_flag_terms
+    from blink_jax import rundir
     from blink_jax.rundir import DirectoryBusy
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
@@ -116,11 +117,22 @@ def main(argv=None) -> int:
     fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
     try:
         fields["model"] = os.fspath(resolve_model_dir(args.model))  # a Hub id trains on (and records) its snapshot
-        result = loop.train(TrainConfig(**fields), progress=args.progress)
+        cfg = TrainConfig(**fields)
+        for place, flag in ((cfg.workdir, "--workdir"), (cfg.tfds_path, "--tfds-dir"),
+                            (cfg.cache_path, "--teacher-cache")):
+            if place is not None:  # before anything loads: a read-only or full disk is named now
+                rundir.check_writable(place, flag=flag)
+        result = loop.train(cfg, progress=args.progress)
     except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError,
-            DirectoryBusy) as e:
+            DirectoryBusy, rundir.NotWritable) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        message = rundir.failed_write(e, resume="rerun the same command: it resumes from the last checkpoint")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -36,9 +36,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"image file {path!r} cannot be read as an image (PIL: {e}): replace or remove it") from None
+
+
+# PIL's modes of 16- and 32-bit integer pixels (16-bit PNGs open as one of them): `convert("RGB")` clips them at
+# 255, which turns a 16-bit image white.
+_WIDE_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img.convert("RGB")`, with 16-bit images scaled to 8 bits (v * 255 / 65535, rounded) instead of clipped."""
+    if img.mode in _WIDE_INTEGER_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        if wide.max(initial=0) > 255 or img.mode != "I":  # "I" also holds 8-bit data: leave that as it is
+            wide = np.round(np.clip(wide, 0, 65535) * (255.0 / 65535.0))
+        img = Image.fromarray(wide.astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

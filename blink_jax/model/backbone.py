@@ -52,3 +52,26 @@ class Backbone(Protocol):
     def embed_tokens(self, ids: jax.Array) -> jax.Array: ...
 
     def logits(self, h: jax.Array) -> jax.Array: ...
+
+
+class LanguageModelBackbone:
+    """The protocol's language-model half for a model holding a `blink_jax.model.llama.LanguageModel` (or a
+    subclass) as `self.language_model`: mix it into the model class and write only `prompt`."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.language_model.config.num_hidden_layers
+
+    @property
+    def decoder_layers(self) -> Sequence:
+        return self.language_model.layers
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return self.language_model.embed(ids)
+
+    def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        return self.language_model.logits(h)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax.config import LlavaConfig
-from blink_jax.model.backbone import Prompt
+from blink_jax.model.backbone import LanguageModelBackbone, Prompt
 from blink_jax.model.clip import VisionTower
 from blink_jax.model.decoder import prompt_stream
 from blink_jax.model.llama import LanguageModel
@@ -38,7 +38,7 @@ def visual_layout(input_ids: jax.Array, attention_mask: jax.Array, image_token_i
     return visual_index, start + num_image_tokens - 1
 
 
-class LlavaModel(nnx.Module):
+class LlavaModel(LanguageModelBackbone, nnx.Module):
     """Parameters of LLaVA-1.5 and the stateless pieces of its forward pass (see `blink_jax.model.forward`)."""
 
     def __init__(self, cfg: LlavaConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -65,18 +65,6 @@ class LlavaModel(nnx.Module):
         return jnp.where(is_image[..., None], spliced, text)
 
     # ---------------------------------------------------------------------------- the backbone protocol
-    @property
-    def hidden_size(self) -> int:
-        return self.config.text.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.text.num_hidden_layers
-
-    @property
-    def decoder_layers(self):
-        return self.language_model.layers
-
     def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array) -> Prompt:
         """input_ids/attention_mask [B, T] (left padded), pixel_values [B, C, H, W] -> the embedded prompt."""
         cfg = self.config
@@ -85,9 +73,3 @@ class LlavaModel(nnx.Module):
         visual_index, visual_end = visual_layout(input_ids, attention_mask, cfg.image_token_index,
                                                  cfg.num_image_tokens, cfg.vision.grid)
         return Prompt(stream, visual_index, visual_end, grid=(cfg.vision.grid, cfg.vision.grid))
-
-    def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return self.language_model.embed(ids)
-
-    def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
-        return self.language_model.logits(h)

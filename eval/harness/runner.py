@@ -35,8 +35,8 @@ from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, 
 from eval.harness.modes import ModeSpec, build_modes, check_fit
 from eval.harness.progress import ModeProgress
 from eval.harness.questions import ImageLoader, LoadedBatch, loaded_batches, prepare, record
-from eval.harness.results import (answered_results, latest_records, markdown_table, results_document,
-                                  score_records, versions)
+from eval.harness.results import (answered_results, cost_summary, latest_records, markdown_table,
+                                  results_document, score_records, versions)
 from eval.harness.resume import answered, check_manifest, samples_path, traces_cover, traces_path
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -186,7 +186,8 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
         files = {"samples": path.name, **({"traces": traces.name} if complete else {}),
                  "exports": [p.name for p in exports]}
         entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
-                        "settings": settings, "score": score_records(bench, docs, latest.values()), "files": files})
+                        "settings": settings, "score": score_records(bench, docs, latest.values()),
+                        "cost": cost_summary(r for q, r in latest.items() if q in docs), "files": files})
         correct[name] = bench.correctness(answered_results(bench, docs, latest), docs)
     document = results_document(bench, entries, config_document(cfg, runner, modes), versions(),
                                 paired.against_first(correct))

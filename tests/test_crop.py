@@ -180,9 +180,7 @@ def test_crop_answer_is_pass_2_on_the_image_and_its_crop(env, crop_run):
     processor = Processor.from_pretrained(env.model)
     cfg = llava.config
     rows = {r["question_id"]: r for r in read_jsonl(crop_run.out / "samples_pope_crop.jsonl")}
-    for qid, image_name, question in (("popular/2", "COCO_val2014_000000000003.jpg", "Is there a dog in the image?"),
-                                      ("random/3", "COCO_val2014_000000000002.jpg",
-                                       "Is there a red circle in the image?")):
+    for qid, image_name, question in (("popular/2", "COCO_val2014_000000000003.jpg", "Is there a dog in the image?"),):
         row = rows[qid]
         image = load_image(env.data / "val2014" / image_name)
         assert row["prompt"].startswith(question)

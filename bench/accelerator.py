@@ -7,8 +7,8 @@ every participating layer, and transformers' PyTorch LLaVA on the same device wh
 Random weights of the model's shapes (ours from flax's initialisers, torch's from its own: values do not change
 the time of dense work), the dtype chosen for parameters and activations (softmax and norms accumulate in
 float32 in both). Prefill = one forward over `--length` prompt tokens with logits at every position, as in
-`bench.prefill_decode`. Model FLOPs are counted analytically (`blink_jax.flops.prefill_flops`, causal attention counted as
-half the square); MFU = model FLOPs / seconds / the device's dense peak for the dtype (`PEAK_TFLOPS`, or
+`bench.prefill_decode`. Model FLOPs are counted analytically (`blink_jax.flops.prefill_flops`, causal attention
+counted as half the square); MFU = model FLOPs / seconds / the device's dense peak for the dtype (`PEAK_TFLOPS`, or
 `--peak-tflops`). Blink's FLOPs include its extra SR tokens in the layers that carry them, so its MFU measures
 how well its own work runs; its tokens/s counts prompt tokens, the user's work, like vanilla's.
 """

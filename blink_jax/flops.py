@@ -72,7 +72,7 @@ def generate_flops(size: Dims, length: int, new_tokens: int, *, images: int = 1,
     """Model FLOPs of one example's greedy answer: `images` images through CLIP and the projector, the prefill of
     its `length` prompt tokens through the first `layers` decoder layers (default: all), and `new_tokens`
     answer tokens (their logits, and a decode step for each but the last, over the prompt and the tokens before
-    it). `new_tokens=0` with `layers` < all is a probe that stops early (crop's pass 1: no logits)."""
+    it)."""
     layers = size.text_layers if layers is None else layers
     total = images * image_flops(size, feature_layer=feature_layer)
     total += layers * decoder_layer_flops(size, length, length // 2)
@@ -82,6 +82,15 @@ def generate_flops(size: Dims, length: int, new_tokens: int, *, images: int = 1,
     for i in range(1, new_tokens):  # token i attends to the prompt (and SR tokens left at the end) and i tokens
         total += size.text_layers * decoder_layer_flops(size, 1, length + i)
     return float(total)
+
+
+def probe_flops(size: Dims, length: int, layer: int, *, feature_layer: int = -2) -> float:
+    """Model FLOPs of a saliency probe at `layer` (the crop mode's pass 1): the image, layers 0..layer-1, and of
+    `layer` only the queries and keys the last token's attention needs (its output is never used)."""
+    head = size.text_width // size.text_heads
+    qk = 2 * length * size.text_width * head * (size.text_heads + size.text_kv_heads)
+    scores = 2 * size.text_width * length  # the last token's attention over the prompt
+    return generate_flops(size, length, 0, layers=layer, feature_layer=feature_layer) + qk + scores
 
 
 def sr_layers_of(decision_layers: Sequence[int], expanded: Sequence[bool], num_layers: int) -> int:

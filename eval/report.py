@@ -169,8 +169,8 @@ def _crop_report(bench: str, name: str, label: str, config: Mapping, records: Se
     files = [report_dir / f"{bench}_{name}_crops.png"]
     chosen = list(records[:examples])
     plot_crops(list(zip(chosen, _images(bench, config, chosen))), files[0], title)
-    lines = [f"## {label}", "", "| crop layer | rho mean | rho p10 | rho p50 | rho p90 | crop area (share of the image, "
-             "mean) |", "|---|---|---|---|---|---|",
+    lines = [f"## {label}", "", "| crop layer | rho mean | rho p10 | rho p50 | rho p90 | crop area (share of the "
+             "image, mean) |", "|---|---|---|---|---|---|",
              f"| {stats['crop_layer']} | {stats['rho_mean']:.3f} | {stats['rho_p10']:.3f} | {stats['rho_p50']:.3f} | "
              f"{stats['rho_p90']:.3f} | {stats['area_share_mean']:.3f} |", ""]
     lines += [f"![{f.stem}]({f.name})" for f in files] + [""]

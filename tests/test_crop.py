@@ -295,3 +295,50 @@ def test_demo_four_modes_match_eval_score(tmp_path):
     text = (out / "results.md").read_text()
     assert all(f"| {label} |" in text.split("## Cost per question")[1]
                for label in ("Vanilla", "Crop (two-pass)", "Blink-interp", "Blink"))
+
+
+# --------------------------------------------------------------------------------------- the FLOPs it reports
+
+
+def test_pass_flops_match_xla_cost_analysis():
+    """The analytic counts behind the cost table agree with XLA's own count of the compiled programs (which also
+    counts the elementwise work): pass 1 stopping after its layer, and a two-image prefill with last logits only."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from blink_jax import flops
+    from blink_jax.blink import crop as crop_lib
+    from blink_jax.config import LlavaConfig
+    from blink_jax.model import forward
+    from blink_jax.weights.params import abstract_model
+
+    cfg = LlavaConfig.from_hf_config(tl.tiny_hf_config(
+        text_hidden_size=256, text_intermediate_size=704, text_num_hidden_layers=5, text_num_attention_heads=4,
+        text_num_key_value_heads=2, text_vocab_size=1000, vision_hidden_size=128, vision_intermediate_size=512,
+        vision_num_hidden_layers=3, vision_num_attention_heads=4, vision_image_size=112))
+    dims = flops.Dims.from_config(cfg)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    batch, length = 2, 3 * cfg.num_image_tokens
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    xla = lambda lowered: (lambda c: (c[0] if isinstance(c, list) else c)["flops"])(lowered.compile().cost_analysis())
+
+    def pixels(*n):
+        return jax.ShapeDtypeStruct((batch, *n, 3, 112, 112), jnp.float32)
+
+    pass1 = xla(crop_lib._locate.lower(graphdef, state, ids, pixels(), ids, layer=2, region_size=2))
+    ours = batch * flops.probe_flops(dims, length, 2, feature_layer=cfg.vision_layers_needed)
+    assert 0.9 < ours / pass1 <= 1.0, (ours, pass1)
+    prefill = jax.jit(lambda p, i, x, m: forward.prefill(nnx.merge(graphdef, p), i, x, m, all_logits=False)[0])
+    pass2 = xla(prefill.lower(state, ids, pixels(2), ids))
+    ours = batch * flops.generate_flops(dims, length, 1, images=2, feature_layer=cfg.vision_layers_needed)
+    assert 0.9 < ours / pass2 <= 1.0, (ours, pass2)
+
+
+def test_sr_layers_follow_the_decisions():
+    from blink_jax.flops import sr_layers_of
+
+    # decisions after layers 12..18 of 32: expanded after 12 and 13 (layers 13, 14 carry SR tokens), dropped after
+    # 14, expanded after 18 (layers 19..31 carry them)
+    assert sr_layers_of((12, 13, 14, 15, 16, 17, 18), (True, True, False, False, False, False, True), 32) == 2 + 13
+    assert sr_layers_of((1, 2), (False, False), 3) == 0

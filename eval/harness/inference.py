@@ -100,8 +100,7 @@ class Answerer:
         feature = self.model.config.vision_layers_needed
         dims = self.dims
         if mode.crop is not None:
-            pass1 = model_flops.generate_flops(dims, len(ids), 0, layers=mode.crop.crop_layer + 1,
-                                               feature_layer=feature)
+            pass1 = model_flops.probe_flops(dims, len(ids), mode.crop.crop_layer, feature_layer=feature)
             prompt = both_ids if mode.crop.crop_input == "both" else ids
             return pass1 + model_flops.generate_flops(dims, len(prompt), new, images=mode.crop.images,
                                                       feature_layer=feature)

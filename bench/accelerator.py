@@ -7,8 +7,8 @@ every participating layer, and transformers' PyTorch LLaVA on the same device wh
 Random weights of the model's shapes (ours from flax's initialisers, torch's from its own: values do not change
 the time of dense work), the dtype chosen for parameters and activations (softmax and norms accumulate in
 float32 in both). Prefill = one forward over `--length` prompt tokens with logits at every position, as in
-`bench.prefill_decode`. Model FLOPs are counted analytically (`prefill_flops`, causal attention counted as
-half the square); MFU = model FLOPs / seconds / the device's dense peak for the dtype (`PEAK_TFLOPS`, or
+`bench.prefill_decode`. Model FLOPs are counted analytically (`blink_jax.flops.prefill_flops`, causal attention
+counted as half the square); MFU = model FLOPs / seconds / the device's dense peak for the dtype (`PEAK_TFLOPS`, or
 `--peak-tflops`). Blink's FLOPs include its extra SR tokens in the layers that carry them, so its MFU measures
 how well its own work runs; its tokens/s counts prompt tokens, the user's work, like vanilla's.
 """
@@ -26,6 +26,7 @@ import numpy as np
 from bench import common
 from blink_jax.blink.config import parse_layers
 from blink_jax.config import ConfigError
+from blink_jax.flops import prefill_flops
 
 # Dense bf16 peak (TFLOP/s) by device kind, from the vendors' data sheets (no sparsity). float32 has no entry:
 # pass --peak-tflops for it. Matched as substrings of `jax.devices()[0].device_kind`, first match wins, so the more
@@ -41,32 +42,6 @@ def default_layers(text_layers: int) -> tuple[int, ...]:
     first, last = int(12 * text_layers / 32 + 0.5), int(18 * text_layers / 32 + 0.5)  # halves round up
     last = min(max(last, first), text_layers - 1)
     return tuple(range(first, last + 1))
-
-
-def _decoder_layer_flops(size: common.Size, tokens: int, keys: int) -> float:
-    """One Llama layer over `tokens` queries, each seeing `keys` keys on average."""
-    d, f = size.text_width, size.text_ffn
-    head = d // size.text_heads
-    proj = d * head * (2 * size.text_heads + 2 * size.text_kv_heads)  # q, o, k, v
-    return 2 * tokens * (proj + 3 * d * f) + 2 * 2 * tokens * keys * d
-
-
-def prefill_flops(size: common.Size, batch: int, length: int, *, feature_layer: int = -2,
-                  sr_tokens: int = 0, sr_layers: int = 0) -> float:
-    """Model FLOPs of one prefill (matmuls only, 2 per multiply-add): CLIP up to `feature_layer`, projector,
-    decoder with causal attention (each query sees half the prompt on average), LM head at every position.
-    `sr_tokens` extra tokens (Blink's SR slots) run through the last `sr_layers` decoder layers; they see the
-    prefix and image before them and the text after them sees them, counted as seeing the whole prompt."""
-    grid = size.image_size // size.patch
-    patches, dv = grid * grid, size.vision_width
-    vision_layers = size.vision_layers + feature_layer + 1 if feature_layer < 0 else feature_layer
-    vision = 2 * patches * 3 * size.patch ** 2 * dv  # patch embedding
-    vision += vision_layers * (2 * (patches + 1) * (4 * dv * dv + 8 * dv * dv) + 4 * (patches + 1) ** 2 * dv)
-    projector = 2 * patches * (dv * size.text_width + size.text_width ** 2)
-    decoder = size.text_layers * _decoder_layer_flops(size, length, length // 2)
-    decoder += sr_layers * (_decoder_layer_flops(size, sr_tokens, length) + 2 * 2 * length * sr_tokens * size.text_width)
-    head = 2 * length * size.text_width * size.vocab
-    return batch * (vision + projector + decoder + head)
 
 
 def peak_for_kind(device_kind: str, dtype: str) -> float | None:

@@ -63,7 +63,10 @@ def _generate(graphdef, params, bank_def, bank_state, ids, px, mask, thresholds,
 
 
 class Llava:
-    """LLaVA-1.5 ready to run. `out = model(input_ids=..., pixel_values=..., attention_mask=...)`."""
+    """LLaVA-1.5 ready to run. `out = model(input_ids=..., pixel_values=..., attention_mask=...)`.
+
+    pixel_values: [B, C, H, W], one `<image>` run per prompt; or [B, N, C, H, W], N runs per prompt filled in
+    order (vanilla only: Blink takes one image)."""
 
     def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None, *, scan_layers: bool = False):
         """`scan_layers=True` compiles the prefill's layers outside Blink's window as one `jax.lax.scan` (a
@@ -90,20 +93,24 @@ class Llava:
             raise InputError("attention_mask ends in padding: pad on the left (tokenizer.padding_side='left')")
         if ((input_ids < 0) | (input_ids >= cfg.text.vocab_size)).any():
             raise InputError(f"input_ids hold ids outside the vocabulary [0, {cfg.text.vocab_size})")
-        counts = ((input_ids == cfg.image_token_index) & (attention_mask > 0)).sum(axis=1)
-        for row, count in enumerate(counts):
-            if count != cfg.num_image_tokens:
-                raise InputError(
-                    f"input_ids row {row} holds {count} image tokens (id {cfg.image_token_index}), expected "
-                    f"{cfg.num_image_tokens}: the prompt needs exactly one '<image>', expanded by the processor")
         if isinstance(pixel_values, jax.Array):  # already on the device: no round trip through the host
             pixel_values = pixel_values.astype(jnp.float32)
         else:
             pixel_values = np.asarray(pixel_values, dtype=np.float32)
         size = cfg.vision.image_size
-        expected = (input_ids.shape[0], cfg.vision.num_channels, size, size)
-        if pixel_values.shape != expected:
-            raise InputError(f"pixel_values has shape {pixel_values.shape}, expected {expected} ([B, C, H, W])")
+        image = (cfg.vision.num_channels, size, size)
+        if pixel_values.shape[:1] + pixel_values.shape[-3:] != (input_ids.shape[0], *image) or \
+                pixel_values.ndim not in (4, 5):
+            raise InputError(f"pixel_values has shape {pixel_values.shape}, expected {(input_ids.shape[0], *image)} "
+                             f"([B, C, H, W]) or [B, N, C, H, W] for N images per prompt")
+        images = 1 if pixel_values.ndim == 4 else pixel_values.shape[1]
+        counts = ((input_ids == cfg.image_token_index) & (attention_mask > 0)).sum(axis=1)
+        for row, count in enumerate(counts):
+            if count != images * cfg.num_image_tokens:
+                runs = "exactly one '<image>'" if images == 1 else f"{images} '<image>'s (pixel_values has N={images})"
+                raise InputError(
+                    f"input_ids row {row} holds {count} image tokens (id {cfg.image_token_index}), expected "
+                    f"{images * cfg.num_image_tokens}: the prompt needs {runs}, expanded by the processor")
         return jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), jnp.asarray(attention_mask, jnp.int32)
 
     def __call__(self, *, input_ids, pixel_values, attention_mask=None, blink=None, tokensr=None,
@@ -113,6 +120,7 @@ class Llava:
         ablation: one PRNG key, or one per example ([B] keys) to make each example's draw independent of its
         batch."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+        _one_image_for_blink(px, blink)
         b = self._blink_args(blink, tokensr, rng)
         logits, trace = _prefill(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
                                  b.key, static=b.static, scan=self.scan_layers)
@@ -124,6 +132,7 @@ class Llava:
         """Greedy decoding. -> np.ndarray [B, max_new_tokens] int32, padded with `pad_token_id` after EOS
         (and Blink's trace of the prefill with `return_trace=True`)."""
         ids, px, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+        _one_image_for_blink(px, blink)
         text = self.config.text
         eos = text.eos_token_id if eos_token_id is None else eos_token_id
         pad = (text.pad_token_id if text.pad_token_id is not None else 0) if pad_token_id is None else pad_token_id
@@ -143,6 +152,12 @@ class Llava:
             return runner.BlinkArgs(None, None, None, None, None)
         return runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers,
                               grid=self.config.vision.grid, dim=self.config.text.hidden_size)
+
+
+def _one_image_for_blink(pixel_values, blink) -> None:
+    if blink is not None and pixel_values.ndim != 4:
+        raise InputError(f"Blink runs on one image per prompt, got pixel_values of shape {pixel_values.shape}: pass "
+                         f"[B, C, H, W], or blink=None for several images")
 
 
 def generate(model: Llava, **kwargs) -> np.ndarray:

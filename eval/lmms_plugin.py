@@ -101,6 +101,9 @@ class BlinkJax(lmms):
                       hidden_size=cfg.text.hidden_size, tokensr_dir=tokensr)
         except ModeError as e:
             raise PluginError(f"blink_jax model_args (named as eval.run's flags there): {e}") from None
+        if self.mode.crop is not None:  # two passes per batch, with the original images: eval.run's harness only
+            raise PluginError("blink_jax: mode=crop (the two-pass baseline) runs in python -m eval.run --modes crop, "
+                              "not in lmms-eval: use mode=vanilla, interp or blink here")
         self.model = load_pretrained(model_dir, dtype=getattr(jnp, dtype))
         text = cfg.text
         self.pad_id = int(text.pad_token_id if text.pad_token_id is not None else self.processor.pad_id)

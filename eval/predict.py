@@ -4,9 +4,11 @@
         --mode interp --layers 12-18 --plot trace.png
 
 Modes: `vanilla` (LLaVA-1.5; the trace shows its saliency scan, nothing expands), `interp`
-(Blink-interp, training-free TokenSR) and `blink` (trained TokenSR from `--tokensr DIR`).
+(Blink-interp, training-free TokenSR), `blink` (trained TokenSR from `--tokensr DIR`) and `crop` (the two-pass
+baseline of BLINK.md §9: `--crop-layer`, `--crop-context`, `--crop-input`).
 The `--plot` figure is the scan-focus-shift view: per participating layer, the image the model saw
-under the last prompt token's head-mean visual attention S_v, the region grid, r* and the expansion.
+under the last prompt token's head-mean visual attention S_v, the region grid, r* and the expansion; for
+`crop`, pass 1's S_v and r*, the crop box on the original image, and the crop as pass 2 saw it.
 Letters: G grid side, Lp participating layers.
 """
 
@@ -24,18 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained
-from blink_jax.blink import BlinkConfig
+from blink_jax.blink import BlinkConfig, CropConfig, crop_generate
 from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace, tokensr_bank
 from blink_jax.hub import resolve_model_dir
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
-                                  load_image)
+                                  left_pad, load_image, tokenize_with_image)
 from eval.calibrate import scan
 from eval.harness.flags import positive_int
 
-MODES = ("vanilla", "interp", "blink")
+MODES = ("vanilla", "interp", "blink", "crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Prediction:
     trace: HostTrace | None  # per participating layer, batch of one
     pixel_values: np.ndarray  # [3, H, W] what the model saw
     prompt: str
+    crop_box: tuple[int, int, int, int] | None = None  # crop mode: (left, top, right, bottom) in the original
+    crop_pixel_values: np.ndarray | None = None  # crop mode: [3, H, W] the crop as pass 2 saw it
 
 
 def vanilla_trace(llava, inputs: dict, layers: Sequence[int], region_size: int) -> HostTrace:
@@ -88,6 +92,30 @@ def predict(llava, processor, image, question: str, blink: BlinkConfig | None = 
                                                                scan_config.region_size)
     return Prediction(answer=answer_text(processor, tokens[0], cfg.text.eos_token_id), tokens=np.asarray(tokens[0]),
                       trace=trace, pixel_values=inputs["pixel_values"][0], prompt=prompt)
+
+
+def predict_crop(llava, processor, image, question: str, crop: CropConfig, *,
+                 max_new_tokens: int = 16) -> Prediction:
+    """The crop mode's greedy answer (`blink_jax.blink.crop_generate`, batch of one); its trace is pass 1's scan
+    at `crop.crop_layer`, action `none`."""
+    cfg = llava.config
+    image = image if not isinstance(image, (str, os.PathLike)) else load_image(image)
+    prompt = build_prompt(question)
+    inputs = processor([prompt], [image])
+    both = {}
+    if crop.crop_input == "both":
+        ids = tokenize_with_image(processor.tokenizer, build_prompt(question, images=2), cfg.image_token_index,
+                                  cfg.num_image_tokens, images=2)
+        both_ids, both_mask = left_pad([ids], processor.pad_id)
+        both = dict(both_input_ids=both_ids, both_attention_mask=both_mask)
+    result = crop_generate(llava, **inputs, images=[image], crop=crop, pad_to_square=processor.pad_to_square,
+                           max_new_tokens=max_new_tokens, **both)
+    trace = HostTrace(layers=(crop.crop_layer,), rho=result.rho[None], region=result.region[None],
+                      action=np.full((1, 1), NONE, np.int32), expanded_region=np.full((1, 1), NO_REGION, np.int32),
+                      attention=result.attention[None])
+    return Prediction(answer=answer_text(processor, result.tokens[0], cfg.text.eos_token_id),
+                      tokens=np.asarray(result.tokens[0]), trace=trace, pixel_values=inputs["pixel_values"][0],
+                      prompt=prompt, crop_box=result.boxes[0], crop_pixel_values=result.crop_pixel_values[0])
 
 
 def format_trace(trace: HostTrace, example: int = 0) -> str:
@@ -177,6 +205,50 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
     return fig
 
 
+def plot_crop(prediction: Prediction, original: np.ndarray, out_path: str | os.PathLike, *, region_size: int,
+              title: str | None = None):
+    """The crop mode's figure: pass 1's S_v and r* on the image the model saw, the crop box on the original
+    image (uint8 [H, W, 3]), and the crop as pass 2 saw it; writes a PNG atomically. Returns the Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    trace = prediction.trace
+    seen = display_image(prediction.pixel_values)
+    size = seen.shape[0]
+    grid = trace.attention.shape[-1]
+    per_side, side = grid // region_size, size * region_size / grid
+    fig = Figure(figsize=(9.6, 3.6 + (0.4 if title else 0)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
+    s_v = np.asarray(trace.attention[0, 0], np.float64)
+    axes[0].imshow(seen, extent=(0, size, size, 0))
+    axes[0].imshow(s_v, extent=(0, size, size, 0), cmap="inferno", alpha=0.55, interpolation="nearest",
+                   vmin=float(s_v.min()), vmax=max(float(s_v.max()), float(s_v.min()) + 1e-12))
+    r, c = divmod(int(trace.region[0, 0]), per_side)
+    axes[0].add_patch(Rectangle((c * side, r * side), side, side, fill=False, edgecolor="yellow", linewidth=2,
+                                linestyle="--"))
+    axes[0].set_title(f"pass 1, layer {trace.layers[0]}: \u03c1 = {float(trace.rho[0, 0]):.3f}, r* = "
+                      f"{int(trace.region[0, 0])}", fontsize=9)
+    x0, y0, x1, y1 = prediction.crop_box
+    axes[1].imshow(original)
+    axes[1].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=2))
+    axes[1].set_title(f"crop {x1 - x0} x {y1 - y0} px of {original.shape[1]} x {original.shape[0]}", fontsize=9)
+    axes[2].imshow(display_image(prediction.crop_pixel_values))
+    axes[2].set_title("pass 2 sees the crop", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out_path)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -194,7 +266,7 @@ def blink_settings(mode: str, *, layers=None, region_size=None, tau_exp=None, ta
         raise ConfigError(f"--tokensr is only used by --mode blink (got --mode {mode})")
     given = {k: v for k, v in dict(layers=layers, region_size=region_size).items() if v is not None}
     thresholds = {k: v for k, v in dict(tau_exp=tau_exp, tau_drop=tau_drop).items() if v is not None}
-    if mode != "blink":
+    if mode != "blink":  # crop: Blink's geometry (its layers' middle, its region size) is the crop's default
         base = BlinkConfig(**given, return_attention=True)
         return dataclasses.replace(base, **thresholds), None
     try:
@@ -241,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"see python -m eval.calibrate)")
     parser.add_argument("--tau-drop", type=float, default=None,
                         help=f"drop the SR tokens when rho < tau_drop (default {defaults.tau_drop}, or the TokenSR's)")
+    parser.add_argument("--crop-layer", type=int, default=None,
+                        help="--mode crop: pass 1 stops after this layer (default: the middle of --layers)")
+    parser.add_argument("--crop-context", type=float, default=None,
+                        help="--mode crop: the region's box grown about its centre by this factor (default 2.0)")
+    parser.add_argument("--crop-input", choices=("both", "crop"), default=None,
+                        help="--mode crop: pass 2 sees the image and the crop (both, default) or the crop alone")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="greedy decoding length (default 16)")
     parser.add_argument("--plot", default=None, metavar="OUT.png",
                         help="write the scan-focus-shift figure (S_v heatmap, regions, r*, expansion per layer)")
@@ -267,10 +345,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bank is not None:  # another model's TokenSR, named as eval.run names it (before any forward)
             check_tokensr(blink, llava.config.text.hidden_size, bank, args.tokensr)
         processor = Processor.from_pretrained(args.model, config=llava.config, pad_to_square=not args.no_pad_to_square)
-        result = predict(llava, processor, image, args.question, None if mode == "vanilla" else blink, bank,
-                         max_new_tokens=args.max_new_tokens, scan_config=blink)
+        if mode == "crop":
+            crop = CropConfig.like(blink, crop_layer=args.crop_layer, crop_context=args.crop_context,
+                                   crop_input=args.crop_input)
+            result = predict_crop(llava, processor, image, args.question, crop, max_new_tokens=args.max_new_tokens)
+        else:
+            result = predict(llava, processor, image, args.question, None if mode == "vanilla" else blink, bank,
+                             max_new_tokens=args.max_new_tokens, scan_config=blink)
     except (ConfigError, ImageError, ProcessorError, CheckpointError, InputError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+
+    if mode == "crop":
+        print(f"answer: {result.answer}")
+        print()
+        print(f"crop ({crop.crop_input}; layer {crop.crop_layer}, region_size={crop.region_size}, context "
+              f"{crop.crop_context}): box {result.crop_box} of the {image.width} x {image.height} image")
+        print(format_trace(result.trace))
+        if args.plot:
+            plot_crop(result, np.asarray(image), args.plot, region_size=crop.region_size,
+                      title=f"crop: {args.question}  \u2192  \"{result.answer}\"")
+            print(f"wrote {args.plot}")
+        return 0
 
     regions = blink.num_regions(llava.config.vision.grid)
     print(f"answer: {result.answer}")

@@ -1,11 +1,12 @@
-"""Plots of Blink's decisions from a run's `--save-traces` files.
+"""Plots of Blink's decisions (and the crop mode's crops) from a run's `--save-traces` files.
 
     python -m eval.report --run OUT_DIR [--mode blink] [--examples 12] [--report-dir OUT_DIR/report]
 
 For each traces_<bench>_<mode>.jsonl in the run directory: how often each participating layer expands
 (and how often SR tokens are present after it), the distribution of rho per layer beside tau_exp/tau_drop,
-and a grid of example images with the regions each layer expanded. Writes `<bench>_<mode>_*.png`,
-`report.json` (the numbers) and `report.md` into the report directory.
+and a grid of example images with the regions each layer expanded. For the crop mode: its rho and crop sizes,
+and a grid of original images with each question's crop box. Writes `<bench>_<mode>_*.png`, `report.json`
+(the numbers) and `report.md` into the report directory.
 """
 
 from __future__ import annotations
@@ -128,6 +129,54 @@ def plot_examples(examples: Sequence[tuple[dict, object]], path: Path, title: st
     plt.close(fig)
 
 
+def crop_stats(records: Sequence[dict]) -> dict:
+    """The crop mode's pass 1: rho at its layer, and the crop's share of the original image's area."""
+    rho = np.asarray([r["rho"] for r in records], np.float64)
+    area = np.asarray([(r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1])
+                       / (r["original_size"][0] * r["original_size"][1]) for r in records], np.float64)
+    return {"n": len(records), "crop_layer": records[0]["crop_layer"], "rho_mean": float(rho.mean()),
+            **{f"rho_p{q}": float(np.percentile(rho, q)) for q in QUANTILES},
+            "area_share_mean": float(area.mean()), "area_share_p50": float(np.percentile(area, 50))}
+
+
+def plot_crops(examples: Sequence[tuple[dict, object]], path: Path, title: str) -> None:
+    """examples: (crop trace record, PIL image or None); the crop box drawn on the original image."""
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(examples))
+    rows = -(-len(examples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rec, image) in zip(axes.flat, examples):
+        width, height = rec["original_size"]
+        ax.imshow(np.asarray(image) if image is not None else np.full((height, width, 3), 200, np.uint8))
+        x0, y0, x1, y1 = rec["box"]
+        ax.add_patch(patches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, linewidth=2,
+                                       edgecolor="yellow"))
+        ax.set_title(f"{rec['question_id']}\nlayer {rec['crop_layer']}: \u03c1 = {rec['rho']:.3f}, r* = "
+                     f"{rec['region']}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _crop_report(bench: str, name: str, label: str, config: Mapping, records: Sequence[dict], examples: int,
+                 report_dir: Path, title: str) -> tuple[dict, list[str]]:
+    stats = crop_stats(records)
+    files = [report_dir / f"{bench}_{name}_crops.png"]
+    chosen = list(records[:examples])
+    plot_crops(list(zip(chosen, _images(bench, config, chosen))), files[0], title)
+    lines = [f"## {label}", "", "| crop layer | rho mean | rho p10 | rho p50 | rho p90 | crop area (share of the "
+             "image, mean) |", "|---|---|---|---|---|---|",
+             f"| {stats['crop_layer']} | {stats['rho_mean']:.3f} | {stats['rho_p10']:.3f} | {stats['rho_p50']:.3f} | "
+             f"{stats['rho_p90']:.3f} | {stats['area_share_mean']:.3f} |", ""]
+    lines += [f"![{f.stem}]({f.name})" for f in files] + [""]
+    return {"crop": stats, "files": [f.name for f in files]}, lines
+
+
 def _images(bench_name: str, config: Mapping, records: Sequence[dict]) -> list:
     """PIL images of the records: from their file path, or from the benchmark's data (embedded images)."""
     from blink_jax.processing import load_image
@@ -153,7 +202,8 @@ def _images(bench_name: str, config: Mapping, records: Sequence[dict]) -> list:
 
 def make_report(run_dir: str | Path, *, modes: Sequence[str] | None = None, examples: int = 12,
                 report_dir: str | Path | None = None) -> dict:
-    """Draws the plots for every traced mode of a run. -> {mode: {"layers": stats, "files": [...]}}."""
+    """Draws the plots for every traced mode of a run. -> {mode: {"layers": stats, "files": [...]}} ({"crop": stats,
+    "files"} for the crop mode)."""
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     bench, config = results["bench"], results["config"]
@@ -168,9 +218,13 @@ def make_report(run_dir: str | Path, *, modes: Sequence[str] | None = None, exam
         records = latest_traces(read_jsonl(path))
         if not records:
             continue
+        title = f"{results['title']} — {mode['label']} ({len(records)} questions)"
+        if "box" in records[0]:  # the crop mode
+            out[name], more = _crop_report(bench, name, mode["label"], config, records, examples, report_dir, title)
+            lines += more
+            continue
         blink = mode["settings"].get("blink", {})
         stats = layer_stats(records)
-        title = f"{results['title']} — {mode['label']} ({len(records)} questions)"
         files = [report_dir / f"{bench}_{name}_expansions.png", report_dir / f"{bench}_{name}_rho.png",
                  report_dir / f"{bench}_{name}_examples.png"]
         plot_expansions(stats, files[0], title)
@@ -186,7 +240,7 @@ def make_report(run_dir: str | Path, *, modes: Sequence[str] | None = None, exam
         lines += [""] + [f"![{f.stem}]({f.name})" for f in files] + [""]
     if not out:
         raise FileNotFoundError(f"{run_dir} has no traces_{bench}_<mode>.jsonl: rerun eval.run with --save-traces "
-                                f"(and a Blink mode)")
+                                f"(and a Blink or crop mode)")
     atomic_write_json(report_dir / "report.json", out)
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
     return out
@@ -208,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval.report: {e}", file=sys.stderr)
         return 2
     for name, entry in out.items():
+        if "crop" in entry:
+            print(f"{name}: crops of {entry['crop']['area_share_mean']:.1%} of the image on average")
+            continue
         print(f"{name}: " + ", ".join(f"layer {l} expands {s['expand_rate']:.1%}" for l, s in entry["layers"].items()))
     print(f"report: {args.report_dir or Path(args.run) / 'report'}/report.md")
     return 0

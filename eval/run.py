@@ -1,7 +1,8 @@
-"""Run a benchmark in vanilla / Blink-interp / Blink mode and print them beside the paper's numbers.
+"""Run a benchmark in vanilla / Blink-interp / Blink / crop mode and print them beside the paper's numbers.
 
     python -m eval.run --bench pope --model DIR --data-dir DIR --modes vanilla,interp,blink --tokensr DIR \\
         [--ablation random|fixed|no-drop|high-tau] [--limit N] [--batch-size B] [--out DIR] [--save-traces]
+        [--modes ...,crop --crop-layer L --crop-context 2.0 --crop-input both|crop]
 
 With no --model, `--bench pope` runs the bundled demo (`eval.demo`): a small LLaVA-1.5 trained on drawn shapes,
 its trained TokenSR and a POPE-format shapes set, all three modes, in a few minutes on a CPU.
@@ -39,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the benchmark's release files, in their official layout (default with the "
                                       "demo model: its shapes set)")
     p.add_argument("--modes", default=None,
-                   help="comma-separated vanilla,interp,blink (default: all three with --tokensr, else vanilla,interp)")
+                   help="comma-separated vanilla,interp,blink,crop (default: vanilla,interp,blink with --tokensr, else "
+                        "vanilla,interp; crop is the two-pass baseline of BLINK.md §9)")
     p.add_argument("--tokensr", help="trained TokenSR directory (needed by mode blink)")
     p.add_argument("--ablation", choices=("random", "fixed", "no-drop", "high-tau"),
                    help="a BLINK.md §6 ablation, applied to interp and blink")
@@ -53,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--region-size", type=int, help="Blink's region side r (mode interp only, as --layers)")
     p.add_argument("--tau-exp", type=float, help="expansion threshold (interp and blink)")
     p.add_argument("--tau-drop", type=float, help="drop threshold (interp and blink)")
+    p.add_argument("--crop-layer", type=int, help="mode crop: pass 1 stops after this layer and crops its most "
+                   "attended region (default: the middle of Blink's layers, those of --tokensr or --layers)")
+    p.add_argument("--crop-context", type=float, help="mode crop: the region's box grown about its centre by this "
+                   "factor (default 2.0)")
+    p.add_argument("--crop-input", choices=("both", "crop"), help="mode crop: pass 2 sees the image and the crop "
+                   "(both, the default) or the crop alone")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                    help="compute dtype (default bfloat16; demo float32)")
     p.add_argument("--tfds-dir", help="where prepared datasets go (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             modes=modes, tokensr=args.tokensr, ablation=args.ablation, limit=args.limit, batch_size=args.batch_size,
             bucket=args.bucket, max_new_tokens=args.max_new_tokens,
             layers=None if args.layers is None else parse_layers(args.layers),
-            region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, dtype=args.dtype,
+            region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, crop_layer=args.crop_layer,
+            crop_context=args.crop_context, crop_input=args.crop_input, dtype=args.dtype,
             tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
             pad_to_square=not args.no_pad_to_square, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:  # flags out of range, a --model that is not there

@@ -7,6 +7,7 @@ from blink_jax.blink.config import (
     BlinkStatic,
     Thresholds,
 )
+from blink_jax.blink.crop import CROP_INPUTS, CropConfig, CropResult, crop_box, crop_generate
 from blink_jax.blink.dtr import (
     ACTION_NAMES,
     DROP,
@@ -39,6 +40,7 @@ from blink_jax.blink.tokensr import TokenSR, TokenSRBank, bilinear_upsample, che
 
 __all__ = [
     "ABLATIONS", "HIGH_TAU_EXP", "BlinkConfig", "BlinkStatic", "Thresholds",
+    "CROP_INPUTS", "CropConfig", "CropResult", "crop_box", "crop_generate",
     "ACTION_NAMES", "DROP", "EXPAND", "KEEP", "NO_REGION", "NONE", "DTRState", "action_names", "decide",
     "gather_region", "gather_visual", "init_state", "random_regions", "region_box", "region_origin", "select_on_expand",
     "sr_position_ids", "sr_source_index", "step",

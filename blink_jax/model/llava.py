@@ -56,9 +56,16 @@ class LlavaModel(LanguageModelBackbone, nnx.Module):
         return self.multi_modal_projector(jnp.concatenate(states, axis=-1))
 
     def embed_multimodal(self, input_ids: jax.Array, pixel_values: jax.Array) -> jax.Array:
-        """Text embeddings with the `<image>` placeholder run replaced by the image tokens, in order. -> [B, T, D]"""
+        """Text embeddings with the `<image>` placeholder runs replaced by the image tokens, in order. -> [B, T, D]
+
+        pixel_values [B, C, H, W] (one image run per row) or [B, N, C, H, W] (N runs per row, filled in order)."""
         text = self.language_model.embed(input_ids)
-        image = self.image_features(pixel_values).astype(text.dtype)  # [B, P, D]
+        if pixel_values.ndim == 5:
+            b, n = pixel_values.shape[:2]
+            image = self.image_features(pixel_values.reshape(b * n, *pixel_values.shape[2:]))  # [B N, P, D]
+            image = image.reshape(b, n * image.shape[1], -1).astype(text.dtype)  # [B, N P, D]
+        else:
+            image = self.image_features(pixel_values).astype(text.dtype)  # [B, P, D]
         is_image = input_ids == self.config.image_token_index  # [B, T]
         slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image.shape[1] - 1)  # [B, T]
         spliced = jnp.take_along_axis(image, slot[..., None], axis=1)
@@ -66,7 +73,8 @@ class LlavaModel(LanguageModelBackbone, nnx.Module):
 
     # ---------------------------------------------------------------------------- the backbone protocol
     def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array) -> Prompt:
-        """input_ids/attention_mask [B, T] (left padded), pixel_values [B, C, H, W] -> the embedded prompt."""
+        """input_ids/attention_mask [B, T] (left padded), pixel_values [B, C, H, W] or [B, N, C, H, W] -> the
+        embedded prompt; with N images its visual grid is the first image's."""
         cfg = self.config
         h = self.embed_multimodal(input_ids, pixel_values)
         stream = prompt_stream(h, position_ids(attention_mask), attention_mask > 0)

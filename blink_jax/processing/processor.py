@@ -31,18 +31,21 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def tokenize_with_image(tokenizer, prompt: str, image_token_index: int, num_image_tokens: int) -> list[int]:
-    """Token ids of `prompt` [T] with its one `<image>` replaced by `num_image_tokens` x `image_token_index`.
+def tokenize_with_image(tokenizer, prompt: str, image_token_index: int, num_image_tokens: int, *,
+                        images: int = 1) -> list[int]:
+    """Token ids of `prompt` [T] with each of its `images` `<image>`s replaced by `num_image_tokens` x
+    `image_token_index` (several images: the model's pixel values are [B, images, C, H, W], in prompt order).
 
     Each text piece is tokenised separately; the first keeps the BOS the tokenizer adds, later pieces
     lose their leading BOS.
     """
     chunks = prompt.split(IMAGE_PLACEHOLDER)
-    if len(chunks) != 2:
+    if len(chunks) != images + 1:
         problem = "has no" if len(chunks) == 1 else f"has {len(chunks) - 1}"
+        wanted = "exactly one image per prompt" if images == 1 else f"{images} images here"
         raise ProcessorError(
-            f"prompt {_short(prompt)!r} {problem} {IMAGE_PLACEHOLDER!r} placeholder: LLaVA-1.5 takes exactly one "
-            f"image per prompt; put a single {IMAGE_PLACEHOLDER} where the image goes (see build_prompt)")
+            f"prompt {_short(prompt)!r} {problem} {IMAGE_PLACEHOLDER!r} placeholder(s): LLaVA-1.5 takes {wanted}; put "
+            f"{images} {IMAGE_PLACEHOLDER} where the images go (see build_prompt)")
     bos = tokenizer.bos_token_id
     ids = list(tokenizer(chunks[0]).input_ids)
     for chunk in chunks[1:]:

@@ -1,4 +1,5 @@
-"""The three ways the paper runs LLaVA-1.5: vanilla, Blink-interp (training-free TokenSR) and Blink (trained TokenSR).
+"""The ways a run answers: the paper's three (vanilla, Blink-interp with training-free TokenSR, Blink with trained
+TokenSR) and the two-pass crop baseline Blink claims to replace (BLINK.md §9).
 
     vanilla  no Blink
     interp   BlinkConfig(tokensr_kind="interp"), with the layers/region size/thresholds of the trained TokenSR
@@ -6,8 +7,12 @@
              `--tau-exp`, `--tau-drop` override
     blink    the trained TokenSR of `--tokensr` and the config it was trained with; thresholds may be overridden
              (layers and region size are fixed by the trained modules)
+    crop     `CropConfig`: pass 1 to `--crop-layer` (default: the middle of Blink's layers, those of `--tokensr`
+             or `--layers`), the region of Blink's region size, grown by `--crop-context`; pass 2 on
+             `--crop-input` both (image, then crop) or crop
 
-`--ablation NAME` applies `BlinkConfig.ablation(NAME)` to interp and blink; their file names get "-NAME".
+`--ablation NAME` applies `BlinkConfig.ablation(NAME)` to interp and blink; their file names get "-NAME" (vanilla's
+and crop's do not: the ablations are Blink's).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from blink_jax.blink import ABLATIONS, BlinkConfig
+from blink_jax.blink import ABLATIONS, BlinkConfig, CropConfig
 from blink_jax.blink.tokensr import check_geometry
 from blink_jax.config import ConfigError
 from eval.harness.paper import KIND_LABELS, KINDS
@@ -28,8 +33,9 @@ class ModeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModeSpec:
-    kind: str  # "vanilla" | "interp" | "blink"
+    kind: str  # "vanilla" | "interp" | "blink" | "crop"
     blink: BlinkConfig | None = None
+    crop: CropConfig | None = None  # kind "crop"
     tokensr: Any = None  # the trained TokenSRBank for kind "blink"
     ablation: str | None = None
     tokensr_sha256: str | None = None  # `checkpoint.fingerprint(tokensr)`: which trained weights answered
@@ -37,7 +43,8 @@ class ModeSpec:
     @property
     def name(self) -> str:
         """Key in file names and results: "blink", "interp-fixed", ..."""
-        return self.kind if self.ablation in (None, "full") or self.kind == "vanilla" else f"{self.kind}-{self.ablation}"
+        plain = self.ablation in (None, "full") or self.kind in ("vanilla", "crop")
+        return self.kind if plain else f"{self.kind}-{self.ablation}"
 
     @property
     def label(self) -> str:
@@ -46,6 +53,8 @@ class ModeSpec:
 
     def settings(self) -> dict:
         """What decides this mode's predictions, as JSON (for results.json and the resume check)."""
+        if self.crop is not None:
+            return {"kind": self.kind, "crop": dataclasses.asdict(self.crop)}
         if self.blink is None:
             return {"kind": self.kind}
         settings = {"kind": self.kind, "ablation": self.ablation, "blink": dataclasses.asdict(self.blink)}
@@ -56,7 +65,8 @@ class ModeSpec:
 
 def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablation: str | None = None,
                 layers: tuple[int, ...] | None = None, region_size: int | None = None,
-                tau_exp: float | None = None, tau_drop: float | None = None) -> list[ModeSpec]:
+                tau_exp: float | None = None, tau_drop: float | None = None, crop_layer: int | None = None,
+                crop_context: float | None = None, crop_input: str | None = None) -> list[ModeSpec]:
     """ModeSpecs for `kinds` (in the order given)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -67,7 +77,7 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
         raise ModeError("mode 'blink' needs trained TokenSR: pass --tokensr DIR (the directory `python -m "
                         "train.tokensr` exports), or run --modes vanilla,interp")
     bank, trained = None, None
-    if tokensr_dir is not None and ("blink" in kinds or "interp" in kinds):
+    if tokensr_dir is not None and {"blink", "interp", "crop"} & set(kinds):
         from blink_jax.blink.checkpoint import fingerprint, load_tokensr
 
         bank, trained = load_tokensr(tokensr_dir)
@@ -82,6 +92,13 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
     for kind in kinds:
         if kind == "vanilla":
             specs.append(ModeSpec("vanilla"))
+        elif kind == "crop":
+            base = dataclasses.replace(trained if trained is not None else BlinkConfig(), **geometry)
+            try:
+                crop = CropConfig.like(base, crop_layer=crop_layer, crop_context=crop_context, crop_input=crop_input)
+            except ConfigError as e:
+                raise ModeError(f"mode 'crop': {e} (set by --crop-layer / --crop-context / --crop-input)") from None
+            specs.append(ModeSpec("crop", crop=crop))
         elif kind == "interp":
             base = trained if trained is not None else BlinkConfig()
             specs.append(ModeSpec("interp", finish(dataclasses.replace(base, tokensr_kind="interp", **geometry)),
@@ -102,6 +119,12 @@ def check_fit(modes: Sequence[ModeSpec], *, num_layers: int, grid: int, hidden_s
     """Every Blink mode can run on this model (layers, region size, TokenSR width), checked before any runs:
     a `ModeError` names where the mismatched value came from (--tokensr or the flags) and the fix."""
     for mode in modes:
+        if mode.crop is not None:
+            try:
+                mode.crop.validate_for(num_layers, grid)
+            except ConfigError as e:
+                raise ModeError(f"mode 'crop': {e} (the value comes from --crop-layer, or the middle of Blink's "
+                                f"layers: pass --crop-layer / --region-size that fit this model)") from None
         if mode.blink is None:
             continue
         trained = mode.kind == "blink"

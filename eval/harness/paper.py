@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-KINDS = ("vanilla", "interp", "blink")
-KIND_LABELS = {"vanilla": "Vanilla", "interp": "Blink-interp", "blink": "Blink"}
+KINDS = ("vanilla", "interp", "blink", "crop")
+KIND_LABELS = {"vanilla": "Vanilla", "interp": "Blink-interp", "blink": "Blink", "crop": "Crop (two-pass)"}
 
 PAPER: dict[str, dict[str, float]] = {
     "MME Perception": {"vanilla": 1505.72, "interp": 1514.08, "blink": 1519.74},
@@ -20,12 +20,15 @@ ABLATION_MME_TOTAL = {"full": 1881.53, "random": 1879.38, "fixed": 1840.46, "no-
 
 
 def paper_value(row: str, kind: str, ablation: str | None = None) -> float | None:
-    """The paper's number for a table row and a mode kind ("vanilla" | "interp" | "blink"), None if it has none.
+    """The paper's number for a table row and a mode kind ("vanilla" | "interp" | "blink" | "crop"), None if it has
+    none.
 
     Under an ablation the paper reports only Blink's MME total; vanilla is unaffected by ablations.
     """
     if ablation not in (None, "full") and kind != "vanilla":
         return ABLATION_MME_TOTAL.get(ablation) if (row == "MME total" and kind == "blink") else None
+    if kind not in PAPER["POPE"]:  # the crop baseline (BLINK.md §9) is not in the paper
+        return None
     if row == "MME total":
         return round(PAPER["MME Perception"][kind] + PAPER["MME Cognition"][kind], 2)
     return PAPER.get(row, {}).get(kind)

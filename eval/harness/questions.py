@@ -26,6 +26,7 @@ class Prepared:
     prompt: str
     ids: list[int] | None
     error: str | None = None
+    both_ids: list[int] | None = None  # the prompt with two images (the crop mode's pass 2: image, then crop)
 
     @property
     def question_id(self) -> str:
@@ -35,13 +36,23 @@ class Prepared:
 def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int) -> Prepared:
     prompt = bench.doc_to_text(doc)
     try:
-        ids = tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None), model_config.image_token_index,
-                                  model_config.num_image_tokens)
+        ids, both = (tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None, images=n),
+                                         model_config.image_token_index, model_config.num_image_tokens, images=n)
+                     for n in (1, 2))
     except ValueError as e:
         return Prepared(doc, prompt, None, f"cannot tokenize the prompt: {e}")
+    # Every mode asks the same questions (paired comparisons), so the longest prompt of any mode decides: the
+    # crop mode's second pass, with two images.
     error = question_error(doc, ids, max_positions=model_config.text.max_position_embeddings,
                            max_new_tokens=max_new_tokens)
-    return Prepared(doc, prompt, None if error else ids, error)
+    if error is None and question_error(doc, both, max_positions=model_config.text.max_position_embeddings,
+                                        max_new_tokens=max_new_tokens):
+        error = (f"with two images (the crop mode's second pass) the prompt is {len(both)} tokens: past the model's "
+                 f"context of {model_config.text.max_position_embeddings} positions with the answer; shorten the "
+                 f"question")
+    if error:
+        return Prepared(doc, prompt, None, error)
+    return Prepared(doc, prompt, ids, both_ids=both)
 
 
 def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int, max_new_tokens: int) -> str | None:
@@ -60,12 +71,14 @@ def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int, max_
 
 
 
-def record(item: Prepared, prediction: str | None, error: str | None, trace: dict | None) -> dict:
-    """The question's line in samples_<bench>_<mode>.jsonl."""
+def record(item: Prepared, prediction: str | None, error: str | None, trace: dict | None,
+           cost: dict | None = None) -> dict:
+    """The question's line in samples_<bench>_<mode>.jsonl; `cost`: the model's seconds and FLOPs for it."""
     doc = item.doc
-    return {"question_id": doc["question_id"], "subset": doc["subset"], "prompt": item.prompt,
+    line = {"question_id": doc["question_id"], "subset": doc["subset"], "prompt": item.prompt,
             "prediction": prediction, "target": doc.get("answer", doc.get("label")), "error": error,
             "trace": trace}
+    return line if cost is None else {**line, "cost": cost}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,7 @@ class LoadedBatch:
     length: int  # the bucket: padded prompt length T
     ready: list[tuple[Prepared, np.ndarray]]  # (question, pixel values [3, H, W]) of the questions to ask
     failed: list[tuple[Prepared, str]]  # (question, why its image could not be read)
+    originals: list = dataclasses.field(default_factory=list)  # the ready questions' PIL images (crop mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +96,20 @@ class ImageLoader:
     data_dir: Path
     image_size: int
     pad_to_square: bool
+    keep_originals: bool = False  # the crop mode cuts its crops from the original images
 
     def __call__(self, length: int, items: Sequence[Prepared]) -> LoadedBatch:
-        ready, failed = [], []
+        ready, failed, originals = [], [], []
         for item in items:
             try:
                 image = self.bench.load_image(item.doc, self.data_dir)
                 ready.append((item, preprocess_image(image, image_size=self.image_size,
                                                      pad_to_square=self.pad_to_square)))
+                if self.keep_originals:
+                    originals.append(image)
             except Exception as e:  # noqa: BLE001 - one bad example is recorded, the run goes on
                 failed.append((item, f"{type(e).__name__}: {e}"))
-        return LoadedBatch(length, ready, failed)
+        return LoadedBatch(length, ready, failed, originals)
 
 
 def loaded_batches(questions: Sequence[Prepared], load: ImageLoader, *, bucket: int,

@@ -83,6 +83,22 @@ def score_records(bench: Benchmark, docs: Mapping[str, dict], records: Iterable[
     }
 
 
+def cost_summary(records: Iterable[dict]) -> dict | None:
+    """The mean cost of a mode's answered questions (their samples' `cost`, see `eval.harness.inference`):
+    {"questions", "flops", "seconds", "seconds_questions", "seconds_include_compile"}; None when no record has one.
+
+    Seconds are taken from the batches that compiled nothing when there are any (compilation is paid once per
+    program, not per question); a run whose every batch compiled reports those, flagged."""
+    costs = [r["cost"] for r in latest_records(records).values() if r.get("error") is None and r.get("cost")]
+    if not costs:
+        return None
+    warm = [c for c in costs if not c.get("compiled")]
+    timed = warm or costs
+    return {"questions": len(costs), "flops": sum(c["flops"] for c in costs) / len(costs),
+            "seconds": sum(c["seconds"] for c in timed) / len(timed), "seconds_questions": len(timed),
+            "seconds_include_compile": not warm}
+
+
 def score_file(bench: Benchmark, docs: Mapping[str, dict], path: str | os.PathLike) -> dict:
     return score_records(bench, docs, read_jsonl(path))
 
@@ -128,7 +144,8 @@ def results_document(bench: Benchmark, modes: Sequence[dict], config: dict, vers
         "config": config,
         "versions": versions_,
         "modes": {m["name"]: {"kind": m["kind"], "label": m["label"], "ablation": m.get("ablation"),
-                              "settings": m["settings"], **m["score"], "files": m.get("files", {})} for m in modes},
+                              "settings": m["settings"], **m["score"], "cost": m.get("cost"),
+                              "files": m.get("files", {})} for m in modes},
         "paper": {row: {m["name"]: paper_value(row, m["kind"], m.get("ablation")) for m in modes}
                   for row in bench.paper_rows},
         "paired": dict(paired or {}),
@@ -196,6 +213,7 @@ def markdown_table(doc: Mapping) -> str:
         where = f", on {doc['title']}, not on this data set" if on else ""
         lines += ["", f"{note}The (paper) columns are the paper's LLaVA-1.5-7B numbers (BLINK.md §7){where}, for "
                       f"reference."]
+    lines += cost_lines(doc)
     errored = [n for n in names if modes[n]["counts"]["errors"]]
     if errored:
         lines += ["", "Questions that could not be answered count as wrong in every metric: "
@@ -216,6 +234,28 @@ def markdown_table(doc: Mapping) -> str:
     lines += ["", f"Model `{config.get('model')}`, data `{config.get('data_dir')}`, commit "
               f"`{doc.get('versions', {}).get('git_commit')}`; paper: BLINK.md §7 (LLaVA-1.5-7B)."]
     return "\n".join(lines) + "\n"
+
+
+def cost_lines(doc: Mapping) -> list[str]:
+    """Seconds and model FLOPs per question of every mode of this run, beside the accuracy table."""
+    modes = doc["modes"]
+    names = [n for n in modes if modes[n].get("cost")]
+    if not names:
+        return []
+    base = modes[names[0]]["cost"]["flops"]
+    lines = ["", "## Cost per question", "",
+             f"Model FLOPs: counted analytically (`blink_jax.flops`) from each question's own prompt, images, answer "
+             f"length and, for Blink, the layers that carried SR tokens. Seconds: wall time of the batches (batched, "
+             f"padded, on {doc.get('versions', {}).get('device', 'this device')}) shared by their questions, from "
+             f"batches that compiled nothing.", "",
+             f"| mode | seconds per question | GFLOPs per question | FLOPs vs {modes[names[0]]['label']} | questions |",
+             "|---|---|---|---|---|"]
+    for n in names:
+        c = modes[n]["cost"]
+        seconds = f"{c['seconds']:.4f}" + (" (incl. compile)" if c["seconds_include_compile"] else "")
+        lines.append(f"| {modes[n]['label']} | {seconds} | {c['flops'] / 1e9:.3f} | {c['flops'] / base:.3f}x "
+                     f"| {c['questions']} |")
+    return lines
 
 
 def paired_lines(doc: Mapping) -> list[str]:

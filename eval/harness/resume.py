@@ -63,7 +63,7 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_tr
     if save_traces:
         for mode in modes:
             samples = samples_path(out, fixed["bench"], mode.name)
-            if mode.blink is not None and samples.exists() and not traces_cover(
+            if (mode.blink or mode.crop) is not None and samples.exists() and not traces_cover(
                     latest_records(read_jsonl(samples)), traces_path(out, fixed["bench"], mode.name)):
                 raise RunConflict(f"{out} holds answers of mode {mode.name!r} without traces, and traces now would cover "
                                   f"only the questions still to answer: use another --out for a run with complete "

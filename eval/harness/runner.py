@@ -35,8 +35,8 @@ from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, 
 from eval.harness.modes import ModeSpec, build_modes, check_fit
 from eval.harness.progress import ModeProgress
 from eval.harness.questions import ImageLoader, LoadedBatch, loaded_batches, prepare, record
-from eval.harness.results import (answered_results, latest_records, markdown_table, results_document,
-                                  score_records, versions)
+from eval.harness.results import (answered_results, cost_summary, latest_records, markdown_table,
+                                  results_document, score_records, versions)
 from eval.harness.resume import answered, check_manifest, samples_path, traces_cover, traces_path
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -59,6 +59,9 @@ class EvalConfig:
     region_size: int | None = None
     tau_exp: float | None = None
     tau_drop: float | None = None
+    crop_layer: int | None = None  # crop mode (BLINK.md §9); None: CropConfig.like(Blink's config)
+    crop_context: float | None = None
+    crop_input: str | None = None
     dtype: str = "bfloat16"
     tfds_dir: str | None = None  # prepared datasets; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     save_traces: bool = False
@@ -91,7 +94,7 @@ class Runner:
                          for doc in docs]
         self.images = ImageLoader(bench, self.data_dir, model.config.vision.image_size, cfg.pad_to_square)
         self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size, max_new_tokens=self.max_new_tokens,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, pad_to_square=cfg.pad_to_square)
 
     @property
     def programs(self) -> dict[str, set]:
@@ -108,7 +111,7 @@ class Runner:
         if done:
             print(f"{bench.name} {mode.name}: {len(self.prepared) - len(todo)} of {len(self.prepared)} questions already "
                   f"answered in {self.out}, {len(todo)} to go", file=sys.stderr)
-        traced = cfg.save_traces and mode.blink is not None
+        traced = cfg.save_traces and (mode.blink is not None or mode.crop is not None)
         with open_append_jsonl(path) as samples, \
                 trace_io.TraceFile(traces_path(self.out, bench.name, mode.name) if traced else None,
                                    geometry=self._geometry(mode)) as traces, \
@@ -124,7 +127,8 @@ class Runner:
             unaskable = [q for q in todo if q.ids is None]
             if unaskable:
                 write([record(q, None, q.error, None) for q in unaskable])
-            for batch in loaded_batches([q for q in todo if q.ids is not None], self.images, bucket=cfg.bucket,
+            images = dataclasses.replace(self.images, keep_originals=mode.crop is not None)
+            for batch in loaded_batches([q for q in todo if q.ids is not None], images, bucket=cfg.bucket,
                                         batch_size=cfg.batch_size):
                 write(self._answer(mode, batch, traces))
 
@@ -134,16 +138,18 @@ class Runner:
         if batch.ready:
             questions = [q for q, _ in batch.ready]
             answers, trace = self.answerer(mode, batch.length, [q.ids for q in questions],
-                                           [px for _, px in batch.ready], [q.question_id for q in questions])
+                                           [px for _, px in batch.ready], [q.question_id for q in questions],
+                                           originals=batch.originals, both_ids=[q.both_ids for q in questions])
             traces.write(trace, [(q.question_id, self.bench.image_path(q.doc, self.data_dir)) for q in questions])
-            records += [record(q, answer, None, trace_io.summary(trace, i))
-                        for i, (q, answer) in enumerate(zip(questions, answers))]
+            records += [record(q, answer, None, trace_io.summary(trace, i), cost)
+                        for i, (q, answer, cost) in enumerate(zip(questions, answers, self.answerer.costs))]
         return records
 
     def _geometry(self, mode: ModeSpec) -> dict:
         vision = self.model.config.vision
         return {"grid": vision.grid, "image_size": vision.image_size,
-                "region_size": mode.blink.region_size if mode.blink else None, "pad_to_square": self.cfg.pad_to_square}
+                "region_size": (mode.blink or mode.crop).region_size if (mode.blink or mode.crop) else None,
+                "pad_to_square": self.cfg.pad_to_square}
 
 
 def config_document(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) -> dict:
@@ -183,7 +189,8 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
         files = {"samples": path.name, **({"traces": traces.name} if complete else {}),
                  "exports": [p.name for p in exports]}
         entries.append({"name": name, "kind": mode.kind, "label": mode.label, "ablation": mode.ablation,
-                        "settings": settings, "score": score_records(bench, docs, latest.values()), "files": files})
+                        "settings": settings, "score": score_records(bench, docs, latest.values()),
+                        "cost": cost_summary(r for q, r in latest.items() if q in docs), "files": files})
         correct[name] = bench.correctness(answered_results(bench, docs, latest), docs)
     document = results_document(bench, entries, config_document(cfg, runner, modes), versions(),
                                 paired.against_first(correct))
@@ -204,7 +211,8 @@ def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
     -> the results.json document. `on_written(n)`: called after every n records appended to a samples file."""
     bench = benchmarks.get(cfg.bench)
     modes = build_modes(cfg.modes, tokensr_dir=cfg.tokensr, ablation=cfg.ablation, layers=cfg.layers,
-                        region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop)
+                        region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop,
+                        crop_layer=cfg.crop_layer, crop_context=cfg.crop_context, crop_input=cfg.crop_input)
     processor = None
     if model_and_tokenizer is None:  # config and tokenizer now: a wrong --model fails before the data is prepared
         processor = Processor.from_pretrained(cfg.model)

@@ -11,10 +11,20 @@ from blink_jax.blink.dtr import ACTION_NAMES, NO_REGION
 from eval.harness.io import append_lines, open_append_jsonl
 
 
+def crop_summary(trace, i: int) -> dict:
+    """Row `i` of the crop mode's pass 1: the layer, rho and r* it read, the crop box in the original image's
+    pixels (left, top, right, bottom; right/bottom exclusive) and that image's (width, height)."""
+    return {"crop_layer": int(trace.layer), "rho": round(float(trace.rho[i]), 5), "region": int(trace.region[i]),
+            "box": [int(v) for v in trace.boxes[i]], "original_size": [int(v) for v in trace.sizes[i]]}
+
+
 def summary(trace, i: int) -> dict | None:
-    """Row `i` of a HostTrace -> {"actions": [...], "rho": [...], "expansions", "sr_at_end"}; None for vanilla."""
+    """Row `i` of a HostTrace -> {"actions": [...], "rho": [...], "expansions", "sr_at_end"}; of a crop trace ->
+    `crop_summary`; None for vanilla."""
     if trace is None:
         return None
+    if hasattr(trace, "boxes"):
+        return crop_summary(trace, i)
     actions = [ACTION_NAMES[int(a)] for a in trace.action[:, i]]
     return {"layers": list(trace.layers), "actions": actions, "rho": [round(float(r), 5) for r in trace.rho[:, i]],
             "expansions": actions.count("expand"), "sr_at_end": bool(trace.expanded_region[-1, i] != NO_REGION)}
@@ -22,7 +32,10 @@ def summary(trace, i: int) -> dict | None:
 
 def record(trace, i: int, *, question_id: str, image: str | None, geometry: dict[str, Any]) -> dict:
     """Row `i` of a HostTrace as one traces_<bench>_<mode>.jsonl line: every layer's rho, r*, action and
-    expanded region, with the image and the grid geometry needed to draw the regions."""
+    expanded region, with the image and the grid geometry needed to draw the regions. A crop trace's line is
+    `crop_summary` with the image and geometry."""
+    if hasattr(trace, "boxes"):
+        return {"question_id": question_id, "image": image, **geometry, **crop_summary(trace, i)}
     return {
         "question_id": question_id, "image": image, **geometry,
         "layers": list(trace.layers),
@@ -35,7 +48,7 @@ def record(trace, i: int, *, question_id: str, image: str | None, geometry: dict
 
 class TraceFile:
     """traces_<bench>_<mode>.jsonl of a run with --save-traces, appended batch by batch; with `path` None (no
-    --save-traces, or a mode without Blink) writing is a no-op."""
+    --save-traces, or vanilla) writing is a no-op."""
 
     def __init__(self, path: Path | None, *, geometry: dict[str, Any]):
         self.geometry = geometry  # grid, image size, region size, padding: what eval.report needs to draw regions

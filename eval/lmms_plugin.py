@@ -60,7 +60,9 @@ class BlinkJax(lmms):
         from blink_jax import load_pretrained
         from blink_jax.hub import resolve_model_dir
         from blink_jax.processing import Processor
-        from eval.harness.modes import ModeError, build_modes, check_fit, parse_layers
+        from blink_jax import ConfigError
+        from blink_jax.blink.config import parse_layers
+        from eval.harness.modes import ModeError, build_modes, check_fit
         from eval.harness.runner import DTYPES
 
         if unknown:
@@ -94,12 +96,12 @@ class BlinkJax(lmms):
         self.processor = Processor.from_pretrained(model_dir, pad_to_square=bool(pad_to_square))
         cfg = self.processor.config
         try:
-            self.mode = build_modes([mode], tokensr_dir=tokensr, layers=parse_layers(None if layers is None else
-                                                                                     str(layers)),
+            self.mode = build_modes([mode], tokensr_dir=tokensr,
+                                    layers=None if layers is None else parse_layers(str(layers)),
                                     region_size=region_size, tau_exp=tau_exp, tau_drop=tau_drop)[0]
             check_fit([self.mode], num_layers=cfg.text.num_hidden_layers, grid=cfg.vision.grid,
                       hidden_size=cfg.text.hidden_size, tokensr_dir=tokensr)
-        except ModeError as e:
+        except (ModeError, ConfigError) as e:
             raise PluginError(f"blink_jax model_args (named as eval.run's flags there): {e}") from None
         if self.mode.crop is not None:  # two passes per batch, with the original images: eval.run's harness only
             raise PluginError("blink_jax: mode=crop (the two-pass baseline) runs in python -m eval.run --modes crop, "

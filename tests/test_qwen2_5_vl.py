@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from blink_jax.loading import CheckpointError
+from blink_jax.weights.params import CheckpointError
 from blink_jax.model.qwen2_5_vl import forward as qf
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.loading import hf_tensors, load_pretrained

@@ -14,6 +14,7 @@ from blink_jax.model.qwen2_5_vl.forward import QwenInputs, generate, prefill, pr
 from blink_jax.model.qwen2_5_vl.loading import load_pretrained
 from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
 from blink_jax.model.qwen2_5_vl.processing import QwenProcessor
+from blink_jax.model.qwen2_5_vl.runtime import Qwen
 
 __all__ = ["Qwen25VLConfig", "QwenTextConfig", "QwenVisionConfig", "QwenInputs", "generate", "prefill",
-           "prepare_inputs", "load_pretrained", "Qwen25VLModel", "QwenProcessor"]
+           "prepare_inputs", "load_pretrained", "Qwen25VLModel", "QwenProcessor", "Qwen"]

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from blink_jax.loading import CheckpointError
+from blink_jax.weights.params import CheckpointError
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
 from blink_jax.model.qwen2_5_vl.param_mapping import (IGNORED_SUFFIXES, TIED_HEAD, build_mapping, canonical_key,

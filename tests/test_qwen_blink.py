@@ -300,7 +300,8 @@ def test_batch_of_different_decisions_equals_each_alone(models, cases):
     per_image = int(np.prod(x["image_grid_thw"][0]))
     valid = x["attention_mask"] > 0
     for i in range(3):
-        alone = {"input_ids": x["input_ids"][i:i + 1, valid[i]], "attention_mask": x["attention_mask"][i:i + 1, valid[i]],
+        alone = {"input_ids": x["input_ids"][i:i + 1, valid[i]],
+                 "attention_mask": x["attention_mask"][i:i + 1, valid[i]],
                  "pixel_values": x["pixel_values"][i * per_image:(i + 1) * per_image],
                  "image_grid_thw": x["image_grid_thw"][i:i + 1]}
         one = ours(**alone, blink=cfg)

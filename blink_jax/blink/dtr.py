@@ -20,7 +20,7 @@ Typical use inside the forward, per participating layer L (Python-unrolled, all 
   action, state = step(state, rho, r_star, thresholds, static)
   lr = gather_region(gather_visual(h, visual_index, (Gh, Gw)), state.region, r)   # [B, r, r, D]
   sr_h = select_on_expand(action, bank.for_layer(L)(lr).reshape(B, P, D), sr_h)
-  sr_pos = select_on_expand(action, sr_position_ids(pos[..., visual], state.region, (Gh, Gw), r, s), sr_pos)
+  sr_pos = where(action == EXPAND, sr_position_ids(pos[..., visual], state.region, (Gh, Gw), r, s), sr_pos)
   sr_valid = state.expanded                                                   # [B]: EXPAND or KEEP
 """
 
@@ -152,7 +152,8 @@ def gather_visual(
 
 
 def take_slots(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [..., B, S] (position ids, with or without M-RoPE's leading axis) at per-example slots [B, N] -> [..., B, N]."""
+    """x [..., B, S] (position ids, with or without M-RoPE's leading axis of 3) at per-example slots [B, N]
+    -> [..., B, N]."""
     index = jnp.broadcast_to(index.astype(jnp.int32), x.shape[:-1] + index.shape[-1:])
     return jnp.take_along_axis(x, index, axis=-1)
 

@@ -36,7 +36,7 @@ def blink_cfg(**kw) -> BlinkConfig:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(HF model, our `Qwen` runtime, HF processor): 5 decoder layers, GQA 5 query heads over 1 kv head."""
+    """(HF model, our `Qwen` runtime, HF processor, model dir): 5 decoder layers, GQA 5 query heads over 1 kv head."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     text = dict(hidden_size=60, intermediate_size=47, num_hidden_layers=5, num_attention_heads=5,
@@ -64,7 +64,7 @@ def models(tmp_path_factory):
     make_tokenizer(path)
     Qwen2VLImageProcessor(**IMAGE_CFG).save_pretrained(str(path))
     _, ours = load_pretrained(path)
-    return hf, qwen_runtime.Qwen(ours), hf_processor(path)
+    return hf, qwen_runtime.Qwen(ours), hf_processor(path), path
 
 
 def hf_batch(proc, questions, seeds):
@@ -209,7 +209,7 @@ def events_of(actions, regions) -> set[str]:
 def cases(models):
     """Threshold pairs whose traces on example 0 together expand, keep, drop and refocus (as in the LLaVA test:
     candidates just above and below every rho seen, a second round with the rhos the first round's SR tokens made)."""
-    _, ours, proc = models
+    _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     run = lambda te, td: ours(**x, blink=blink_cfg(tau_exp=float(te), tau_drop=float(td))).trace
     rhos = set(run(2.0, 0.0).rho[:, 0]) | set(run(0.0, 0.0).rho[:, 0])
@@ -234,7 +234,7 @@ def cases(models):
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_no_expansion_is_vanilla(models):
-    _, ours, proc = models
+    _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:2], [0, 1]))
     assert (x["attention_mask"] == 0).any(), "the batch must be left padded"
     vanilla = np.asarray(ours(**x).logits)
@@ -246,7 +246,7 @@ def test_no_expansion_is_vanilla(models):
 
 @pytest.mark.parametrize("sr_positions", ["source", "fractional"])
 def test_blink_equals_literal_reference(models, cases, sr_positions):
-    hf, ours, proc = models
+    hf, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     assert tuple(x["image_grid_thw"][0, 1:] // 2) == GRID
     for tau_exp, tau_drop in cases:
@@ -262,7 +262,7 @@ def test_blink_equals_literal_reference(models, cases, sr_positions):
 
 def test_generation_after_blink_equals_reference(models, cases):
     """Decoding continues at transformers' next M-RoPE position over a cache that holds SR tokens."""
-    hf, ours, proc = models
+    hf, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     traces = [(ours(**x, blink=blink_cfg(tau_exp=te, tau_drop=td)).trace, te, td) for te, td in cases]
     ending_expanded = [(te, td) for trace, te, td in traces if trace.actions()[-1][0] in ("expand", "keep")]
@@ -278,7 +278,7 @@ def test_generation_after_blink_equals_reference(models, cases):
 def test_fractional_positions_change_the_numbers(models, cases):
     """The two SR position modes differ wherever SR tokens are in the sequence (else the reference test above would
     not tell them apart)."""
-    _, ours, proc = models
+    _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     tau_exp, tau_drop = cases[0]
     source = ours(**x, blink=blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop))
@@ -288,7 +288,7 @@ def test_fractional_positions_change_the_numbers(models, cases):
 
 
 def test_batch_of_different_decisions_equals_each_alone(models, cases):
-    _, ours, proc = models
+    _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS, [0, 1, 2]))
     for tau_exp, tau_drop in cases:
         cfg = blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop)
@@ -312,7 +312,7 @@ def test_batch_of_different_decisions_equals_each_alone(models, cases):
 
 
 def test_thresholds_do_not_recompile(models, cases):
-    _, ours, proc = models
+    _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     ours(**x, blink=blink_cfg(tau_exp=0.9, tau_drop=0.1))
     before = qwen_runtime._qwen_prefill._cache_size()
@@ -322,7 +322,7 @@ def test_thresholds_do_not_recompile(models, cases):
 
 
 def test_blink_refuses_a_batch_of_mixed_grids(models):
-    _, ours, proc = models
+    _, ours, proc, _ = models
     images = [photo(*SIZE, seed=0), photo(112, 168, seed=1)]
     texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                       add_generation_prompt=True, tokenize=False) for q in QUESTIONS[:2]]
@@ -395,3 +395,23 @@ def test_bucketed_preprocessing_equals_transformers_on_the_resized_image():
     expected = Qwen2VLImageProcessor(**IMAGE_CFG)(images=resized, return_tensors="np")
     np.testing.assert_array_equal(thw, expected["image_grid_thw"])
     np.testing.assert_allclose(pixels, expected["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_processor_with_grid_shapes_batches_one_grid(models):
+    """`QwenProcessor(grid_shapes=...)`: `grid_of` groups images by shape, a group's batch shares one grid, and Blink
+    runs on it."""
+    from blink_jax.model.qwen2_5_vl import QwenProcessor
+
+    _, ours, _, path = models
+    shapes = grid_buckets(IMAGE_CFG["max_pixels"], 28, multiple=2)
+    proc = QwenProcessor.from_pretrained(path, grid_shapes=shapes)
+    images = [photo(300, 200, seed=0), photo(100, 190, seed=1), photo(310, 190, seed=2)]
+    groups = {}
+    for i, img in enumerate(images):
+        groups.setdefault(proc.grid_of(img), []).append(i)
+    assert sorted(groups.values()) == [[0, 2], [1]] and set(groups) <= set(shapes)
+    for grid, members in groups.items():
+        batch = proc([QUESTIONS[i] for i in members], [images[i] for i in members])
+        np.testing.assert_array_equal(batch["image_grid_thw"], [[1, 2 * grid[0], 2 * grid[1]]] * len(members))
+    out = ours(**batch, blink=blink_cfg(tau_exp=0.0, tau_drop=0.0))  # the last group's batch
+    assert out.logits.shape[:2] == batch["input_ids"].shape and "expand" in out.trace.actions()[0]

@@ -102,7 +102,7 @@ def grid_buckets(max_pixels: int, factor: int, *, multiple: int = 1,
     cells = max_pixels // (factor * factor)
     shapes = []
     for ratio in aspect_ratios:
-        fits = [(gh, max(multiple, round(gh * ratio / multiple) * multiple))
+        fits = [(gh, max(multiple, int(gh * ratio / multiple + 0.5) * multiple))
                 for gh in range(multiple, cells // multiple + 1, multiple)]
         fits = [(gh, gw) for gh, gw in fits if gh * gw <= cells]
         if not fits:

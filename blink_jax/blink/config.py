@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import numbers
 import re
 from typing import NamedTuple
@@ -33,6 +34,7 @@ REEXPAND = ("refocus", "hold")
 TOKENSR_KINDS = ("interp", "conv", "mlp")  # their modules: `tokensr.KINDS`
 REGION_CHOICES = ("saliency", "random")
 EXPANSIONS = ("dynamic", "fixed")
+SR_POSITIONS = ("source", "fractional")
 # The §6 ablations; `ablation(name)` maps each to a config change.
 ABLATIONS = ("full", "random", "fixed", "no-drop", "high-tau")
 HIGH_TAU_EXP = 0.45  # (ours) the "high tau_exp" ablation: 1.5x the default 0.30
@@ -43,6 +45,15 @@ class Thresholds(NamedTuple):
 
     tau_exp: jax.Array
     tau_drop: jax.Array
+
+
+def grid_shape(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """A visual grid as (Gh, Gw): an int G is the square G x G grid (LLaVA-1.5's 24), a pair is (Gh, Gw)."""
+    if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
+        return int(grid), int(grid)
+    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, numbers.Integral) for g in grid):
+        return int(grid[0]), int(grid[1])
+    raise ValueError(f"visual grid {grid!r} is neither a side G nor a pair (Gh, Gw) of ints")
 
 
 def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
@@ -70,6 +81,7 @@ def _validate_static(cfg) -> None:
     _check_choice("tokensr_kind", cfg.tokensr_kind, TOKENSR_KINDS)
     _check_choice("region_choice", cfg.region_choice, REGION_CHOICES)
     _check_choice("expansion", cfg.expansion, EXPANSIONS)
+    _check_choice("sr_positions", cfg.sr_positions, SR_POSITIONS)
 
 
 class _Derived:
@@ -91,9 +103,11 @@ class _Derived:
         """SR tokens per expansion: (s * r)^2 (144 with the defaults)."""
         return self.sr_side**2
 
-    def num_regions(self, grid: int) -> int:
-        """R = (G / r)^2 regions on a G x G visual grid (16 for LLaVA-1.5's 24 x 24 with r = 6)."""
-        return (grid // self.region_size) ** 2
+    def num_regions(self, grid: int | tuple[int, int]) -> int:
+        """R = (Gh / r) (Gw / r) regions on a Gh x Gw visual grid, or G x G for an int (16 for LLaVA-1.5's 24 x 24
+        with r = 6)."""
+        gh, gw = grid_shape(grid)
+        return (gh // self.region_size) * (gw // self.region_size)
 
     @property
     def fixed(self) -> bool:
@@ -105,17 +119,24 @@ class _Derived:
         """The w/o-SGS ablation: expand a uniformly random region instead of r*."""
         return self.region_choice == "random"
 
-    def validate_for(self, num_layers: int, grid: int) -> None:
-        """Raise `ConfigError` if this config cannot run on a model with `num_layers` and a G x G grid."""
+    def validate_for(self, num_layers: int, grid: int | tuple[int, int]) -> None:
+        """Raise `ConfigError` if this config cannot run on a model with `num_layers` and a G x G grid (an int)
+        or a Gh x Gw grid (a pair)."""
         problems = []  # all of them at once, so a user fixes them in one go
         bad = [l for l in self.layers if l >= num_layers]
         if bad:
             problems.append(f"BlinkConfig.layers={self.layers} has layer index {bad[0]} but the language model has "
                             f"{num_layers} layers (0..{num_layers - 1}); give layers below {num_layers}")
-        if grid % self.region_size:
-            divisors = [d for d in range(1, grid + 1) if grid % d == 0]
-            problems.append(f"BlinkConfig.region_size={self.region_size} does not divide the visual grid side {grid}; "
-                            f"use a divisor of {grid}: {divisors}")
+        gh, gw = grid_shape(grid)
+        if gh % self.region_size or gw % self.region_size:
+            side = math.gcd(gh, gw)
+            divisors = [d for d in range(1, side + 1) if side % d == 0]
+            if gh == gw:
+                problems.append(f"BlinkConfig.region_size={self.region_size} does not divide the visual grid side "
+                                f"{gh}; use a divisor of {gh}: {divisors}")
+            else:
+                problems.append(f"BlinkConfig.region_size={self.region_size} does not divide both sides of the visual "
+                                f"grid {gh} x {gw}; use a common divisor: {divisors}")
         if problems:
             raise ConfigError("; and ".join(problems))
 
@@ -138,6 +159,9 @@ class BlinkConfig(_Derived):
     region_choice: "saliency" (r*) or "random" (the w/o-SGS ablation; rho still decides *whether*).
     expansion: "dynamic" or "fixed" (the w/o-DTR ablation).
     return_attention: the trace carries S_v per layer.
+    sr_positions: under M-RoPE (Qwen2.5-VL), an SR token's (t, h, w) position is its source token's ("source") or
+      offset to its fine cell's centre, h + (i mod s + 0.5) / s - 0.5 and likewise w ("fractional", BLINK.md §10);
+      1-D positions (LLaVA) take "source" only.
     """
 
     layers: tuple[int, ...] = (12, 13, 14, 15, 16, 17, 18)
@@ -152,6 +176,7 @@ class BlinkConfig(_Derived):
     region_choice: str = "saliency"
     expansion: str = "dynamic"
     return_attention: bool = False
+    sr_positions: str = "source"
 
     def __post_init__(self):
         _validate_static(self)

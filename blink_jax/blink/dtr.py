@@ -1,7 +1,8 @@
 """Dynamic token resolution (DTR, BLINK.md §3): the per-example state machine and SR bookkeeping.
 
 Pure, jit-able, batched functions with static shapes; thresholds are traced arrays. Einsum letters:
-  B batch, G grid side, D model dim, R regions, P SR tokens ((s r)^2), V visual tokens (G*G).
+  B batch, Gh x Gw the visual grid (G x G when square, given as an int), D model dim, R regions ((Gh/r) (Gw/r)),
+  P SR tokens ((s r)^2), V visual tokens (Gh*Gw).
 
 State per example: `expanded` [B] bool and `region` [B] int32 (the expanded region, `NO_REGION`
 when idle). At participating layer L, `decide` turns (rho, r*) from layer L's attention into an
@@ -17,9 +18,9 @@ Typical use inside the forward, per participating layer L (Python-unrolled, all 
   rho, r_star, s_v = saliency_guided_scan(...)
   if static.random_region: r_star = random_regions(fold_in(key, L), B, R)
   action, state = step(state, rho, r_star, thresholds, static)
-  lr = gather_region(gather_visual(h, visual_index, G), state.region, r)   # [B, r, r, D]
+  lr = gather_region(gather_visual(h, visual_index, (Gh, Gw)), state.region, r)   # [B, r, r, D]
   sr_h = select_on_expand(action, bank.for_layer(L)(lr).reshape(B, P, D), sr_h)
-  sr_pos = select_on_expand(action, sr_position_ids(pos[visual], state.region, G, r, s), sr_pos)
+  sr_pos = where(action == EXPAND, sr_position_ids(pos[..., visual], state.region, (Gh, Gw), r, s), sr_pos)
   sr_valid = state.expanded                                                   # [B]: EXPAND or KEEP
 """
 
@@ -29,6 +30,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from blink_jax.blink.config import grid_shape
+
+Grid = int | tuple[int, int]  # a visual grid: G (square G x G) or (Gh, Gw)
 
 NONE, EXPAND, KEEP, DROP = 0, 1, 2, 3
 ACTION_NAMES = ("none", "expand", "keep", "drop")
@@ -138,32 +143,40 @@ def random_regions(key: jax.Array, batch: int, num_regions: int) -> jax.Array:  
 def gather_visual(
     h: jax.Array,  # [B, T, D] hidden states of the whole buffer
     visual_index: jax.Array,  # [B, V] int, row-major grid order
-    grid: int,
-) -> jax.Array:  # [B, G, G, D]
-    """The G x G grid of visual-token hidden states, from per-example buffer positions."""
+    grid: Grid,
+) -> jax.Array:  # [B, Gh, Gw, D]
+    """The Gh x Gw grid of visual-token hidden states, from per-example buffer positions."""
     b, _, d = h.shape
     idx = visual_index.astype(jnp.int32)[:, :, None]
-    return jnp.take_along_axis(h, idx, axis=1).reshape(b, grid, grid, d)
+    return jnp.take_along_axis(h, idx, axis=1).reshape(b, *grid_shape(grid), d)
 
 
-def region_origin(region: jax.Array, grid: int, region_size: int) -> tuple[jax.Array, jax.Array]:
-    """Top-left grid cell (row0, col0) of each region, row-major over the (G/r) x (G/r) region grid."""
-    per_row = grid // region_size
+def take_slots(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [..., B, S] (position ids, with or without M-RoPE's leading axis of 3) at per-example slots [B, N]
+    -> [..., B, N]."""
+    index = jnp.broadcast_to(index.astype(jnp.int32), x.shape[:-1] + index.shape[-1:])
+    return jnp.take_along_axis(x, index, axis=-1)
+
+
+def region_origin(region: jax.Array, grid: Grid, region_size: int) -> tuple[jax.Array, jax.Array]:
+    """Top-left grid cell (row0, col0) of each region, row-major over the (Gh/r) x (Gw/r) region grid."""
+    per_row = grid_shape(grid)[1] // region_size
     region = region.astype(jnp.int32)
     return (region // per_row) * region_size, (region % per_row) * region_size
 
 
-def region_box(region: int, grid: int, region_size: int, patch: int) -> tuple[int, int, int, int]:
-    """Host-side: (left, top, right, bottom) pixel box of `region` on the preprocessed image (G p x G p pixels,
-    p the patch side), right/bottom exclusive; row-major over the region grid, as `region_origin`."""
-    per_row = grid // region_size
+def region_box(region: int, grid: Grid, region_size: int, patch: int) -> tuple[int, int, int, int]:
+    """Host-side: (left, top, right, bottom) pixel box of `region` on the preprocessed image (Gh p x Gw p pixels,
+    p the side of one grid cell in pixels), right/bottom exclusive; row-major over the region grid, as
+    `region_origin`."""
+    per_row = grid_shape(grid)[1] // region_size
     row, col = divmod(int(region), per_row)
     side = region_size * patch
     return col * side, row * side, (col + 1) * side, (row + 1) * side
 
 
 def gather_region(
-    h_visual: jax.Array,  # [B, G, G, D]
+    h_visual: jax.Array,  # [B, Gh, Gw, D]
     region: jax.Array,  # [B] int
     region_size: int,
 ) -> jax.Array:  # [B, r, r, D]
@@ -171,8 +184,8 @@ def gather_region(
 
     An out-of-range region (e.g. NO_REGION of an idle example) gives a clamped, finite block: mask it.
     """
-    grid, d = h_visual.shape[1], h_visual.shape[3]
-    row0, col0 = region_origin(region, grid, region_size)
+    gh, gw, d = h_visual.shape[1:]
+    row0, col0 = region_origin(region, (gh, gw), region_size)
 
     def one(h, r0, c0):
         return jax.lax.dynamic_slice(h, (r0, c0, 0), (region_size, region_size, d))
@@ -182,33 +195,55 @@ def gather_region(
 
 def sr_source_index(
     region: jax.Array,  # [B] int
-    grid: int,
+    grid: Grid,
     region_size: int,
     scale: int,
 ) -> jax.Array:  # [B, P] int32
-    """Flat visual index (row-major over G x G) of the source token of each SR token.
+    """Flat visual index (row-major over Gh x Gw) of the source token of each SR token.
 
     SR token at fine cell (i, j), row-major over the (s r) x (s r) grid, comes from grid cell
     (row0 + i // s, col0 + j // s).
     """
     side = scale * region_size
+    width = grid_shape(grid)[1]
     row0, col0 = region_origin(region, grid, region_size)
     fine = jnp.arange(side, dtype=jnp.int32) // scale  # [s r]
     rows = row0[:, None, None] + fine[None, :, None]  # [B, s r, 1]
     cols = col0[:, None, None] + fine[None, None, :]  # [B, 1, s r]
-    return (rows * grid + cols).reshape(region.shape[0], side * side)
+    return (rows * width + cols).reshape(region.shape[0], side * side)
+
+
+def fractional_offsets(region_size: int, scale: int) -> jax.Array:  # [2, P] float32
+    """(h, w) offsets of the SR tokens from their source token under `sr_positions="fractional"` (BLINK.md §10):
+    fine cell (i, j) sits at the centre of its 1/s sub-cell, (i mod s + 0.5) / s - 0.5 rows down, likewise across."""
+    side = scale * region_size
+    sub = (jnp.arange(side, dtype=jnp.float32) % scale + 0.5) / scale - 0.5  # [s r]
+    rows = jnp.broadcast_to(sub[:, None], (side, side)).reshape(-1)
+    cols = jnp.broadcast_to(sub[None, :], (side, side)).reshape(-1)
+    return jnp.stack([rows, cols])
 
 
 def sr_position_ids(
-    visual_pos: jax.Array,  # [B, G*G] int: position ids of the visual tokens, row-major
+    visual_pos: jax.Array,  # [B, V] or [3, B, V] (M-RoPE t, h, w): position ids of the visual tokens, row-major
     region: jax.Array,  # [B] int
-    grid: int,
+    grid: Grid,
     region_size: int,
     scale: int,
-) -> jax.Array:  # [B, (s r)^2]
-    """Position id of each SR token: that of its source visual token (BLINK.md §3, ours)."""
-    idx = sr_source_index(region, grid, region_size, scale)
-    return jnp.take_along_axis(visual_pos, idx, axis=1)
+    mode: str = "source",
+) -> jax.Array:  # [B, P] or [3, B, P]: visual_pos's dtype ("source"), float32 ("fractional")
+    """Position ids of the SR tokens: those of their source visual tokens (BLINK.md §3, ours), or under M-RoPE with
+    `mode="fractional"` the source's (t, h, w) with h and w moved to the fine cell's centre (BLINK.md §10, ours)."""
+    source = take_slots(visual_pos, sr_source_index(region, grid, region_size, scale))
+    if mode == "source":
+        return source
+    if mode != "fractional":
+        raise ValueError(f"sr_positions={mode!r} is unknown; use 'source' or 'fractional'")
+    if visual_pos.ndim != 3 or visual_pos.shape[0] != 3:
+        raise ValueError(f"sr_positions='fractional' needs M-RoPE positions [3, B, V] (t, h, w), got "
+                         f"{visual_pos.shape}: 1-D positions (LLaVA) take sr_positions='source'")
+    offsets = fractional_offsets(region_size, scale)  # [2, P]
+    shift = jnp.concatenate([jnp.zeros_like(offsets[:1]), offsets])[:, None, :]  # [3, 1, P]: t stays
+    return source.astype(jnp.float32) + shift
 
 
 def action_names(action) -> list[list[str]]:

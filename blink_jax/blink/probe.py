@@ -3,7 +3,7 @@ visual tokens' output hidden states and the saliency-guided scan of the last pro
 walk with `probe_hook` at the requested layers.
 
 Used by TokenSR training (student inputs, teacher targets, region choice) and by threshold calibration.
-Letters: B batch, T prompt length, D model dim, G grid side, V visual tokens (G*G).
+Letters: B batch, T prompt length, D model dim, Gh x Gw the visual grid, V visual tokens (Gh*Gw).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from blink_jax.blink.forward import square_grid
+from blink_jax.blink.forward import visual_grid
 from blink_jax.blink.saliency import saliency_guided_scan
 from blink_jax.model.backbone import Backbone, Prompt
 from blink_jax.model.decoder import Hook, Stream, walk
@@ -20,13 +20,13 @@ from blink_jax.model.decoder import Hook, Stream, walk
 
 @struct.dataclass
 class Probe:
-    visual: jax.Array  # [Lp, B, G, G, D]: layer L's output hidden states of the visual grid (residual stream)
+    visual: jax.Array  # [Lp, B, Gh, Gw, D]: layer L's output hidden states of the visual grid (residual stream)
     rho: jax.Array  # [Lp, B]
     region: jax.Array  # [Lp, B] int32: r*
-    attention: jax.Array  # [Lp, B, G, G]: S_v
+    attention: jax.Array  # [Lp, B, Gh, Gw]: S_v
 
 
-def probe_hook(prompt: Prompt, grid: int, region_size: int) -> Hook:
+def probe_hook(prompt: Prompt, grid: tuple[int, int], region_size: int) -> Hook:
     """Records, after its layer, the visual grid's hidden states and the last prompt token's saliency scan;
     leaves the stream as it is."""
     b, t = prompt.stream.valid.shape
@@ -34,8 +34,8 @@ def probe_hook(prompt: Prompt, grid: int, region_size: int) -> Hook:
     def hook(index: int, stream: Stream, q: jax.Array, k: jax.Array):
         rho, region, s_v = saliency_guided_scan(q[:, t - 1], k, stream.valid, prompt.visual_index, grid=grid,
                                                 region_size=region_size)
-        visual = jnp.take_along_axis(stream.h, prompt.visual_index[..., None], axis=1).reshape(b, grid, grid, -1)
-        return stream, (visual, rho, region, s_v.reshape(b, grid, grid))
+        visual = jnp.take_along_axis(stream.h, prompt.visual_index[..., None], axis=1).reshape(b, *grid, -1)
+        return stream, (visual, rho, region, s_v.reshape(b, *grid))
 
     return hook
 
@@ -44,7 +44,7 @@ def probe_layers(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array,
                  layers: tuple[int, ...], region_size: int) -> Probe:
     """Runs layers 0..max(layers) of the vanilla model. The saliency is that of the prompt's last token."""
     prompt = model.prompt(input_ids, pixel_values, attention_mask)
-    hook = probe_hook(prompt, square_grid(prompt), region_size)
+    hook = probe_hook(prompt, visual_grid(prompt), region_size)
     _, _, records = walk(model.decoder_layers, prompt.stream, hooks={layer: hook for layer in layers},
                          stop=max(layers) + 1)
     stack = lambda i: jnp.stack([record[i] for record in records])

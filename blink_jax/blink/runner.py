@@ -79,8 +79,10 @@ class BlinkArgs:
     key: jax.Array  # traced
 
 
-def prepare(blink: BlinkConfig, tokensr, rng, *, num_layers: int, grid: int, dim: int) -> BlinkArgs:
-    """Checks `blink` against the model (layers, grid side G, hidden size) and builds the TokenSR to run."""
+def prepare(blink: BlinkConfig, tokensr, rng, *, num_layers: int, grid: int | tuple[int, int],
+            dim: int) -> BlinkArgs:
+    """Checks `blink` against the model (layers, visual grid G or (Gh, Gw), hidden size) and builds the TokenSR
+    to run."""
     if not isinstance(blink, BlinkConfig):
         raise TypeError(f"blink must be a BlinkConfig, got {type(blink).__name__}")
     blink.validate_for(num_layers, grid)

@@ -2,7 +2,7 @@
 
 Pure, jit-able, batched functions with static shapes. Einsum letters:
   B batch, S key positions (the whole padded buffer), N query heads, K kv heads,
-  Q query heads per kv head (N // K), H head dim, V visual tokens (G*G), G grid side, R regions.
+  Q query heads per kv head (N // K), H head dim, V visual tokens (Gh*Gw), Gh x Gw the grid, R regions.
 
 The attention here is a separate `q_t . K` product for one query row per example, so the layer's
 main attention can stay a fused kernel; it must see the same keys as the layer (RoPE applied,
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from blink_jax.blink.config import grid_shape
 
 
 def last_token_attention(
@@ -55,17 +57,18 @@ def visual_saliency(
 
 
 def region_scores(
-    s_v: jax.Array,  # [B, G*G] row-major over the grid
-    grid: int,
+    s_v: jax.Array,  # [B, Gh*Gw] row-major over the grid
+    grid: int | tuple[int, int],
     region_size: int,
 ) -> jax.Array:  # [B, R]
-    """S_r: sum-pool S_v over r x r blocks; region index = (i // r) * (G // r) + (j // r)."""
-    if grid % region_size:
-        raise ValueError(f"region_size={region_size} does not divide grid={grid}")
+    """S_r: sum-pool S_v over r x r blocks; region index = (i // r) * (Gw // r) + (j // r). `grid`: G (square)
+    or (Gh, Gw)."""
+    gh, gw = grid_shape(grid)
+    if gh % region_size or gw % region_size:
+        raise ValueError(f"region_size={region_size} does not divide the grid {gh} x {gw}")
     b = s_v.shape[0]
-    n = grid // region_size
-    blocks = s_v.reshape(b, n, region_size, n, region_size)
-    return blocks.sum(axis=(2, 4)).reshape(b, n * n)
+    blocks = s_v.reshape(b, gh // region_size, region_size, gw // region_size, region_size)
+    return blocks.sum(axis=(2, 4)).reshape(b, -1)
 
 
 def saliency_ratio(s_r: jax.Array) -> tuple[jax.Array, jax.Array]:  # [B, R] -> ([B], [B] int32)
@@ -86,7 +89,7 @@ def saliency_guided_scan(
     key_valid: jax.Array,  # [B, S] bool
     visual_index: jax.Array,  # [B, V] int
     *,
-    grid: int,
+    grid: int | tuple[int, int],
     region_size: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # rho [B], r* [B] int32, S_v [B, V]
     """The four steps above in one call."""

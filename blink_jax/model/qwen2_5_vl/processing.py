@@ -6,6 +6,10 @@ Image: RGB -> smart resize (both sides multiples of patch x merge = 28, pixel co
 normalisation in float32 -> patches flattened as the vision tower reads them: 2x2 blocks of patches
 row-major over the merged grid, each patch (C, temporal copy, p, p) with the still frame repeated
 `temporal_patch_size` times. `image_grid_thw` is (1, H / p, W / p).
+
+Fixed grid shapes (BLINK.md §10, ours): with `ImageProcessorConfig.grid_shapes` set (e.g. from `grid_buckets`),
+an image is resized to the shape of that small set nearest its aspect ratio (`nearest_grid`) instead of its own
+smart resize, so the eval batches images of one shape together and compiles one program per shape.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from blink_jax.processing.image import CLIP_MEAN, CLIP_STD, load_image, normaliz
 from blink_jax.processing.processor import ProcessorError, left_pad
 
 IMAGE_PAD = "<|image_pad|>"  # the chat template's one placeholder per image
+# (ours) Width / height of the eval's aspect-ratio buckets (BLINK.md §10): portrait 1:2 to landscape 2:1.
+ASPECT_RATIOS = (1 / 2, 2 / 3, 3 / 4, 1, 4 / 3, 3 / 2, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,15 @@ class ImageProcessorConfig:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+    # (Gh, Gw) merged-token grids every image is resized to (the nearest in aspect ratio); None: smart resize.
+    grid_shapes: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.grid_shapes is not None:
+            shapes = tuple((int(gh), int(gw)) for gh, gw in self.grid_shapes)
+            if not shapes or any(gh < 1 or gw < 1 for gh, gw in shapes):
+                raise ProcessorError(f"grid_shapes={self.grid_shapes} must list (Gh, Gw) pairs of positive ints")
+            object.__setattr__(self, "grid_shapes", shapes)
 
     @property
     def factor(self) -> int:
@@ -79,6 +94,32 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def grid_buckets(max_pixels: int, factor: int, *, multiple: int = 1,
+                 aspect_ratios: Sequence[float] = ASPECT_RATIOS) -> tuple[tuple[int, int], ...]:
+    """The eval's fixed grid shapes (ours, BLINK.md §10): per aspect ratio (width / height), the largest merged grid
+    (Gh, Gw) with both sides multiples of `multiple` (Blink's region size r), Gw the multiple nearest Gh x ratio,
+    and at most `max_pixels` pixels (Gh factor x Gw factor); in the order of `aspect_ratios`, duplicates dropped."""
+    cells = max_pixels // (factor * factor)
+    shapes = []
+    for ratio in aspect_ratios:
+        fits = [(gh, max(multiple, int(gh * ratio / multiple + 0.5) * multiple))
+                for gh in range(multiple, cells // multiple + 1, multiple)]
+        fits = [(gh, gw) for gh, gw in fits if gh * gw <= cells]
+        if not fits:
+            raise ProcessorError(f"max_pixels={max_pixels} holds no grid of {multiple} x {multiple} merged cells "
+                                 f"({multiple * factor} px square): raise max_pixels or lower the region size")
+        best = max(fits, key=lambda s: (s[0] * s[1], -abs(math.log(s[1] / s[0] / ratio))))
+        if best not in shapes:
+            shapes.append(best)
+    return tuple(shapes)
+
+
+def nearest_grid(height: int, width: int, shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The grid shape (Gh, Gw) whose aspect ratio is nearest the image's (in log ratio; ties: the larger grid)."""
+    target = math.log(width / height)
+    return min(shapes, key=lambda s: (abs(math.log(s[1] / s[0]) - target), -s[0] * s[1]))
+
+
 def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     """[C, H, W] -> [H/p * W/p, C * tp * p * p] in the vision tower's order (see the module docstring)."""
     c, h, w = pixels.shape
@@ -89,10 +130,19 @@ def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     return np.ascontiguousarray(patches.reshape(gh * gw, c * tp * p * p))
 
 
+def resized_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int]:
+    """The (height, width) in pixels an image of this size is resized to: its grid shape's with `grid_shapes`,
+    else the smart resize."""
+    if cfg.grid_shapes is None:
+        return smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    gh, gw = nearest_grid(height, width, cfg.grid_shapes)
+    return gh * cfg.factor, gw * cfg.factor
+
+
 def preprocess_image(img: Image.Image, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (patches float32 [h * w, patch_dim], grid (1, h, w) in patches)."""
     img = img.convert("RGB")
-    height, width = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    height, width = resized_size(img.height, img.width, cfg)
     resized = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
     return patchify(normalize(resized), cfg), (1, height // cfg.patch_size, width // cfg.patch_size)
 
@@ -143,10 +193,18 @@ class QwenProcessor:
         self.pad_id = 0 if pad is None else int(pad)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "QwenProcessor":
+    def from_pretrained(cls, model_dir: str | os.PathLike, *,
+                        grid_shapes: Sequence[tuple[int, int]] | None = None) -> "QwenProcessor":
+        """`grid_shapes`: resize every image to the nearest of these merged grids (e.g. `grid_buckets(...)`), so
+        that images of one shape batch together (Blink needs one grid per batch; see `grid_of`)."""
         model_dir = Path(model_dir)
-        return cls(_load_tokenizer(model_dir), Qwen25VLConfig.from_json(model_dir),
-                   ImageProcessorConfig.from_json(model_dir))
+        image_config = dataclasses.replace(ImageProcessorConfig.from_json(model_dir), grid_shapes=grid_shapes)
+        return cls(_load_tokenizer(model_dir), Qwen25VLConfig.from_json(model_dir), image_config)
+
+    def grid_of(self, image: Image.Image) -> tuple[int, int]:
+        """The merged grid (Gh, Gw) this processor gives `image`: the key to batch images of one shape by."""
+        height, width = resized_size(image.height, image.width, self.image_config)
+        return height // self.image_config.factor, width // self.image_config.factor
 
     def prompt(self, question: str) -> str:
         """The chat-template text of one user turn holding an image then `question`, ready for the answer."""

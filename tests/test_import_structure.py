@@ -25,7 +25,7 @@ PACKAGES = ("blink_jax", "demo", "checkpoints_conversion", "train", "eval", "ben
 # Top-level package -> the other top-level packages it may import.
 MAY_IMPORT = {
     "blink_jax": set(),
-    "demo": set(),
+    "demo": {"blink_jax"},
     "checkpoints_conversion": {"blink_jax"},
     "train": {"blink_jax", "demo"},
     "eval": {"blink_jax", "demo"},

@@ -10,7 +10,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from blink_jax.config import LlavaConfig
 from blink_jax.model.llava import LlavaModel
 
 
@@ -28,25 +27,25 @@ def check_finite(path, value) -> None:
                               f"the checkpoint is corrupt; download or convert it again")
 
 
-def abstract_model(cfg: LlavaConfig, dtype=jnp.float32) -> LlavaModel:
-    """The model's structure with `ShapeDtypeStruct` leaves: no memory, no random init."""
-    return nnx.eval_shape(lambda: LlavaModel(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg, dtype=jnp.float32, model_class=LlavaModel):
+    """The model's structure with `ShapeDtypeStruct` leaves: no memory, no random init. `model_class` is the
+    backbone built from `cfg` (`LlavaModel` by default; any model package's class taking (cfg, param_dtype, rngs))."""
+    return nnx.eval_shape(lambda: model_class(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 @functools.lru_cache(maxsize=8)
-def param_shapes(cfg: LlavaConfig) -> dict[tuple, tuple]:
+def param_shapes(cfg, model_class=LlavaModel) -> dict[tuple, tuple]:
     """Our parameter path -> shape, for validating a checkpoint before reading it. Cached (tracing the model's
     shapes takes a while): do not mutate the result."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
+    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg, model_class=model_class), nnx.Param))
     return {path: tuple(var.shape) for path, var in flat}
 
 
-def model_from_params(cfg: LlavaConfig, params: dict[tuple, np.ndarray | jax.Array], dtype=jnp.float32) -> LlavaModel:
-    """A `LlavaModel` whose parameters are exactly `params` (path -> array), cast to `dtype`.
-
-    Every parameter must be given with its exact shape and finite values; nothing is randomly initialised.
+def model_from_params(cfg, params: dict[tuple, np.ndarray | jax.Array], dtype=jnp.float32, model_class=LlavaModel):
+    """A model (`model_class`, LLaVA by default) whose parameters are exactly `params` (path -> array), cast to
+    `dtype`. Every parameter must be given with its exact shape and finite values; nothing is randomly initialised.
     """
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, model_class)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     expected = {path for path, _ in flat}

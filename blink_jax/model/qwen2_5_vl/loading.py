@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from blink_jax.weights import params as params_lib
 from blink_jax.weights.params import CheckpointError
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
@@ -30,31 +31,17 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 
 def abstract_model(cfg: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLModel:
     """The model's structure with `ShapeDtypeStruct` leaves: no memory, no random init."""
-    return nnx.eval_shape(lambda: Qwen25VLModel(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    return params_lib.abstract_model(cfg, dtype, Qwen25VLModel)
 
 
 def param_shapes(cfg: Qwen25VLConfig) -> dict[tuple, tuple]:
-    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
-    return {path: tuple(var.shape) for path, var in flat}
+    return params_lib.param_shapes(cfg, Qwen25VLModel)
 
 
 def model_from_params(cfg: Qwen25VLConfig, params: dict[tuple, np.ndarray], dtype=jnp.float32) -> Qwen25VLModel:
-    """A model whose parameters are exactly `params` (path -> array, every one, exact shapes), cast to `dtype`."""
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    flat = nnx.to_flat_state(state)
-    expected = {path for path, _ in flat}
-    missing, extra = sorted(expected - set(params), key=str), sorted(set(params) - expected, key=str)
-    if missing or extra:
-        raise CheckpointError(f"parameters do not match the model: missing {[path_str(p) for p in missing]}, "
-                              f"unexpected {[path_str(p) for p in extra]}")
-    leaves = []
-    for path, var in flat:
-        value = params[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"parameter '{path_str(path)}' has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(var.shape)}")
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    """A model whose parameters are exactly `params` (path -> array, every one, exact shapes, finite), cast to
+    `dtype` (`blink_jax.weights.params.model_from_params`)."""
+    return params_lib.model_from_params(cfg, params, dtype, Qwen25VLModel)
 
 
 def _safetensors_header(file: Path) -> tuple[dict, int]:

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blink_jax.model.backbone import Prompt
+from blink_jax.model.backbone import LanguageModelBackbone, Prompt
 from blink_jax.model.decoder import prompt_stream
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.text import LanguageModel
 from blink_jax.model.qwen2_5_vl.vision import VisionLayout, VisionTower
 
 
-class Qwen25VLModel(nnx.Module):
+class Qwen25VLModel(LanguageModelBackbone, nnx.Module):
     """Parameters of Qwen2.5-VL and the stateless pieces of its forward pass (see `qwen2_5_vl.forward`)."""
 
     def __init__(self, cfg: Qwen25VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -41,18 +41,6 @@ class Qwen25VLModel(nnx.Module):
         return jnp.where(is_image[..., None], spliced, text)
 
     # ---------------------------------------------------------------------------- the backbone protocol
-    @property
-    def hidden_size(self) -> int:
-        return self.config.text.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.text.num_hidden_layers
-
-    @property
-    def decoder_layers(self):
-        return self.language_model.layers
-
     def prompt(self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
                layout: VisionLayout, positions: jax.Array, grid: tuple[int, int] | None = None) -> Prompt:
         """input_ids/attention_mask [B, T] (left padded), pixel_values [P, patch_dim] packed, M-RoPE positions
@@ -68,9 +56,3 @@ class Qwen25VLModel(nnx.Module):
         count = grid[0] * grid[1]
         return Prompt(stream, start[:, None] + jnp.arange(count, dtype=jnp.int32)[None], start + count - 1,
                       grid=tuple(grid))
-
-    def embed_tokens(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return self.language_model.embed(ids)
-
-    def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
-        return self.language_model.logits(h)

@@ -9,33 +9,10 @@ exact inverse, so HF -> ours -> HF is bit-exact. transformers' in-memory `state_
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
-import numpy as np
-
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
-
-Path = tuple  # a parameter path, e.g. ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """torch tensor -> our array (`to_ours`, given our array's shape) and back (`to_hf`)."""
-    name: str
-    to_ours: Callable[[np.ndarray, tuple], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-IDENTITY = Transform("identity", lambda x, shape: x.reshape(shape), lambda x: x)
-# torch Linear weight (out, in) -> kernel (in, out)
-LINEAR = Transform("linear", lambda x, shape: x.T.reshape(shape), lambda x: x.T)
-# torch Linear weight (N*H, D) -> Einsum kernel (D, N, H)
-HEADS_OUT = Transform("heads_out", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T)
-# torch Linear weight (D, N*H) -> Einsum kernel (N, H, D)
-HEADS_IN = Transform("heads_in", lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T)
-# (N*H,) bias -> (N, H)
-HEADS_BIAS = Transform("heads_bias", lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+# The entries and transforms are LLaVA's: the same torch layouts.
+from blink_jax.weights.param_mapping import (HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, LINEAR, Entry,  # noqa: F401
+                                             Path, Transform)
 
 
 def patch_embed_transform(cfg: Qwen25VLConfig) -> Transform:
@@ -44,13 +21,6 @@ def patch_embed_transform(cfg: Qwen25VLConfig) -> Transform:
     conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     return Transform("conv3d_patch", lambda x, shape: x.reshape(x.shape[0], -1).T.reshape(shape),
                      lambda x: x.T.reshape(conv_shape))
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    hf_key: str
-    path: Path
-    transform: Transform
 
 
 # Buffers older transformers versions saved; not parameters.

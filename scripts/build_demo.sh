@@ -23,6 +23,15 @@ rm -rf demo/tokensr && cp -r "$WORK/tokensr/tokensr" demo/tokensr
 cp "$WORK/tokensr/metrics.jsonl" demo/tokensr/train_metrics.jsonl
 cp "$WORK/tokensr/config.json" demo/tokensr/train_config.json
 
+# 3b. The same with the mlp TokenSR kind (per-token dense layers instead of convolutions; docs/ARCHITECTURE.md).
+python -m train.tokensr --model demo/model --data-dir "$WORK/mix" --workdir "$WORK/tokensr_mlp" --mesh cpu --kind mlp \
+  --layers 1-3 --region-size 3 --scale 2 --channels 128 --batch-size 16 --steps 300 --lr 1e-3 \
+  --warmup-steps 20 --save-every 100 --max-prompt-len 256 --no-progress
+rm -rf demo/tokensr_mlp && cp -r "$WORK/tokensr_mlp/tokensr" demo/tokensr_mlp
+cp "$WORK/tokensr_mlp/metrics.jsonl" demo/tokensr_mlp/train_metrics.jsonl
+cp "$WORK/tokensr_mlp/config.json" demo/tokensr_mlp/train_config.json
+
 # 4. The three modes on the bundled data (what `python -m eval.run --bench pope` does with no arguments).
 python -m eval.run --bench pope --out "$WORK/eval" --save-traces
 python -m train.demo.breakdown --run "$WORK/eval"
+python -m eval.run --bench pope --tokensr demo/tokensr_mlp --out "$WORK/eval_mlp"

@@ -96,11 +96,14 @@ def test_demo_paired_comparison_counts_the_saved_answers(demo_run):
     assert "POPE: F1 x 100, averaged over the random, popular and adversarial splits" in text  # the headline, said
 
 
-def test_demo_tokensr_matches_the_demo_model():
+@pytest.mark.parametrize("folder, kind", [("tokensr", "conv"), ("tokensr_mlp", "mlp")])
+def test_demo_tokensr_matches_the_demo_model(folder, kind):
     from blink_jax.blink.checkpoint import load_tokensr
+    from blink_jax.blink.tokensr import check_geometry
     from blink_jax.config import LlavaConfig
 
-    bank, blink = load_tokensr(DEMO.tokensr)
+    bank, blink = load_tokensr(DEMO.tokensr.parent / folder)
     cfg = LlavaConfig.from_json(DEMO.model)
     blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)  # layers exist, regions tile the grid
-    assert bank.layers == blink.layers and blink.tokensr_kind == "conv"
+    check_geometry(blink, cfg.text.hidden_size, bank)
+    assert bank.layers == blink.layers and blink.tokensr_kind == kind

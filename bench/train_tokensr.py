@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,7 @@ def train(workdir: Path, flags: list[str], *, steps: int, teacher_cache: str) ->
     -> its metrics.jsonl records, one per step."""
     cmd = [sys.executable, "-m", "train.tokensr", *flags, "--workdir", str(workdir), "--steps", str(steps),
            "--teacher-cache", teacher_cache, "--log-every", "1", "--save-every", str(10 ** 6), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=REPO, env=os.environ, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]

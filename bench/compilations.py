@@ -1,13 +1,16 @@
-"""Compilations of an eval: `eval.harness.runner.run_eval` on 100 POPE questions of mixed prompt lengths, every
-mode, counting the programs compiled against the number of length buckets.
+"""Compilations of an eval: `python -m eval.run` on 100 POPE questions of mixed prompt lengths, once per mode,
+counting the programs it compiles against the number of length buckets.
 
     python -m bench.compilations [--questions 100] [--bucket 64] [--batch-size 8] [--modes vanilla,interp,blink]
 
 The model is a tiny random LLaVA (84 px images, a 6x6 grid; compilation counts do not depend on its size);
-the questions are POPE-style with 0-260 filler words, so their prompts fall into several length buckets. Counted:
-new entries in the jit caches of the entry points (`blink_jax.runtime._generate`/`_prefill`, which serve
-vanilla and Blink) and every XLA backend compilation in the process
-(`/jax/core/compile/backend_compile_duration` events, which also catch small helper programs).
+the questions are POPE-style with 0-260 filler words, so their prompts fall into several length buckets. Each mode
+runs as the user runs it, `python -m eval.run ... --modes MODE` in its own process with JAX_LOG_COMPILES=1, and its
+log is read: "Finished XLA compilation of jit(NAME) in S sec" is one compiled program. Counted: the programs of the
+library's entry points (`blink_jax.runtime._generate`/`_prefill`, which serve vanilla and Blink) and every XLA
+compilation of the eval's process (model loading's small programs included). The length buckets are counted from
+the prompts of the samples file (tokenized as the harness does, with the library's `build_prompt` and
+`tokenize_with_image`) and checked against the shapes results.json says the harness ran.
 Target: per mode, entry-point programs <= length buckets.
 """
 
@@ -16,6 +19,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,11 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
+from blink_jax import runtime
+from blink_jax.processing import Processor, build_prompt, tokenize_with_image
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 LAYERS, REGION = (1, 2), 3
 OBJECTS = ("dog", "cat", "circle", "square", "triangle", "user")
 FILLER = "please answer the question using a single word or phrase is there in image".split()
+# Log names of the library's jitted entry points -> the names the table gives them.
+ENTRY_POINTS = {f"jit({fn.__name__})": f"runtime.{fn.__name__}" for fn in (runtime._generate, runtime._prefill)}
+COMPILED = re.compile(r"Finished XLA compilation of (\S+) in ([0-9.eE+-]+) sec")
 
 
 def make_data(root: Path, questions: int, seed: int = 0) -> dict[str, int]:
@@ -74,53 +86,65 @@ def make_model(root: Path) -> tuple[Path, Path]:
     return root / "model", root / "tokensr"
 
 
-def _entry_points():
-    from blink_jax import runtime
+def compilations(log: str) -> list[tuple[str, float]]:
+    """(program name, seconds) of every XLA compilation a JAX_LOG_COMPILES=1 process logged, in order."""
+    return [(m.group(1), float(m.group(2))) for m in COMPILED.finditer(log)]
 
-    return {"runtime._generate": runtime._generate, "runtime._prefill": runtime._prefill}
+
+def prompt_lengths(samples: Path, model_dir: Path) -> list[int]:
+    """Token lengths (image tokens included) of the prompts of a samples file's answered questions, tokenized as the
+    eval harness does (a question recorded with an error, e.g. past the model's context, was never batched)."""
+    processor = Processor.from_pretrained(model_dir)
+    cfg = processor.config
+    records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in records if r["error"] is None]
+    return [len(tokenize_with_image(processor.tokenizer, build_prompt(p, suffix=None), cfg.image_token_index,
+                                    cfg.num_image_tokens)) for p in prompts]
+
+
+def bucket_of(length: int, bucket: int) -> int:
+    """eval.run's --bucket: prompts are left-padded to a multiple of it."""
+    return max(bucket, -(-length // bucket) * bucket)
+
+
+def run_mode(mode: str, base: list[str], out: Path) -> tuple[dict, str, float]:
+    """`python -m eval.run` for one mode, compile log on. -> (its results.json, its stderr, its wall seconds)."""
+    cmd = [sys.executable, "-m", "eval.run", *base, "--modes", mode, "--out", str(out), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_LOG_COMPILES": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads((out / "results.json").read_text()), proc.stderr, wall
 
 
 def run(questions: int, bucket: int, batch_size: int, modes: tuple[str, ...], work: Path) -> str:
-    import jax
-
-    from eval.harness.batching import bucket_length
-    from eval.harness.runner import EvalConfig, Runner, load_model, run_eval
-    from eval import benchmarks
-
     model_dir, tokensr_dir = make_model(work)
     make_data(work / "pope", questions)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration"
-        else None)
-
-    base = dict(bench="pope", model=str(model_dir), data_dir=str(work / "pope"), tokensr=str(tokensr_dir),
-                batch_size=batch_size, bucket=bucket, max_new_tokens=3, layers=LAYERS, region_size=REGION,
-                tau_exp=0.26, tau_drop=0.255, dtype="float32", tfds_dir=str(work / "tfds"), progress=False)
-    model_and_tok = load_model(EvalConfig(out=str(work / "unused"), **base))
-    # The buckets the harness will use: the prompts' token lengths through the runner's own preparation.
-    bench = benchmarks.get("pope")
-    docs = benchmarks.load_docs(bench, work / "pope", work / "tfds")
-    prepared = Runner(EvalConfig(out=str(work / "unused"), **base), bench, docs, *model_and_tok).prepared
-    lengths = [len(p.ids) for p in prepared if p.ids is not None]
-    buckets = collections.Counter(bucket_length(n, bucket) for n in lengths)
-
+    base = ["--bench", "pope", "--model", str(model_dir), "--data-dir", str(work / "pope"), "--tokensr",
+            str(tokensr_dir), "--batch-size", str(batch_size), "--bucket", str(bucket), "--max-new-tokens", "3",
+            "--layers", ",".join(map(str, LAYERS)), "--region-size", str(REGION), "--tau-exp", "0.26",
+            "--tau-drop", "0.255", "--dtype", "float32", "--tfds-dir", str(work / "tfds")]
     rows = ["| mode | questions | length buckets | entry-point programs compiled | all XLA compilations "
             "| of which > 1 s | compile time (s) | eval wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    buckets = None
     for mode in modes:
-        entry = _entry_points()
-        before = {name: fn._cache_size() for name, fn in entry.items()}
-        start_compiles = len(compiles)
-        start = time.perf_counter()
-        doc = run_eval(EvalConfig(out=str(work / f"out_{mode}"), modes=(mode,), **base), model_and_tokenizer=model_and_tok)
-        wall = time.perf_counter() - start
-        new = {name: fn._cache_size() - before[name] for name, fn in entry.items()}
-        programs = sum(new.values())
-        mine = compiles[start_compiles:]
+        out = work / f"out_{mode}"
+        doc, log, wall = run_mode(mode, base, out)
+        if buckets is None:
+            lengths = prompt_lengths(out / doc["modes"][mode]["files"]["samples"], model_dir)
+            buckets = collections.Counter(bucket_of(n, bucket) for n in lengths)
+        ran = {shape[1] for shape in doc["config"]["programs"][mode]}  # [batch, length, new tokens]
+        if ran != set(buckets):
+            raise RuntimeError(f"mode {mode}: eval.run ran prompt lengths {sorted(ran)}, but the prompts tokenize into "
+                               f"buckets {sorted(buckets)}: update prompt_lengths to the harness's prompt building")
+        compiled = compilations(log)
+        new = collections.Counter(ENTRY_POINTS[name] for name, _ in compiled if name in ENTRY_POINTS)
+        seconds = [s for _, s in compiled]
         answered = doc["modes"][mode]["counts"]["answered"]
-        detail = ", ".join(f"{k} {v}" for k, v in new.items() if v)
-        rows.append(f"| {mode} | {answered} | {len(buckets)} | {programs} ({detail}) | {len(mine)} "
-                    f"| {sum(s > 1 for s in mine)} | {sum(mine):.1f} | {wall:.1f} |")
+        detail = ", ".join(f"{k} {v}" for k, v in new.items())
+        rows.append(f"| {mode} | {answered} | {len(buckets)} | {sum(new.values())} ({detail}) | {len(seconds)} "
+                    f"| {sum(s > 1 for s in seconds)} | {sum(seconds):.1f} | {wall:.1f} |")
     hist = ", ".join(f"{k}: {v}" for k, v in sorted(buckets.items()))
     return (f"prompt lengths {min(lengths)}-{max(lengths)} tokens, bucket {bucket}, batch size {batch_size}; "
             f"questions per bucket: {hist}\n\n" + "\n".join(rows))

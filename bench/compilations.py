@@ -4,7 +4,7 @@ counting the programs it compiles against the number of length buckets.
     python -m bench.compilations [--questions 100] [--bucket 64] [--batch-size 8] [--modes vanilla,interp,blink]
 
 The model is a tiny random LLaVA (84 px images, a 6x6 grid; compilation counts do not depend on its size);
-the questions are POPE-style with 0-260 filler words, so their prompts fall into several length buckets. Each mode
+the questions are POPE-style with 0-150 filler words, so their prompts fall into several length buckets. Each mode
 runs as the user runs it, `python -m eval.run ... --modes MODE` in its own process with JAX_LOG_COMPILES=1, and its
 log is read: "Finished XLA compilation of jit(NAME) in S sec" is one compiled program. Counted: the programs of the
 library's entry points (`blink_jax.runtime._generate`/`_prefill`, which serve vanilla and Blink) and every XLA
@@ -59,7 +59,8 @@ def make_data(root: Path, questions: int, seed: int = 0) -> dict[str, int]:
         n = questions // 3 + (1 if s < questions % 3 else 0)
         lines = []
         for q in range(n):
-            filler = " ".join(rng.choice(FILLER, size=int(rng.integers(0, 260))))
+            # 0-150 words: prompts of several length buckets that still fit the tiny model's 256 positions
+            filler = " ".join(rng.choice(FILLER, size=int(rng.integers(0, 150))))
             text = f"Is there a {rng.choice(OBJECTS)} in the image? {filler}".strip()
             lines.append(json.dumps({"question_id": q + 1, "image": str(rng.choice(images)), "text": text,
                                      "label": str(rng.choice(["yes", "no"]))}))

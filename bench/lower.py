@@ -15,8 +15,10 @@ the mesh's axes, not its chips. The platform a program is exported for chooses i
 
 Memory per device (`eval_memory`, Blink's generation at eval batch 1, 8 and 32, the larger of the two modes):
 parameters exactly, from the shardings (the bytes of each parameter's shard); the KV cache and the largest
-activations analytically, from the shapes, as `eval_memory` says. XLA's `memory_analysis()` is not used: on
-this host it would describe the CPU program (blocked attention, CPU fusion), not the TPU's or GPU's.
+activations analytically, from the shapes, as `eval_memory` says. XLA's `memory_analysis()` of the programs
+compiled for this host's CPU devices checks the arguments: the decode step's (language-model parameters, tokens,
+KV cache) must be what the shardings give, byte for byte. Its temporaries are not used: they describe the CPU
+program (blocked attention, bfloat16 weights widened to float32 for CPU matmuls), not the TPU's or GPU's.
 """
 
 from __future__ import annotations
@@ -240,6 +242,22 @@ def eval_memory(size: common.Size, mesh, params, batch: int, *, length: int, new
     return Memory(param_bytes_per_device(params), kv_cache, activations)
 
 
+def decode_argument_bytes(args) -> int:
+    """One device's bytes of what the decode step reads: the language model's parameters (the vision tower and
+    projector are unused there), the tokens and the whole KV cache, from the shardings."""
+    _, params, tokens, cache = args
+    text = sum(shard_bytes(var.get_value()) for p, var in nnx.to_flat_state(params)
+               if path_str(p).startswith("language_model."))
+    return text + shard_bytes(tokens) + sum(shard_bytes(leaf) for leaf in jax.tree.leaves(cache))
+
+
+def xla_argument_bytes(fn, args, kwargs) -> int:
+    """XLA's count of one device's argument bytes of the program compiled for this host's CPU devices (the
+    same shardings; unused arguments are dropped). Its temporaries are the CPU's (e.g. bfloat16 weights
+    widened to float32 for CPU matmuls), so only the arguments are comparable with a TPU or GPU."""
+    return fn.trace(*args, **kwargs).lower().compile().memory_analysis().argument_size_in_bytes
+
+
 def max_batch(size, mesh, params, chip_bytes: int, *, length: int, new_tokens: int, limit: int = 4096) -> int:
     """The largest batch the batch axes divide whose estimate fits `USABLE` of the chip (0: none)."""
     d = sharding.batch_divisor(mesh)
@@ -259,10 +277,13 @@ def gib(x: int) -> str:
 
 
 def run(sizes: dict[str, common.Size], presets, platforms, *, batches, export_batch: int, train_batch: int,
-        length: int, new_tokens: int, log=print) -> tuple[str, str]:
-    """Exports every program for every (preset, model, platform); -> (exports table, memory table)."""
+        length: int, new_tokens: int, log=print) -> tuple[str, str, str]:
+    """Exports every program for every (preset, model, platform); -> (exports table, XLA's check of the
+    per-device bytes, memory table)."""
     devices = jax.devices("cpu")
     export_rows = ["| preset | model | program | platform | StableHLO (MiB) | export (s) |", "|---|---|---|---|---|---|"]
+    check_rows = ["| preset | model | decode step arguments per device (GiB): ours | XLA, compiled for CPU |",
+                  "|---|---|---|---|"]
     memory_rows = ["| preset (chips x memory) | model | params/device (GiB) | eval batch | per device | "
                    "KV cache (GiB) | activations (GiB) | total (GiB) | of chip | held | largest batch held |",
                    "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -281,6 +302,11 @@ def run(sizes: dict[str, common.Size], presets, platforms, *, batches, export_ba
                                        f"{len(exported.mlir_module_serialized) / 2 ** 20:.2f} | {seconds:.1f} |")
                     log(export_rows[-1])
             params = progs["vanilla prefill"][1][1]
+            fn, args, kwargs = progs["decode step"]
+            ours, xla = decode_argument_bytes(args), xla_argument_bytes(fn, args, kwargs)
+            check_rows.append(f"| {preset} | {name} | {ours / GiB:.4f} | {xla / GiB:.4f} |"
+                              + ("" if ours == xla else " **differ**"))
+            log(check_rows[-1])
             largest = ("-" if chip_bytes is None else
                        max_batch(size, mesh, params, chip_bytes, length=length, new_tokens=new_tokens))
             for batch in batches:
@@ -292,7 +318,7 @@ def run(sizes: dict[str, common.Size], presets, platforms, *, batches, export_ba
                                    f"{per_device_batch(batch, mesh)} | {gib(m.kv_cache)} | {gib(m.activations)} | "
                                    f"{gib(m.total)} | {share} | {held} | {largest} |")
                 log(memory_rows[-1])
-    return "\n".join(export_rows), "\n".join(memory_rows)
+    return "\n".join(export_rows), "\n".join(check_rows), "\n".join(memory_rows)
 
 
 def main(argv=None):
@@ -315,12 +341,13 @@ def main(argv=None):
         p.error(f"--presets: {bad!r} is not one of {', '.join(sharding.PRESETS)}")
     simulate_host_devices(max(sharding.PRESETS[n].num_devices for n in presets))
     start = time.perf_counter()
-    exports, memory = run({n: SIZES[n] for n in names}, presets, [s.strip() for s in a.platforms.split(",")],
+    exports, check, memory = run({n: SIZES[n] for n in names}, presets, [s.strip() for s in a.platforms.split(",")],
                           batches=common.batch_sizes(a.batch), export_batch=a.export_batch,
                           train_batch=a.train_batch, length=a.length, new_tokens=a.new_tokens,
                           log=lambda line: print(line, file=sys.stderr, flush=True))  # progress
     print(f"\nmachine: {common.machine()}\nexported at batch {a.export_batch} (train step {a.train_batch}), "
           f"prompt {a.length} tokens, {a.new_tokens} new tokens, bfloat16 parameters\n\n{exports}\n\n"
+          f"Per-device bytes from the shardings against XLA's, at the export batch\n\n{check}\n\n"
           f"Memory per device, Blink's generation at eval batch (held: under {USABLE:.0%} of the chip)\n\n"
           f"{memory}\n\n({time.perf_counter() - start:.0f} s in all)")
 

@@ -1,5 +1,5 @@
 """`bench.lower`: every program exported for TPU and GPU from this CPU host, the target platform (not the host's)
-choosing the attention kernel, and the exact parameter bytes per device.
+choosing the attention kernel, and the exact bytes per device (by hand, and as XLA counts them).
 
 The meshes need 8 simulated CPU devices, i.e. XLA_FLAGS set before JAX starts, so the exports run in a
 subprocess (this file, run as a script) that writes what it saw to a JSON file; the checks run here.
@@ -65,6 +65,7 @@ def worker(out: Path) -> None:
         if preset == "tpu_v4_8":
             _, params = lower.abstract_params(LlavaConfig.from_hf_config(common.hf_config(common.TINY)), mesh)
             report["param_bytes_tpu_v4_8"] = lower.param_bytes_per_device(params)
+            report["xla_decode_args_tpu_v4_8"] = lower.xla_argument_bytes(*progs["decode step"])
     out.write_text(json.dumps(report))
 
 
@@ -95,6 +96,8 @@ def test_every_program_is_exported_for_tpu_and_cuda(exported):
     assert len(export_rows) == len(PRESETS) * len(PROGRAMS) * 2  # the command's table has every export
     memory_rows = [line for line in table if line.count("|") == 12]
     assert len(memory_rows) == len(PRESETS) * 2  # batches 1 and 8
+    check_rows = [line for line in table if line.count("|") == 5]
+    assert len(check_rows) == len(PRESETS) and "differ" not in exported["stdout"]  # ours == XLA's bytes
     assert "machine:" in exported["stdout"]
 
 
@@ -119,22 +122,31 @@ def test_the_export_platform_chooses_the_attention_blocks(exported):
 
 def test_parameter_bytes_per_device_by_hand(exported):
     """tpu_v4_8 = fsdp:4: every weight with a model-width dim (text 48, vision 32, both divisible by 4) is split
-    4 ways along it; norms, biases and the class embedding are whole. bfloat16: 2 bytes."""
+    4 ways along it; norms, biases and the class embedding are whole. bfloat16: 2 bytes. XLA's own count of the
+    decode step's arguments (compiled for the CPU devices with the same shardings; the vision tower and projector
+    are unused there) is the language model's share plus the tokens and the KV cache of 2 of the 8 examples."""
     s = common.TINY
     d, layers, n, kv, f, v = s.text_width, s.text_layers, s.text_heads, s.text_kv_heads, s.text_ffn, s.vocab
     hd = d // n
     dv, lv, fv = s.vision_width, s.vision_layers, 4 * s.vision_width
     positions = (s.image_size // s.patch) ** 2 + 1
-    split = (2 * v * d  # embedding, LM head
-             + layers * (2 * d * n * hd + 2 * d * kv * hd + 3 * d * f)  # q, o; k, v; gate, up, down
+    # embedding, LM head; per layer q, o; k, v; gate, up, down. Whole: the RMSNorm scales.
+    text_split = 2 * v * d + layers * (2 * d * n * hd + 2 * d * kv * hd + 3 * d * f)
+    text_whole = layers * 2 * d + d
+    split = (text_split
              + s.patch * s.patch * 3 * dv + positions * dv  # patch and position embeddings
              + lv * (4 * dv * dv + 2 * dv * fv)  # q, k, v, out; fc1, fc2
              + dv * d + d * d)  # projector
-    whole = (layers * 2 * d + d  # RMSNorm scales
+    whole = (text_whole
              + dv + 2 * 2 * dv  # class embedding; pre/post layer norms
              + lv * (4 * dv + fv + dv + 2 * 2 * dv)  # q, k, v, out biases; fc1, fc2 biases; two layer norms
              + 2 * d)  # projector biases
     assert exported["param_bytes_tpu_v4_8"] == 2 * (split // 4 + whole) == 56744
+
+    b, slots = 8 // 4, LENGTH + 4  # examples per device; cache slots: prompt + 4 new tokens
+    cache = layers * (2 * b * slots * kv * hd * 2 + b * slots) + 4 + b * 4  # k, v (bf16), valid; index, positions
+    tokens = b * 4
+    assert exported["xla_decode_args_tpu_v4_8"] == 2 * (text_split // 4 + text_whole) + cache + tokens
 
 
 def test_query_block_is_the_target_platforms():

@@ -54,8 +54,7 @@ CHIP = {"tpu_v4_8": ("TPU v4", 32 * GiB), "tpu_v5e_8": ("TPU v5e", 16 * GiB), "g
 # of fusions and collectives and the runtime take the rest (JAX on GPU preallocates 75% by default: raise
 # XLA_PYTHON_CLIENT_MEM_FRACTION to use more).
 USABLE = 0.9
-PROGRAMS = ("vanilla prefill", "Blink prefill", "decode step", "TokenSR train step")
-SIZES = {"tiny": common.TINY, "7b": common.LLAVA_7B, "13b": common.LLAVA_13B}
+PLATFORMS = ("tpu", "cuda", "rocm", "cpu")  # jax.export's names
 
 
 def simulate_host_devices(count: int) -> list[jax.Device]:
@@ -168,8 +167,7 @@ def programs(size: common.Size, mesh, *, batch: int, length: int, new_tokens: in
                             dict(static=None, scan=False)),
         "Blink prefill": (runtime._prefill, (graphdef, params, b.bank_def, bank_state, *prompt, thresholds, key),
                           dict(static=b.static, scan=False)),
-        "decode step": (decode_step, (graphdef, params, sds((batch,), jnp.int32, rows),
-                                      cache), {}),
+        "decode step": (decode_step, (graphdef, params, sds((batch,), jnp.int32, rows), cache), {}),
         "TokenSR train step": (program.step, (program.abstract_state, hs_lr, target), {}),
     }
 
@@ -323,28 +321,29 @@ def run(sizes: dict[str, common.Size], presets, platforms, *, batches, export_ba
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="7b,13b", help=f"comma-separated model shapes of {sorted(SIZES)}")
+    p.add_argument("--sizes", default="7b,13b", help=f"comma-separated model shapes of {sorted(common.ALL_SIZES)}")
     p.add_argument("--presets", default="tpu_v4_8,tpu_v5e_8,gpu_8",
                    help=f"comma-separated mesh presets of blink_jax.sharding ({', '.join(sharding.PRESETS)})")
-    p.add_argument("--platforms", default="tpu,cuda", help="comma-separated jax.export platforms (tpu, cuda, rocm, cpu)")
+    p.add_argument("--platforms", default="tpu,cuda", help=f"comma-separated jax.export platforms of {PLATFORMS}")
     p.add_argument("--batch", default="1,8,32", help="eval batch sizes of the memory table")
     p.add_argument("--export-batch", type=int, default=8, help="batch of the exported eval programs")
     p.add_argument("--train-batch", type=int, default=16, help="batch of the exported TokenSR train step")
     p.add_argument("--length", type=int, default=650, help="prompt length in tokens (576 of them image tokens)")
     p.add_argument("--new-tokens", type=int, default=16, help="decode room in the cache (eval.run's POPE: 16)")
     a = p.parse_args(argv)
-    names = [s.strip() for s in a.sizes.split(",")]
-    presets = [s.strip() for s in a.presets.split(",")]
-    for bad in [n for n in names if n not in SIZES]:
-        p.error(f"--sizes: {bad!r} is not one of {sorted(SIZES)}")
+    names, presets, platforms = ([s.strip() for s in text.split(",")] for text in (a.sizes, a.presets, a.platforms))
+    for bad in [n for n in names if n not in common.ALL_SIZES]:
+        p.error(f"--sizes: {bad!r} is not one of {sorted(common.ALL_SIZES)}")
     for bad in [n for n in presets if n not in sharding.PRESETS]:
         p.error(f"--presets: {bad!r} is not one of {', '.join(sharding.PRESETS)}")
+    for bad in [n for n in platforms if n not in PLATFORMS]:
+        p.error(f"--platforms: {bad!r} is not one of {PLATFORMS}")
     simulate_host_devices(max(sharding.PRESETS[n].num_devices for n in presets))
     start = time.perf_counter()
-    exports, check, memory = run({n: SIZES[n] for n in names}, presets, [s.strip() for s in a.platforms.split(",")],
-                          batches=common.batch_sizes(a.batch), export_batch=a.export_batch,
-                          train_batch=a.train_batch, length=a.length, new_tokens=a.new_tokens,
-                          log=lambda line: print(line, file=sys.stderr, flush=True))  # progress
+    exports, check, memory = run({n: common.ALL_SIZES[n] for n in names}, presets, platforms,
+                                 batches=common.batch_sizes(a.batch), export_batch=a.export_batch,
+                                 train_batch=a.train_batch, length=a.length, new_tokens=a.new_tokens,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))  # progress
     print(f"\nmachine: {common.machine()}\nexported at batch {a.export_batch} (train step {a.train_batch}), "
           f"prompt {a.length} tokens, {a.new_tokens} new tokens, bfloat16 parameters\n\n{exports}\n\n"
           f"Per-device bytes from the shardings against XLA's, at the export batch\n\n{check}\n\n"

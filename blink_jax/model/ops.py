@@ -92,15 +92,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     the text) are unconstrained. Keys that a block of queries cannot see are then never computed.
     A query row with no visible key (left padding) gets a uniform, finite output instead of NaN.
     """
-    b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    g = n // kv
+    t, s = q.shape[1], k.shape[1]
     if causal and s != t:
         raise ValueError(f"causal attention needs as many keys as queries, got {s} keys for {t} queries")
     if not 0 <= tail <= t or (tail and not causal):
         raise ValueError(f"tail={tail} needs causal=True and 0 <= tail <= {t}")
     # The platform the program is lowered for decides the blocks, not the process's default backend: a program
-    # exported from a CPU host for TPU (`jax.export`, bench/lower.py) gets the TPU's one block.
+    # exported from a CPU host for TPU (`jax.export`, bench/lower.py) gets the TPU's one block. Both forms are
+    # traced; only the target's is lowered, so the compiler never sees a conditional.
     cpu_block = query_block("cpu", t, causal=causal)
     whole = functools.partial(_attention, causal=causal, tail=tail, block=t)
     if cpu_block == t:  # one block on every platform: nothing to choose

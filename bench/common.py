@@ -38,7 +38,10 @@ SIZES = {"mid": MID, "tiny": TINY}  # --size choices of the timing scripts (tiny
 # 7B-shaped (LLaVA-1.5-7B), for accelerator runs.
 LLAVA_7B = Size(vision_width=1024, vision_layers=24, vision_heads=16, text_width=4096, text_layers=32,
                 text_heads=32, text_kv_heads=32, text_ffn=11008, vocab=32064)
-ALL_SIZES = {**SIZES, "7b": LLAVA_7B}  # for scripts that can run it (accelerators, or compile-only)
+# LLaVA-1.5-13B: Vicuna-13B with the same CLIP; vocabulary padded to 32064 as in the 7B (llava-hf checkpoints).
+LLAVA_13B = Size(vision_width=1024, vision_layers=24, vision_heads=16, text_width=5120, text_layers=40,
+                 text_heads=40, text_kv_heads=40, text_ffn=13824, vocab=32064)
+ALL_SIZES = {**SIZES, "7b": LLAVA_7B, "13b": LLAVA_13B}  # for scripts that can run it (accelerators, or compile-only)
 
 
 def add_model_args(p, *, batch: str | None = "1,8", sizes=None) -> None:

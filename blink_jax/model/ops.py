@@ -7,6 +7,7 @@ D model dim.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -74,6 +75,13 @@ CPU_QUERY_BLOCK = 64
 CPU_QUERY_BLOCK_CAUSAL = 128
 
 
+def query_block(platform: str, t: int, *, causal: bool) -> int:
+    """Query rows per attention block in a program lowered for `platform` ('cpu', 'tpu', 'cuda', 'rocm')."""
+    if platform == "cpu":
+        return min(t, CPU_QUERY_BLOCK_CAUSAL if causal else CPU_QUERY_BLOCK)
+    return t
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool = False,
               tail: int = 0) -> jax.Array:
     """Softmax attention with grouped kv heads.
@@ -84,15 +92,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     the text) are unconstrained. Keys that a block of queries cannot see are then never computed.
     A query row with no visible key (left padding) gets a uniform, finite output instead of NaN.
     """
-    b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    g = n // kv
+    t, s = q.shape[1], k.shape[1]
     if causal and s != t:
         raise ValueError(f"causal attention needs as many keys as queries, got {s} keys for {t} queries")
     if not 0 <= tail <= t or (tail and not causal):
         raise ValueError(f"tail={tail} needs causal=True and 0 <= tail <= {t}")
-    on_cpu = jax.default_backend() == "cpu"
-    block = (CPU_QUERY_BLOCK_CAUSAL if causal else CPU_QUERY_BLOCK) if on_cpu else t
+    # The platform the program is lowered for decides the blocks, not the process's default backend: a program
+    # exported from a CPU host for TPU (`jax.export`, bench/lower.py) gets the TPU's one block. Both forms are
+    # traced; only the target's is lowered, so the compiler never sees a conditional.
+    cpu_block = query_block("cpu", t, causal=causal)
+    whole = functools.partial(_attention, causal=causal, tail=tail, block=t)
+    if cpu_block == t:  # one block on every platform: nothing to choose
+        return whole(q, k, v, mask)
+    blocked = functools.partial(_attention, causal=causal, tail=tail, block=cpu_block)
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=blocked, default=whole)
+
+
+def _attention(q, k, v, mask, *, causal: bool, tail: int, block: int) -> jax.Array:
+    """`attention` in query blocks of `block` rows (the Blink tail in blocks of its own)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    g = n // kv
     # Heads-major layouts make both products plain batched matmuls over (B, K).
     qh = jnp.transpose((q * (1.0 / math.sqrt(h))).reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, H]

@@ -6,7 +6,7 @@
 
 Programs: the vanilla prefill and Blink's prefill (`blink_jax.runtime._prefill`, logits at every prompt
 position, as `Llava.__call__` runs them), one decode step (`blink_jax.model.forward.decode_step` against a cache
-of `length + new tokens` slots) and the TokenSR train step (`train.step`, as `train.tokensr` builds it). The
+of `length + new tokens` slots) and the TokenSR train step (`blink_jax.training.step`, as `train.tokensr` builds it). The
 parameters are abstract (`ShapeDtypeStruct`, bfloat16) with the NamedShardings `blink_jax.sharding` gives them on
 the preset's mesh; the inputs are split over the batch axes. The meshes are made of simulated host CPU devices
 (`main` sets XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts its CPU backend): exporting needs
@@ -43,9 +43,9 @@ from blink_jax.blink import BlinkConfig, runner
 from blink_jax.config import LlavaConfig
 from blink_jax.model import forward
 from blink_jax.model.decoder import KVCache
+from blink_jax.training import step as train_step
+from blink_jax.training.optim import OptimConfig
 from blink_jax.weights.params import abstract_model, path_str
-from train import loop
-from train.config import TrainConfig
 
 GiB = 1024 ** 3
 # Memory of one chip of each preset (vendor data sheets): a v4 chip 32 GiB HBM, a v5e chip 16 GiB, an H100 80 GiB.
@@ -154,11 +154,12 @@ def programs(size: common.Size, mesh, *, batch: int, length: int, new_tokens: in
                     valid=tuple(sds(kv_shape[:2], jnp.bool_, tokens) for _ in layers),
                     index=sds((), jnp.int32, rep), next_position=sds((batch,), jnp.int32, rows))
 
-    train_cfg = TrainConfig(model="", data_dir="", workdir="", layers=blink.layers, region_size=blink.region_size,
-                            batch_size=train_batch)
     sharding.check_batch(train_batch, mesh)
     student = sharding.batch_sharding(mesh, sharding.STUDENT_AXES)
-    program = loop.train_program(train_cfg, text.hidden_size, student)
+    # train.tokensr's defaults (conv TokenSR of C = 512, its optimiser); the values do not change the program
+    trained = dataclasses.replace(blink, tokensr_kind="conv", tokensr_channels=512)
+    program = train_step.train_program(trained, text.hidden_size, 0, OptimConfig(lr=1e-4, warmup_steps=200,
+                                       total_steps=5000), 1.0, 0.0, student)
     r, o, lp = blink.region_size, blink.sr_side, len(blink.layers)
     hs_lr = sds((lp, train_batch, r, r, text.hidden_size), jnp.float32, student)
     target = sds((lp, train_batch, o, o, text.hidden_size), jnp.float32, student)

@@ -26,7 +26,7 @@ from blink_jax import sharding
 from train import loop, stopping
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
-from train.loss import distill_loss
+from blink_jax.training.loss import distill_loss
 from train.metrics import read_metrics
 from blink_jax.blink.dtr import region_box
 from train.teacher import TeacherCache, area_pool, crop_pixels

@@ -3,7 +3,7 @@
 
 Per step: the grain batch (this host's rows) goes on the mesh; one jitted probe gives the SGS regions and the
 TokenSR inputs; the teacher fills the targets from its cache or from crops (`train.inputs`); the donated train
-step updates TokenSR (`train.step`). A non-finite loss, gradient norm or parameter norm stops the run before
+step updates TokenSR (`blink_jax.training.step`). A non-finite loss, gradient norm or parameter norm stops the run before
 anything is saved, so the newest checkpoint on disk is the last good one; Ctrl-C saves the finished step and
 stops (`train.stopping`). A rerun into the same work directory resumes (`train.workdir`, `train.checkpointing`).
 """
@@ -21,12 +21,13 @@ import numpy as np
 from blink_jax import rundir, sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
-from train import inputs as inputs_lib, step as step_lib, workdir as workdir_lib
+from blink_jax.training import step as step_lib
+from blink_jax.training.optim import OptimConfig
+from train import inputs as inputs_lib, workdir as workdir_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig
 from train.metrics import MetricsLogger
-from train.optim import OptimConfig
 from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher
 

@@ -21,8 +21,8 @@ from flax import nnx
 from blink_jax import sharding
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.tokensr import TokenSRBank
-from train.loss import distill_loss
-from train.optim import OptimConfig
+from blink_jax.training.loss import distill_loss
+from blink_jax.training.optim import OptimConfig
 
 
 def state_shardings(abstract_state: dict, tx: optax.GradientTransformation, mesh, rules=sharding.LOGICAL_RULES):

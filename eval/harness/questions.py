@@ -33,7 +33,9 @@ class Prepared:
         return self.doc["question_id"]
 
 
-def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int) -> Prepared:
+def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int,
+            two_images: bool = False) -> Prepared:
+    """`two_images`: a mode of the run asks with the image and a crop (the crop mode's second pass)."""
     prompt = bench.doc_to_text(doc)
     try:
         ids, both = (tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None, images=n),
@@ -41,11 +43,11 @@ def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tok
                      for n in (1, 2))
     except ValueError as e:
         return Prepared(doc, prompt, None, f"cannot tokenize the prompt: {e}")
-    # Every mode asks the same questions (paired comparisons), so the longest prompt of any mode decides: the
-    # crop mode's second pass, with two images.
+    # Every mode of a run asks the same questions (paired comparisons), so the longest prompt of the run's modes
+    # decides: with the crop mode, its second pass's, with two images.
     error = question_error(doc, ids, max_positions=model_config.text.max_position_embeddings,
                            max_new_tokens=max_new_tokens)
-    if error is None and question_error(doc, both, max_positions=model_config.text.max_position_embeddings,
+    if error is None and two_images and question_error(doc, both, max_positions=model_config.text.max_position_embeddings,
                                         max_new_tokens=max_new_tokens):
         error = (f"with two images (the crop mode's second pass) the prompt is {len(both)} tokens: past the model's "
                  f"context of {model_config.text.max_position_embeddings} positions with the answer; shorten the "

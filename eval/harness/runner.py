@@ -90,8 +90,8 @@ class Runner:
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir)
         self.max_new_tokens = cfg.max_new_tokens or bench.max_new_tokens
-        self.prepared = [prepare(bench, doc, tokenizer, model.config, max_new_tokens=self.max_new_tokens)
-                         for doc in docs]
+        self.prepared = [prepare(bench, doc, tokenizer, model.config, max_new_tokens=self.max_new_tokens,
+                                 two_images="crop" in cfg.modes) for doc in docs]
         self.images = ImageLoader(bench, self.data_dir, model.config.vision.image_size, cfg.pad_to_square)
         self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size, max_new_tokens=self.max_new_tokens,
                                  seed=cfg.seed, pad_to_square=cfg.pad_to_square)

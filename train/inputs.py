@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from blink_jax.processing import Processor
-from train import sharding
+from blink_jax import sharding
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
 from train.student import student_inputs

@@ -62,7 +62,9 @@ def load_tokensr(path: str | os.PathLike) -> tuple[TokenSRBank, BlinkConfig]:
     blink = BlinkConfig(**fields)
     bank = nnx.eval_shape(lambda: TokenSRBank(blink, meta["dim"], rngs=nnx.Rngs(0)))
     target = nnx.to_pure_dict(nnx.state(bank, nnx.Param))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), target)
+    # Onto this process's first device, whatever topology saved it (a multi-process eval restores it on every host).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device), target)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path / "params", abstract)
     state = nnx.state(bank, nnx.Param)

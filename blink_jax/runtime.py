@@ -152,8 +152,8 @@ class Llava:
     def _host_trace(self, trace, layers) -> runner.HostTrace:
         """The trace's rows of this host's examples ([Lp, B, ...] leaves), on the host."""
         if self.mesh is not None and jax.process_count() > 1:
-            trace = jax.tree.map(lambda x: sharding.host_rows(x, self.mesh, ("layers", "batch") + (None,) * (x.ndim - 2)),
-                                 trace)
+            rows = lambda x: sharding.host_rows(x, self.mesh, ("layers", "batch") + (None,) * (x.ndim - 2))
+            trace = jax.tree.map(rows, trace)
         return runner.to_host(trace, layers)
 
     def _blink_args(self, blink, tokensr, rng) -> runner.BlinkArgs:

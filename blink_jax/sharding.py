@@ -288,15 +288,17 @@ def param_bytes_per_device(abstract: Mapping[tuple, jax.ShapeDtypeStruct], mesh:
 
 
 def inference_mesh(spec: str | None, abstract: Mapping[tuple, jax.ShapeDtypeStruct],
-                   devices: Sequence[jax.Device] | None = None, rules=LOGICAL_RULES) -> Mesh:
+                   devices: Sequence[jax.Device] | None = None, rules=LOGICAL_RULES, *,
+                   memory: int | None = None) -> Mesh:
     """The mesh of an eval command's `--mesh spec`, checked against the model before any weight is read.
 
     No spec: every device on the `data` axis (pure data parallel) when the parameters fit one device, else a
     `MeshError` naming a preset that splits them. A given spec whose parameter shards do not fit a device is an
-    error too. `abstract`: parameter path -> ShapeDtypeStruct (the model's shapes at its dtype).
+    error too. `abstract`: parameter path -> ShapeDtypeStruct (the model's shapes at its dtype); `memory`: bytes
+    per device (default: what the device reports; a CPU's is not checked).
     """
     devices = list(jax.devices() if devices is None else devices)
-    memory = device_memory(devices[0])
+    memory = device_memory(devices[0]) if memory is None else memory
     mesh = make_mesh(f"data:{len(devices)}" if spec is None else spec, devices)
     if memory is None:
         return mesh

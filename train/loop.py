@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blink_jax import sharding
+from blink_jax import distributed, sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from train import inputs as inputs_lib, step as step_lib, workdir as workdir_lib
@@ -31,7 +31,6 @@ from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher
 
 log = logging.getLogger(__name__)
-_DISTRIBUTED = False
 
 
 @dataclasses.dataclass
@@ -40,13 +39,6 @@ class TrainResult:
     params: dict  # the TokenSR parameters, host numpy
     workdir: Path
     tokensr_dir: Path | None  # the export, None for a run stopped early or with several hosts
-
-
-def initialize_distributed() -> None:
-    global _DISTRIBUTED
-    if not _DISTRIBUTED:
-        jax.distributed.initialize()
-        _DISTRIBUTED = True
 
 
 def train_program(cfg: TrainConfig, dim: int, student_sharding) -> step_lib.TrainProgram:
@@ -94,8 +86,8 @@ class Trainer:
     `run` trains to `cfg.steps`."""
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
-        if cfg.distributed:
-            initialize_distributed()
+        if cfg.distributed:  # JAX's environment / cluster detection (the flags of `train.tokensr` initialise first)
+            distributed.initialize()
         self.cfg, self.progress = cfg, progress
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0

@@ -64,6 +64,17 @@ def predict_demo(mesh):
                            "attention": t.attention}
 
 
+def calibrate_cli(out: Path, extra: list[str]) -> dict:
+    """eval.calibrate on the first 8 demo images (one batch of 8), its --out report."""
+    from eval.calibrate import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--model", str(DEMO.model), "--data", str(DEMO.data_dir("pope") / "val2014"), "--limit", "8",
+                     "--batch-size", "8", "--layers", "1-3", "--region-size", "3", "--out", str(out),
+                     "--no-progress", *extra]) == 0
+    return json.loads(out.read_text())
+
+
 def predict_cli(extra: list[str]) -> str:
     from eval.predict import main
 
@@ -89,7 +100,8 @@ def worker(root: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
     assert eval_run.main([*RUN, "--out", str(root / "mesh"), "--tfds-dir", str(root / "tfds8"), "--mesh",
                           "cpu_8"]) == 0
-    report: dict = {"predict_cli": predict_cli(["--mesh", "cpu_8"])}
+    report: dict = {"predict_cli": predict_cli(["--mesh", "cpu_8"]),
+                    "calibrate": calibrate_cli(root / "calibrate8.json", ["--mesh", "cpu_8"])["examples"]}
     mesh = sharding.make_mesh("cpu_8")
     answer, trace = predict_demo(mesh)
     report["predict_answer"] = answer
@@ -211,6 +223,15 @@ def test_predict_on_a_mesh_gives_the_same_answer_and_trace(root, report):
     np.testing.assert_allclose(got["rho"], trace["rho"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["attention"], trace["attention"], rtol=1e-4, atol=1e-6)
     assert report["predict_cli"] == predict_cli([])  # the command: answer and trace table
+
+
+def test_calibrate_on_a_mesh_measures_the_same_rho(tmp_path, report):
+    want = calibrate_cli(tmp_path / "one.json", [])["examples"]
+    got = report["calibrate"]
+    assert [(e["image"], e["region"]) for e in got] == [(e["image"], e["region"]) for e in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([g["rho"][k] for k in sorted(g["rho"])], [w["rho"][k] for k in sorted(w["rho"])],
+                                   rtol=1e-5)
 
 
 def test_meshes_that_do_not_fit_fail_before_loading(report):

@@ -120,6 +120,10 @@ class HostRows:
     def __len__(self) -> int:
         return len(self.sampler) // self.global_batch * self.local_batch
 
+    def __repr__(self) -> str:  # grain checks a restored iterator's sampler by its repr
+        return (f"HostRows({self.sampler!r}, global_batch={self.global_batch}, local_batch={self.local_batch}, "
+                f"host={self.host})")
+
     def __getitem__(self, index: int):
         step, row = divmod(index, self.local_batch)
         metadata = self.sampler[step * self.global_batch + self.host * self.local_batch + row]

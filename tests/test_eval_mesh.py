@@ -257,6 +257,22 @@ def test_param_bytes_per_device_from_the_rules():
     assert sharding.param_bytes_per_device(shapes, mesh) == 12 * 96 * 4 + 48 * 4 + 42 * 48 * 2
 
 
+def test_parts_of_a_killed_multi_process_run_count_as_answered_and_merge(tmp_path):
+    from eval.harness.resume import answered, merge_parts, part_path, read_records
+
+    main = tmp_path / "samples_pope_blink.jsonl"
+    lines = lambda *rows: "".join(json.dumps(r) + "\n" for r in rows)
+    main.write_text(lines({"question_id": "a", "error": None}, {"question_id": "b", "error": "bad image"}))
+    part_path(main, 0).write_text(lines({"question_id": "b", "error": None}))  # b asked again and answered
+    part_path(main, 1).write_text(lines({"question_id": "c", "error": None}) + '{"question_id": "d", "err')  # torn
+    assert part_path(main, 1).name == "samples_pope_blink.part1.jsonl"
+    assert answered(main, retry_errors=True) == {"a", "b", "c"}
+    merge_parts(main)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [main.name]
+    assert [r["question_id"] for r in read_records(main)] == ["a", "b", "b", "c"]
+    assert answered(main, retry_errors=True) == {"a", "b", "c"}
+
+
 def test_one_device_mesh_errors_name_the_fix(tmp_path, capsys):
     from eval import run as eval_run
 

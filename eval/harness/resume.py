@@ -84,14 +84,15 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_tr
         for name, settings in new["modes"].items():
             before = old.get("modes", {}).get(name)
             samples = samples_path(out, fixed["bench"], name)
-            if before is not None and before != settings and samples.exists():
+            if before is not None and before != settings and (samples.exists() or part_paths(samples)):
                 raise RunConflict(f"{out} holds mode {name!r} run with other settings ({_differences(before, settings)})"
-                                  f": use another --out, or delete {samples} to answer it afresh")
+                                  f": use another --out, or delete {samples} (and its .part files) to answer it "
+                                  f"afresh")
         new["modes"] = {**old.get("modes", {}), **new["modes"]}
     if save_traces:
         for mode in modes:
             samples = samples_path(out, fixed["bench"], mode.name)
-            if mode.blink is not None and samples.exists() and not traces_cover(
+            if mode.blink is not None and (samples.exists() or part_paths(samples)) and not traces_cover(
                     latest_records(read_records(samples)), traces_path(out, fixed["bench"], mode.name)):
                 raise RunConflict(f"{out} holds answers of mode {mode.name!r} without traces, and traces now would cover "
                                   f"only the questions still to answer: use another --out for a run with complete "

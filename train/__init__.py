@@ -3,7 +3,6 @@
 Modules, one concern each:
   config         `TrainConfig`, every knob of a run
   data/          the LLaVA-1.5 mix as a tfds builder, and the grain input pipeline
-  (sharding      mesh presets and the rules table live in the library: blink_jax.sharding)
   backbone       the frozen LLaVA, loaded straight into its shardings; its fingerprint
   student        SGS region choice and TokenSR inputs h_L[region](image), one jitted probe
   teacher        crop targets h_L[visual](crop), area-pooled, with an on-disk cache

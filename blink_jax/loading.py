@@ -26,7 +26,18 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
     `load_model`.
     """
     path = resolve_model_dir(path)
-    return Llava(load_model(path, dtype, mesh, rules), model_dir=path)
+    return Llava(load_model(path, dtype, mesh, rules), model_dir=path, mesh=mesh)
+
+
+def inference_mesh(path: str | os.PathLike, spec: str | None, dtype=jnp.float32, rules=sharding.LOGICAL_RULES, *,
+                   memory: int | None = None) -> jax.sharding.Mesh:
+    """The mesh `--mesh spec` names (None: every device on the data axis, when the model fits one device), checked
+    against the model at `path` from its config alone: a mesh that does not fit fails before any weight is read.
+    `memory`: bytes per device (default: what the device reports)."""
+    cfg = LlavaConfig.from_json(resolve_model_dir(path))
+    _, abstract = nnx.split(abstract_model(cfg, dtype))
+    shapes = {p: jax.ShapeDtypeStruct(var.shape, var.dtype) for p, var in nnx.to_flat_state(abstract)}
+    return sharding.inference_mesh(spec, shapes, rules=rules, memory=memory)
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,

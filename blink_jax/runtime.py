@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blink_jax import sharding
 from blink_jax.blink import runner
 from blink_jax.blink.forward import blink_prefill
 from blink_jax.config import LlavaConfig
@@ -68,11 +69,16 @@ class Llava:
     pixel_values: [B, C, H, W], one `<image>` run per prompt; or [B, N, C, H, W], N runs per prompt filled in
     order (vanilla only: Blink takes one image)."""
 
-    def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None, *, scan_layers: bool = False):
+    def __init__(self, model: LlavaModel, model_dir: str | os.PathLike | None = None, *, scan_layers: bool = False,
+                 mesh: jax.sharding.Mesh | None = None):
         """`scan_layers=True` compiles the prefill's layers outside Blink's window as one `jax.lax.scan` (a
-        smaller program, faster to compile; same numbers): bench/RESULTS.md has the compile and run times."""
+        smaller program, faster to compile; same numbers): bench/RESULTS.md has the compile and run times.
+        `mesh`: the mesh the parameters are sharded on (`load_pretrained(..., mesh=)`); inputs are then put on it
+        with their batch axis split over the batch axes, and with several hosts each host passes and gets back
+        its own rows."""
         self.config: LlavaConfig = model.config
         self.scan_layers = scan_layers
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
         self.model_dir = model_dir
 
@@ -111,6 +117,11 @@ class Llava:
                 raise InputError(
                     f"input_ids row {row} holds {count} image tokens (id {cfg.image_token_index}), expected "
                     f"{images * cfg.num_image_tokens}: the prompt needs {runs}, expanded by the processor")
+        if self.mesh is not None:
+            put = lambda x, axes: sharding.put_rows(x, self.mesh, axes)
+            image_axes = ("batch",) + (None,) * (pixel_values.ndim - 1)  # [B, C, H, W] or [B, N, C, H, W]
+            return (put(input_ids.astype(np.int32), sharding.TOKEN_AXES), put(pixel_values, image_axes),
+                    put(attention_mask.astype(np.int32), sharding.TOKEN_AXES))
         return jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), jnp.asarray(attention_mask, jnp.int32)
 
     def __call__(self, *, input_ids, pixel_values, attention_mask=None, blink=None, tokensr=None,
@@ -124,7 +135,9 @@ class Llava:
         b = self._blink_args(blink, tokensr, rng)
         logits, trace = _prefill(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
                                  b.key, static=b.static, scan=self.scan_layers)
-        return ModelOutput(logits=logits, trace=None if blink is None else runner.to_host(trace, blink.layers))
+        if self.mesh is not None and jax.process_count() > 1:
+            logits = sharding.host_rows(logits, self.mesh, ("batch", None, None))
+        return ModelOutput(logits=logits, trace=None if blink is None else self._host_trace(trace, blink.layers))
 
     def generate(self, *, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 16,
                  blink=None, tokensr=None, rng=None, eos_token_id: int | None = None,
@@ -141,17 +154,37 @@ class Llava:
         tokens, trace = _generate(self.graphdef, self.params, b.bank_def, b.bank_state, ids, px, mask, b.thresholds,
                                   b.key, static=b.static, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                   pad_token_id=pad, scan=self.scan_layers)
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(tokens) if self.mesh is None else sharding.host_rows(tokens, self.mesh, sharding.TOKEN_AXES)
         if not return_trace:
             return tokens
-        return tokens, None if blink is None else runner.to_host(trace, blink.layers)
+        return tokens, None if blink is None else self._host_trace(trace, blink.layers)
+
+    def _host_trace(self, trace, layers) -> runner.HostTrace:
+        """The trace's rows of this host's examples ([Lp, B, ...] leaves), on the host."""
+        if self.mesh is not None and jax.process_count() > 1:
+            rows = lambda x: sharding.host_rows(x, self.mesh, ("layers", "batch") + (None,) * (x.ndim - 2))
+            trace = jax.tree.map(rows, trace)
+        return runner.to_host(trace, layers)
 
     def _blink_args(self, blink, tokensr, rng) -> runner.BlinkArgs:
         """Blink's static and traced arguments of the entry points; all None for vanilla."""
         if blink is None:
             return runner.BlinkArgs(None, None, None, None, None)
-        return runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers,
-                              grid=self.config.vision.grid, dim=self.config.text.hidden_size)
+        b = runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers,
+                           grid=self.config.vision.grid, dim=self.config.text.hidden_size)
+        if self.mesh is None:
+            return b
+        # Every argument must live on the mesh (a trained TokenSR is loaded onto one device; with several hosts
+        # each argument must be a global array): TokenSR and thresholds are alike on every host, replicated;
+        # per-example keys ([B]) are this host's rows, like the inputs.
+        key = b.key
+        rows = ("batch", None) if key.ndim == 1 else (None,) * (key.ndim + 1)
+        data = np.asarray(jax.random.key_data(key))
+        data = sharding.put_rows(data, self.mesh, rows) if key.ndim == 1 else sharding.replicate(data, self.mesh)
+        return dataclasses.replace(
+            b, bank_state=jax.tree.map(lambda x: sharding.replicate(x, self.mesh), b.bank_state),
+            thresholds=jax.tree.map(lambda x: sharding.replicate(x, self.mesh), b.thresholds),
+            key=jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)))
 
 
 def _one_image_for_blink(pixel_values, blink) -> None:

@@ -49,6 +49,9 @@ PRESETS: dict[str, MeshPreset] = {
     "tpu_v5e_8": MeshPreset("tpu", {"fsdp": 8}),  # 16 GiB per chip: the backbone must be split
 }
 
+MESH_HELP = (f"device mesh: a preset ({', '.join(PRESETS)}) or axis sizes, e.g. data:2,fsdp:4 (axes "
+             f"{', '.join(MESH_AXES)}; one size may be -1: the remaining devices)")
+
 # Logical axis name -> mesh axes (None: not split). The one place where a layout is decided.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
@@ -264,6 +267,74 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# ------------------------------------------------------------------------------------ meshes for inference
+
+# The parameters may take at most this share of a device's memory: the rest is for activations and the KV cache.
+PARAM_MEMORY_SHARE = 0.9
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """Bytes one device holds; None when unknown (a CPU's host memory: assumed to be enough)."""
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    return (stats or {}).get("bytes_limit")
+
+
+def param_bytes_per_device(abstract: Mapping[tuple, jax.ShapeDtypeStruct], mesh: Mesh, rules=LOGICAL_RULES) -> int:
+    """Bytes of parameters on each device of `mesh`, exact from their shardings; `abstract`: path -> shape/dtype."""
+    total = 0
+    for path, leaf in abstract.items():
+        shard = named(mesh, param_logical_axes(path, len(leaf.shape)), leaf.shape, rules).shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def inference_mesh(spec: str | None, abstract: Mapping[tuple, jax.ShapeDtypeStruct],
+                   devices: Sequence[jax.Device] | None = None, rules=LOGICAL_RULES, *,
+                   memory: int | None = None) -> Mesh:
+    """The mesh of an eval command's `--mesh spec`, checked against the model before any weight is read.
+
+    No spec: every device on the `data` axis (pure data parallel) when the parameters fit one device, else a
+    `MeshError` naming a preset that splits them. A given spec whose parameter shards do not fit a device is an
+    error too. `abstract`: parameter path -> ShapeDtypeStruct (the model's shapes at its dtype); `memory`: bytes
+    per device (default: what the device reports; a CPU's is not checked).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    memory = device_memory(devices[0]) if memory is None else memory
+    mesh = make_mesh(f"data:{len(devices)}" if spec is None else spec, devices)
+    if memory is None:
+        return mesh
+    need = param_bytes_per_device(abstract, mesh, rules)
+    if need <= PARAM_MEMORY_SHARE * memory:
+        return mesh
+    kind, n = devices[0].platform, len(devices)
+    fits = [name for name, preset in PRESETS.items() if preset.platform == kind and preset.num_devices == n
+            and param_bytes_per_device(abstract, make_mesh(name, devices), rules) <= PARAM_MEMORY_SHARE * memory]
+    if not fits and n > 1 and param_bytes_per_device(abstract, make_mesh(f"fsdp:{n}", devices), rules) <= \
+            PARAM_MEMORY_SHARE * memory:
+        fits = [f"fsdp:{n}"]
+    fix = (f"use --mesh={fits[0]}, which splits them over fsdp" if fits else
+           f"no mesh of these {n} device(s) holds them: use more devices or a smaller --dtype")
+    given = "--mesh " + spec if spec is not None else "the default mesh (every device on the data axis)"
+    raise MeshError(f"the model's parameters take {need / 2**30:.2f} GiB per device under {given}, more than "
+                    f"{PARAM_MEMORY_SHARE:.0%} of one {kind} device's {memory / 2**30:.2f} GiB: {fix}")
+
+
+def check_eval_batch(batch_size: int, mesh: Mesh, rules=LOGICAL_RULES) -> None:
+    """An eval batch (padded to `batch_size` rows) must split evenly over the mesh's batch axes and the hosts."""
+    d = batch_divisor(mesh, rules)
+    hosts = jax.process_count()
+    if batch_size % d or batch_size % hosts:
+        step = math.lcm(d, hosts)
+        raise MeshError(f"--batch-size {batch_size} does not split over {describe(mesh)} (batch axes data x fsdp = "
+                        f"{d}{f', {hosts} hosts' if hosts > 1 else ''}): use a multiple of {step}, e.g. --batch-size "
+                        f"{step * max(1, -(-batch_size // step))}")
+
+
 def describe(mesh: Mesh) -> str:
     return f"mesh {_axes_str(dict(mesh.shape))} over {mesh.devices.size} {np.ravel(mesh.devices)[0].platform} device(s)"
 
@@ -285,6 +356,32 @@ def to_local(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
         return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec))
+
+
+def put_rows(x, mesh: Mesh, logical: Sequence[str | None]) -> jax.Array:
+    """This host's rows of a batch-leading input -> the global array on `mesh`. One host: the batch is split over
+    the batch axes where they divide it and stays whole where not (one prompt on 8 devices); several hosts: each
+    gives its own rows, which must split evenly."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, named(mesh, logical, np.shape(x)))
+    return to_global(np.asarray(x), batch_sharding(mesh, logical))
+
+
+def host_rows(x: jax.Array, mesh: Mesh, logical: Sequence[str | None]) -> np.ndarray:
+    """The inverse of `put_rows` for an output with the same batch axis: this host's rows, as numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    target = batch_sharding(mesh, logical)
+    if not x.sharding.is_equivalent_to(target, x.ndim):  # XLA chose another layout: bring it to the rows' one
+        x = jax.jit(lambda v: v, out_shardings=target)(x)
+    return to_local(x, target)
+
+
+def replicate(x, mesh: Mesh) -> jax.Array:
+    """A value every host holds alike (TokenSR weights, thresholds) -> one array replicated over `mesh`."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, replicated(mesh))
+    return to_global(np.asarray(x), replicated(mesh))
 
 
 def max_over_hosts(n: int) -> int:

@@ -31,10 +31,11 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir
+from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir, sharding
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
+from blink_jax.loading import inference_mesh
 from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
 from eval.harness.flags import positive_int
 
@@ -301,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="centre-crop like llava-hf's processor instead of the original LLaVA pad-to-square")
     parser.add_argument("--out", default=None, help="also write statistics and per-example rho to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--mesh", default=None, help=f"{sharding.MESH_HELP}; default: every device on the data axis "
+                                                     f"when the model fits one device")
     args = parser.parse_args(argv)
 
     try:
@@ -310,12 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         BlinkConfig(layers=args.layers, region_size=args.region_size)
         if args.out:  # before the model loads: a read-only or full disk is named now, not after the probe
             rundir.check_writable(Path(args.out).absolute().parent, flag="--out", min_free=1 << 20)
-        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+        mesh = inference_mesh(args.model, args.mesh, getattr(jnp, args.dtype))  # before any weight is read
+        sharding.check_eval_batch(args.batch_size, mesh)
+        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype),
+                                mesh=mesh if mesh.devices.size > 1 else None)
         processor = Processor.from_pretrained(args.model, config=llava.config,
                                               pad_to_square=not args.no_pad_to_square)
         result = calibrate(llava, processor, examples, layers=args.layers, region_size=args.region_size,
                            batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
-    except (DataError, ConfigError, CheckpointError, ProcessorError, FileNotFoundError, rundir.NotWritable) as e:
+    except (DataError, ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError,
+            rundir.NotWritable) as e:
         raise SystemExit(f"error: {in_flag_terms(str(e))}") from None
     missing = sum("does not exist" in error for _, error in result.skipped)
     hint = ""

@@ -25,13 +25,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained
+from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained, sharding
 from blink_jax.blink import BlinkConfig, CropConfig, crop_generate
 from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace, tokensr_bank
 from blink_jax.hub import resolve_model_dir
+from blink_jax.loading import inference_mesh
 from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
                                   left_pad, load_image, tokenize_with_image)
 from eval.calibrate import scan
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="centre-crop like llava-hf's processor instead of the original LLaVA pad-to-square")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype (default float32)")
+    parser.add_argument("--mesh", default=None, help=f"{sharding.MESH_HELP}; default: every device on the data axis "
+                                                     f"when the model fits one device")
     return parser
 
 
@@ -340,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      tau_drop=args.tau_drop, tokensr_dir=args.tokensr)
         if mode == "vanilla" and (args.tau_exp is not None or args.tau_drop is not None):
             print("note: --tau-exp/--tau-drop do nothing in --mode vanilla", file=sys.stderr)
-        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+        mesh = inference_mesh(args.model, args.mesh, getattr(jnp, args.dtype))  # before any weight is read
+        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype),
+                                mesh=mesh if mesh.devices.size > 1 else None)
         blink.validate_for(llava.config.text.num_hidden_layers, llava.config.vision.grid)
         if bank is not None:  # another model's TokenSR, named as eval.run names it (before any forward)
             check_tokensr(blink, llava.config.text.hidden_size, bank, args.tokensr)
@@ -352,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result = predict(llava, processor, image, args.question, None if mode == "vanilla" else blink, bank,
                              max_new_tokens=args.max_new_tokens, scan_config=blink)
-    except (ConfigError, ImageError, ProcessorError, CheckpointError, InputError, FileNotFoundError) as e:
+    except (ConfigError, ImageError, ProcessorError, CheckpointError, InputError, sharding.MeshError,
+            FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
     if mode == "crop":

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from blink_jax import distributed, sharding
 from eval.benchmarks import NAMES
 from eval.harness.flags import positive_int
 
@@ -69,11 +70,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random-region ablation")
     p.add_argument("--no-pad-to-square", action="store_true", help="llava-hf's centre crop instead of LLaVA's padding")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mesh", help=f"{sharding.MESH_HELP}; default: every device on the data axis when the model fits "
+                                  f"one device")
+    distributed.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if distributed.requested(args):
+        try:
+            distributed.initialize_from_args(args)
+        except distributed.DistributedError as e:
+            print(f"eval.run: {e}", file=sys.stderr)
+            return EXIT_USAGE
     defaults = {"batch_size": 8, "dtype": "bfloat16", "out": f"eval_out/{args.bench}"}
     if args.model is None:
         from eval.demo import DEMO
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, crop_layer=args.crop_layer,
             crop_context=args.crop_context, crop_input=args.crop_input, dtype=args.dtype,
             tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
-            pad_to_square=not args.no_pad_to_square, progress=not args.no_progress)
+            pad_to_square=not args.no_pad_to_square, progress=not args.no_progress, mesh=args.mesh)
     except (ValueError, FileNotFoundError) as e:  # flags out of range, a --model that is not there
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         with rundir.hold(cfg.out, flag="--out"):  # one run per output directory
             document = run_eval(cfg)
     except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, ProcessorError, ImageError,
-            FileNotFoundError, rundir.DirectoryBusy, rundir.NotWritable) as e:
+            FileNotFoundError, rundir.DirectoryBusy, rundir.NotWritable, sharding.MeshError) as e:
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     from eval.harness.results import markdown_table
 
+    if document is None:  # not process 0: it writes and shows the results
+        return 0
     print(markdown_table(document))
     print(f"results: {cfg.out}/results.json, {cfg.out}/results.md")
     for name, entry in document["modes"].items():

@@ -386,3 +386,52 @@ def test_a_data_dir_without_the_mix_is_named_before_anything_is_written(tmp_path
     with pytest.raises(FileNotFoundError, match="has no llava_v1_5_mix665k.json: it is not the LLaVA-1.5 mix"):
         llava_mix.prepare(tmp_path / "pope", tmp_path / "pope" / "tfds")
     assert list((tmp_path / "pope").iterdir()) == []
+
+
+def test_two_processes_train_like_cpu8_and_resume_after_a_kill(root, cpu8):
+    """2 processes x 4 devices (gloo) on the cpu_8 mesh, both SIGKILLed once the first checkpoint is on disk and
+    started again: every step's loss and the final TokenSR equal the one-process cpu_8 run's."""
+    import signal
+    import socket
+    import time
+
+    from blink_jax.blink.checkpoint import load_tokensr
+    from flax import nnx
+
+    cfg = base_config(root, "two_processes", mesh="cpu_8")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        return [subprocess.Popen([sys.executable, "-m", "train.tokensr", *cli_args(cfg), "--coordinator",
+                                  f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for i in range(2)]
+
+    procs = start()
+    first = Path(cfg.workdir) / "checkpoints" / str(SAVE_EVERY)
+    deadline = time.time() + 600
+    while not first.is_dir() and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    procs = start()
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "resuming from" in logs[0]
+
+    proc, cfg8 = cpu8
+    out = proc.communicate(timeout=600)[0] if proc.returncode is None else ""  # (test_cpu8_... may have waited)
+    assert proc.returncode == 0, out[-4000:]
+    one, two = read_metrics(Path(cfg8.workdir) / "metrics.jsonl"), read_metrics(Path(cfg.workdir) / "metrics.jsonl")
+    for step in range(1, STEPS + 1):
+        np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-5, err_msg=f"step {step}")
+    got, _ = load_tokensr(loop.export_only(cfg.workdir))  # a multi-process run exports afterwards, on one host
+    want, _ = load_tokensr(Path(cfg8.workdir) / "tokensr")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 nnx.to_pure_dict(nnx.state(got, nnx.Param)), nnx.to_pure_dict(nnx.state(want, nnx.Param)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blink_jax import rundir, sharding
+from blink_jax import distributed, rundir, sharding
 from blink_jax.config import LlavaConfig
 from blink_jax.processing import Processor
 from blink_jax.training import step as step_lib
@@ -32,7 +32,6 @@ from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher
 
 log = logging.getLogger(__name__)
-_DISTRIBUTED = False
 
 
 @dataclasses.dataclass
@@ -41,13 +40,6 @@ class TrainResult:
     params: dict  # the TokenSR parameters, host numpy
     workdir: Path
     tokensr_dir: Path | None  # the export, None for a run stopped early or with several hosts
-
-
-def initialize_distributed() -> None:
-    global _DISTRIBUTED
-    if not _DISTRIBUTED:
-        jax.distributed.initialize()
-        _DISTRIBUTED = True
 
 
 def train_program(cfg: TrainConfig, dim: int, student_sharding) -> step_lib.TrainProgram:
@@ -95,8 +87,6 @@ class Trainer:
     `run` trains to `cfg.steps`."""
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
-        if cfg.distributed:
-            initialize_distributed()
         self.cfg, self.progress = cfg, progress
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
@@ -198,8 +188,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    if cfg.distributed:
-        initialize_distributed()  # first: each process locks its own file (blink_jax.rundir)
+    if cfg.distributed:  # JAX's environment / cluster detection (the flags of `train.tokensr` initialise first)
+        distributed.initialize()  # before the lock: each process locks its own file (blink_jax.rundir)
     with rundir.hold(cfg.workdir, process=jax.process_index(), flag="--workdir"):
         return Trainer(cfg, progress=progress).run(stop_after=stop_after)
 

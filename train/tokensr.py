@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from blink_jax import distributed
 from blink_jax.blink.config import layers_argument
 from blink_jax.hub import resolve_model_dir
 from train.config import TRAINED_KINDS, TrainConfig
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--mesh", default=d.mesh, help="preset (cpu, cpu_8, gpu_1, gpu_8, tpu_v4_8, tpu_v5e_8) or "
                      "axis sizes, e.g. data:2,fsdp:4 (axes data, fsdp, tensor; one may be -1)")
     run.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    distributed.add_arguments(run)
     run.add_argument("--backbone-dtype", default=d.backbone_dtype, choices=("float32", "bfloat16"),
                      help="dtype of the frozen LLaVA")
     run.add_argument("--max-prompt-len", type=int, default=d.max_prompt_len,
@@ -114,8 +116,11 @@ def main(argv=None) -> int:
     if missing:
         parser().error(f"{' and '.join(missing)} required")
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("export_only", "progress")}
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("export_only", "progress", "coordinator", "num_processes", "process_id")}
     try:
+        if distributed.requested(args):
+            distributed.initialize_from_args(args)
         fields["model"] = os.fspath(resolve_model_dir(args.model))  # a Hub id trains on (and records) its snapshot
         cfg = TrainConfig(**fields)
         for place, flag in ((cfg.workdir, "--workdir"), (cfg.tfds_path, "--tfds-dir"),
@@ -123,8 +128,8 @@ def main(argv=None) -> int:
             if place is not None:  # before anything loads: a read-only or full disk is named now
                 rundir.check_writable(place, flag=flag)
         result = loop.train(cfg, progress=args.progress)
-    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, FileNotFoundError,
-            DirectoryBusy, rundir.NotWritable) as e:
+    except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, distributed.DistributedError,
+            FileNotFoundError, DirectoryBusy, rundir.NotWritable) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -89,6 +89,8 @@ class LoadedBatch:
     ready: list[tuple[Prepared, np.ndarray]]  # (question, pixel values [3, H, W]) of the questions to ask
     failed: list[tuple[Prepared, str]]  # (question, why its image could not be read)
     originals: list = dataclasses.field(default_factory=list)  # the ready questions' PIL images (crop mode)
+    filler: list[int] | None = None  # prompt ids of the global batch's first question: what a host with no row of
+    # its own to ask runs (in a multi-process run every host takes part in every batch's program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +116,18 @@ class ImageLoader:
         return LoadedBatch(length, ready, failed, originals)
 
 
-def loaded_batches(questions: Sequence[Prepared], load: ImageLoader, *, bucket: int,
-                   batch_size: int) -> Iterator[LoadedBatch]:
-    """The tokenized `questions` in length buckets of <= batch_size, their images read two batches ahead."""
+def loaded_batches(questions: Sequence[Prepared], load: ImageLoader, *, bucket: int, batch_size: int,
+                   hosts: int = 1, host: int = 0) -> Iterator[LoadedBatch]:
+    """The tokenized `questions` in length buckets of <= batch_size, their images read two batches ahead.
+
+    With several hosts, every host plans the same global batches and loads its own contiguous share of each
+    (batch_size / hosts rows; host 0 first), so that each question is asked once and all hosts run every batch.
+    """
     batches = plan_batches(questions, [len(q.ids) for q in questions], bucket=bucket, batch_size=batch_size)
-    return prefetch(lambda batch: load(batch.length, batch.items), batches, lookahead=2)
+    local = batch_size // hosts
+
+    def share(batch) -> LoadedBatch:
+        loaded = load(batch.length, batch.items[host * local:(host + 1) * local])
+        return dataclasses.replace(loaded, filler=batch.items[0].ids)
+
+    return prefetch(share, batches, lookahead=2)

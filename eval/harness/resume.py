@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from eval.harness.io import atomic_write_json, read_jsonl
+from eval.harness.io import atomic_write_json, atomic_write_text, dumps_line, read_jsonl
 from eval.harness.modes import ModeSpec
 from eval.harness.results import latest_records
 
@@ -28,23 +28,51 @@ def traces_path(out: Path, bench: str, mode: str) -> Path:
     return out / f"traces_{bench}_{mode}.jsonl"
 
 
+def part_path(path: Path, process: int) -> Path:
+    """Process `process`'s own samples (or traces) file in a multi-process run: every host appends to its part,
+    process 0 merges the parts into `path` when a mode is done (`merge_parts`)."""
+    return path.with_name(f"{path.stem}.part{process}{path.suffix}")
+
+
+def part_paths(path: Path) -> list[Path]:
+    """The parts of `path` on disk: those of a run still going or of a killed multi-process run."""
+    return sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of `path` and then of its parts (newer), so `latest_records` sees a killed multi-process run."""
+    return [r for f in (path, *part_paths(path)) if f.exists() for r in read_jsonl(f)]
+
+
+def merge_parts(path: Path) -> None:
+    """Appends the parts' records to `path` (rewritten atomically) and deletes the parts. Killed in between, the
+    records are in both places: harmless, a question's latest record is the same either way."""
+    parts = part_paths(path)
+    if parts:
+        atomic_write_text(path, "".join(dumps_line(r) + "\n" for r in read_records(path)))
+        for part in parts:
+            part.unlink()
+
+
 def answered(samples: Path, *, retry_errors: bool) -> set[str]:
-    """Question ids that `samples` already holds a final record for: an answer, or an error unless `retry_errors`."""
-    if not samples.exists():
-        return set()
-    return {q for q, r in latest_records(read_jsonl(samples)).items()
+    """Question ids that `samples` (or its parts) already holds a final record for: an answer, or an error unless
+    `retry_errors`."""
+    return {q for q, r in latest_records(read_records(samples)).items()
             if not (retry_errors and r.get("error") is not None)}
 
 
 def traces_cover(samples: dict[str, dict], traces: Path) -> bool:
-    """Whether `traces` has a record for every question that `samples` (id -> latest record) answered."""
+    """Whether `traces` (with its parts) has a record for every question that `samples` (id -> latest record)
+    answered."""
     answers = {q for q, r in samples.items() if r.get("error") is None}
-    return answers <= (set(latest_records(read_jsonl(traces))) if traces.exists() else set())
+    return answers <= set(latest_records(read_records(traces)))
 
 
-def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_traces: bool = False) -> None:
+def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_traces: bool = False,
+                   write: bool = True) -> None:
     """Refuses to mix runs: `fixed` and each mode's settings must match what `run.json` recorded for the modes
-    whose samples are still there; with `save_traces`, a Blink mode's traces must cover its saved answers."""
+    whose samples are still there; with `save_traces`, a Blink mode's traces must cover its saved answers.
+    Then records this run in `run.json` (with `write`: only process 0 of a multi-process run writes)."""
     path = out / "run.json"
     new = _normalise({**fixed, "modes": {m.name: m.settings() for m in modes}})
     if path.exists():
@@ -56,19 +84,21 @@ def check_manifest(out: Path, fixed: dict, modes: Sequence[ModeSpec], *, save_tr
         for name, settings in new["modes"].items():
             before = old.get("modes", {}).get(name)
             samples = samples_path(out, fixed["bench"], name)
-            if before is not None and before != settings and samples.exists():
+            if before is not None and before != settings and (samples.exists() or part_paths(samples)):
                 raise RunConflict(f"{out} holds mode {name!r} run with other settings ({_differences(before, settings)})"
-                                  f": use another --out, or delete {samples} to answer it afresh")
+                                  f": use another --out, or delete {samples} (and its .part files) to answer it "
+                                  f"afresh")
         new["modes"] = {**old.get("modes", {}), **new["modes"]}
     if save_traces:
         for mode in modes:
             samples = samples_path(out, fixed["bench"], mode.name)
-            if (mode.blink or mode.crop) is not None and samples.exists() and not traces_cover(
-                    latest_records(read_jsonl(samples)), traces_path(out, fixed["bench"], mode.name)):
+            if (mode.blink or mode.crop) is not None and (samples.exists() or part_paths(samples)) and not traces_cover(
+                    latest_records(read_records(samples)), traces_path(out, fixed["bench"], mode.name)):
                 raise RunConflict(f"{out} holds answers of mode {mode.name!r} without traces, and traces now would cover "
                                   f"only the questions still to answer: use another --out for a run with complete "
                                   f"traces")
-    atomic_write_json(path, new)
+    if write:
+        atomic_write_json(path, new)
 
 
 def _normalise(obj):

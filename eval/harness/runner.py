@@ -10,6 +10,11 @@ settings that decide the predictions; a rerun with other settings into the same 
 The parts, one concern each: `resume` (file names, run.json, what is left to answer), `questions` (prompt ids,
 images read ahead in batches, records), `inference` (the padded, jitted model call), `traces` (the traces file),
 `progress` (the bar); `results` scores. `Runner.run_mode` only wires them together.
+
+On a device mesh (`--mesh`) the parameters are sharded and every batch is split over the mesh's batch axes.
+With several processes (`--coordinator ...`) every host answers its share of each batch and appends it to its
+own part of the samples file; process 0 merges the parts when a mode is done and alone writes run.json and the
+results. A killed multi-process run resumes like a single one, from the files and their parts.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blink_jax import load_pretrained
+from blink_jax import distributed, load_pretrained, sharding
+from blink_jax.loading import inference_mesh
 from blink_jax.processing import Processor
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark
@@ -32,12 +40,13 @@ from eval.harness import paired
 from eval.harness import traces as trace_io
 from eval.harness.inference import Answerer
 from eval.harness.io import append_lines, atomic_write_json, atomic_write_text, open_append_jsonl, read_jsonl
-from eval.harness.modes import ModeSpec, build_modes, check_fit
+from eval.harness.modes import ModeError, ModeSpec, build_modes, check_fit
 from eval.harness.progress import ModeProgress
 from eval.harness.questions import ImageLoader, LoadedBatch, loaded_batches, prepare, record
 from eval.harness.results import (answered_results, cost_summary, latest_records, markdown_table,
                                   results_document, score_records, versions)
-from eval.harness.resume import answered, check_manifest, samples_path, traces_cover, traces_path
+from eval.harness.resume import (answered, check_manifest, merge_parts, part_path, samples_path, traces_cover,
+                                 traces_path)
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -69,6 +78,7 @@ class EvalConfig:
     seed: int = 0  # the random-region ablation's key
     pad_to_square: bool = True
     progress: bool = True
+    mesh: str | None = None  # `--mesh`; None: every device on the data axis when the model fits one device
 
     def __post_init__(self):
         if self.batch_size < 1 or self.bucket < 1:
@@ -93,8 +103,9 @@ class Runner:
         self.prepared = [prepare(bench, doc, tokenizer, model.config, max_new_tokens=self.max_new_tokens,
                                  two_images="crop" in cfg.modes) for doc in docs]
         self.images = ImageLoader(bench, self.data_dir, model.config.vision.image_size, cfg.pad_to_square)
-        self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size, max_new_tokens=self.max_new_tokens,
-                                 seed=cfg.seed, pad_to_square=cfg.pad_to_square)
+        self.hosts, self.host = jax.process_count(), jax.process_index()
+        self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size // self.hosts,
+                                 max_new_tokens=self.max_new_tokens, seed=cfg.seed, pad_to_square=cfg.pad_to_square)
 
     @property
     def programs(self) -> dict[str, set]:
@@ -108,15 +119,18 @@ class Runner:
         path = samples_path(self.out, bench.name, mode.name)
         done = answered(path, retry_errors=cfg.retry_errors)
         todo = [q for q in self.prepared if q.question_id not in done]
-        if done:
+        distributed.barrier(f"eval {mode.name}: questions left counted")  # before any host appends to the files
+        main = distributed.is_main()
+        own = (lambda f: f) if self.hosts == 1 else (lambda f: part_path(f, self.host))
+        if done and main:
             print(f"{bench.name} {mode.name}: {len(self.prepared) - len(todo)} of {len(self.prepared)} questions already "
                   f"answered in {self.out}, {len(todo)} to go", file=sys.stderr)
         traced = cfg.save_traces and (mode.blink is not None or mode.crop is not None)
-        with open_append_jsonl(path) as samples, \
-                trace_io.TraceFile(traces_path(self.out, bench.name, mode.name) if traced else None,
+        with open_append_jsonl(own(path)) as samples, \
+                trace_io.TraceFile(own(traces_path(self.out, bench.name, mode.name)) if traced else None,
                                    geometry=self._geometry(mode)) as traces, \
                 ModeProgress(total=len(self.prepared), done=len(self.prepared) - len(todo),
-                             desc=f"{bench.name} {mode.name}", enabled=cfg.progress) as progress:
+                             desc=f"{bench.name} {mode.name}", enabled=cfg.progress and main) as progress:
 
             def write(records: list[dict]) -> None:
                 append_lines(samples, records)
@@ -125,20 +139,26 @@ class Runner:
                     on_written(len(records))
 
             unaskable = [q for q in todo if q.ids is None]
-            if unaskable:
+            if unaskable and main:
                 write([record(q, None, q.error, None) for q in unaskable])
             images = dataclasses.replace(self.images, keep_originals=mode.crop is not None)
             for batch in loaded_batches([q for q in todo if q.ids is not None], images, bucket=cfg.bucket,
-                                        batch_size=cfg.batch_size):
+                                        batch_size=cfg.batch_size, hosts=self.hosts, host=self.host):
                 write(self._answer(mode, batch, traces))
+        distributed.barrier(f"eval {mode.name}: every host's answers written")
+        if main:
+            merge_parts(path)
+            merge_parts(traces_path(self.out, bench.name, mode.name))
 
     def _answer(self, mode: ModeSpec, batch: LoadedBatch, traces: trace_io.TraceFile) -> list[dict]:
         """The records of one batch: its unreadable images' errors, then its answers (their traces written)."""
         records = [record(q, None, error, None) for q, error in batch.failed]
-        if batch.ready:
+        if batch.ready or self.hosts > 1:  # several hosts: each runs every batch's program, with or without rows
             questions = [q for q, _ in batch.ready]
-            answers, trace = self.answerer(mode, batch.length, [q.ids for q in questions],
-                                           [px for _, px in batch.ready], [q.question_id for q in questions],
+            size = self.model.config.vision.image_size
+            ids = [q.ids for q in questions] or [batch.filler]  # the filler's answer is thrown away
+            pixels = [px for _, px in batch.ready] or [np.zeros((3, size, size), np.float32)]
+            answers, trace = self.answerer(mode, batch.length, ids, pixels, [q.question_id for q in questions],
                                            originals=batch.originals, both_ids=[q.both_ids for q in questions])
             traces.write(trace, [(q.question_id, self.bench.image_path(q.doc, self.data_dir)) for q in questions])
             records += [record(q, answer, None, trace_io.summary(trace, i), cost)
@@ -199,28 +219,47 @@ def write_results(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) ->
     return document
 
 
-def load_model(cfg: EvalConfig, processor=None):
-    """(model, tokenizer) of `cfg.model`; `processor`: its `Processor`, if already loaded."""
+def load_model(cfg: EvalConfig, processor=None, mesh: jax.sharding.Mesh | None = None):
+    """(model, tokenizer) of `cfg.model`; `processor`: its `Processor`, if already loaded; `mesh`: where the
+    parameters go (None: one device)."""
     processor = processor or Processor.from_pretrained(cfg.model)
-    return load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype)), processor.tokenizer
+    return load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype), mesh=mesh), processor.tokenizer
+
+
+def eval_mesh(cfg: EvalConfig) -> jax.sharding.Mesh | None:
+    """The mesh of `cfg.mesh` (see `blink_jax.sharding.inference_mesh`), checked against the model and the batch
+    size before anything is loaded; None when it is this process's one device (today's single-device load)."""
+    mesh = inference_mesh(cfg.model, cfg.mesh, getattr(jnp, cfg.dtype))
+    sharding.check_eval_batch(cfg.batch_size, mesh)
+    return None if mesh.devices.size == 1 else mesh
 
 
 def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
-             on_written: Callable[[int], None] | None = None) -> dict:
+             on_written: Callable[[int], None] | None = None) -> dict | None:
     """Runs every mode of `cfg` (resuming what the output directory already holds) and writes the results.
-    -> the results.json document. `on_written(n)`: called after every n records appended to a samples file."""
+    -> the results.json document (None on the processes other than 0 of a multi-process run).
+    `on_written(n)`: called after every n records appended to a samples file."""
     bench = benchmarks.get(cfg.bench)
     modes = build_modes(cfg.modes, tokensr_dir=cfg.tokensr, ablation=cfg.ablation, layers=cfg.layers,
                         region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop,
                         crop_layer=cfg.crop_layer, crop_context=cfg.crop_context, crop_input=cfg.crop_input)
+    if jax.process_count() > 1 and any(m.crop is not None for m in modes):
+        raise ModeError("mode 'crop' runs in one process (its two passes are not split across hosts yet): run it "
+                        "without --num-processes, or leave it out of --modes")
     processor = None
     if model_and_tokenizer is None:  # config and tokenizer now: a wrong --model fails before the data is prepared
         processor = Processor.from_pretrained(cfg.model)
     mcfg = processor.config if processor is not None else model_and_tokenizer[0].config
     check_fit(modes, num_layers=mcfg.text.num_hidden_layers, grid=mcfg.vision.grid,
               hidden_size=mcfg.text.hidden_size, tokensr_dir=cfg.tokensr)
+    mesh = eval_mesh(cfg) if model_and_tokenizer is None else None
+    main = distributed.is_main()
+    if not main:  # process 0 prepares the data set (once, into the shared tfds folder); the others then read it
+        distributed.barrier("eval: data prepared")
     docs = bench.limit(benchmarks.load_docs(bench, cfg.data_dir, cfg.tfds_dir), cfg.limit)
-    model, tokenizer = model_and_tokenizer or load_model(cfg, processor)
+    if main:
+        distributed.barrier("eval: data prepared")
+    model, tokenizer = model_and_tokenizer or load_model(cfg, processor, mesh)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(cfg, bench, docs, model, tokenizer)
@@ -228,9 +267,10 @@ def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
              "data_dir": os.fspath(Path(cfg.data_dir).absolute()), "dtype": cfg.dtype,
              "max_new_tokens": runner.max_new_tokens, "pad_to_square": cfg.pad_to_square, "seed": cfg.seed,
              "limit": cfg.limit}  # results are rescored for every mode of the folder: one question set
-    check_manifest(out, fixed, modes, save_traces=cfg.save_traces)
-    document: dict = {}
+    check_manifest(out, fixed, modes, save_traces=cfg.save_traces, write=main)
+    document: dict | None = None
     for mode in modes:
         runner.run_mode(mode, on_written)
-        document = write_results(cfg, runner, modes)  # after every mode, so finished modes show while others run
+        if main:  # after every mode, so finished modes show while others run
+            document = write_results(cfg, runner, modes)
     return document

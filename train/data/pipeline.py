@@ -1,6 +1,10 @@
 """The grain input pipeline: shuffled (seeded, reshuffled every epoch), sharded per host, repeated forever,
 decoded and tokenised into fixed-shape batches; its iterator state goes into every checkpoint.
 
+Hosts share one global order: every host shuffles all records alike and reads its own contiguous rows of each
+global batch (`HostRows`), so each record is read once per epoch over all hosts and the global batch of N hosts
+is row for row the one a single process reads (the same losses, whatever the number of hosts).
+
 One batch (this host's share of the global batch, b = batch_size / hosts; S image side, T prompt length):
   input_ids       int32   [b, T]       the vicuna_v1 prompt with the sample's first question, left-padded
   attention_mask  int32   [b, T]
@@ -13,11 +17,13 @@ A record whose image fails to decode, or whose prompt is longer than T, is logge
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
 
 import grain
+import jax
 import numpy as np
 from PIL import Image
 
@@ -104,17 +110,39 @@ class Limited:
         return self.source[index]
 
 
+class HostRows:
+    """A grain sampler of this host's rows of every global batch: position i of this host is row
+    `host * local_batch + i % local_batch` of global batch `i // local_batch` in `sampler`'s (global) order."""
+
+    def __init__(self, sampler, *, global_batch: int, local_batch: int, host: int):
+        self.sampler, self.global_batch, self.local_batch, self.host = sampler, global_batch, local_batch, host
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.global_batch * self.local_batch
+
+    def __repr__(self) -> str:  # grain checks a restored iterator's sampler by its repr
+        return (f"HostRows({self.sampler!r}, global_batch={self.global_batch}, local_batch={self.local_batch}, "
+                f"host={self.host})")
+
+    def __getitem__(self, index: int):
+        step, row = divmod(index, self.local_batch)
+        metadata = self.sampler[step * self.global_batch + self.host * self.local_batch + row]
+        return dataclasses.replace(metadata, index=index)
+
+
 def make_loader(source, processor: Processor, *, local_batch: int, seed: int, max_prompt_len: int,
                 pad_to_square: bool = True, limit: int = 0, workers: int = 0) -> grain.DataLoader:
-    """An endless DataLoader over `source`; each host reads its own shard (`ShardByJaxProcess`)."""
+    """An endless DataLoader over `source` of this host's `local_batch` rows of each global batch (`HostRows`:
+    the global batch is `local_batch` x the number of hosts)."""
     if limit:
         source = Limited(source, limit)
     if len(source) == 0:
         raise DataError("the data set is empty (every sample was text-only or had an unusable image): check "
                          "--data-dir and the log of the dataset preparation")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True, num_epochs=None, seed=seed)
+    sampler = HostRows(grain.samplers.IndexSampler(num_records=len(source), shard_options=grain.sharding.NoSharding(),
+                                                   shuffle=True, num_epochs=None, seed=seed),
+                       global_batch=local_batch * jax.process_count(), local_batch=local_batch,
+                       host=jax.process_index())
     if workers:
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; we parse with argparse
@@ -122,4 +150,5 @@ def make_loader(source, processor: Processor, *, local_batch: int, seed: int, ma
     encode = Encode(processor, max_prompt_len, pad_to_square, max_skips_in_a_row=max(len(source), 1))
     operations = [encode, Usable(),
                   grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)]
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=workers)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=workers,
+                            shard_options=grain.sharding.NoSharding())  # HostRows shards

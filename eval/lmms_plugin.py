@@ -93,6 +93,9 @@ class BlinkJax(lmms):
 
         model_dir = resolve_model_dir(str(pretrained), revision=None if revision is None else str(revision))
         mode = mode or ("blink" if tokensr else "interp")
+        if mode == "crop":  # two passes per batch, with the original images: eval.run's harness only
+            raise PluginError("blink_jax: mode=crop (the two-pass baseline) runs in python -m eval.run --modes crop, "
+                              "not in lmms-eval: use mode=vanilla, interp or blink here")
         self.processor = Processor.from_pretrained(model_dir, pad_to_square=bool(pad_to_square))
         cfg = self.processor.config
         try:
@@ -103,9 +106,6 @@ class BlinkJax(lmms):
                       hidden_size=cfg.text.hidden_size, tokensr_dir=tokensr)
         except (ModeError, ConfigError) as e:
             raise PluginError(f"blink_jax model_args (named as eval.run's flags there): {e}") from None
-        if self.mode.crop is not None:  # two passes per batch, with the original images: eval.run's harness only
-            raise PluginError("blink_jax: mode=crop (the two-pass baseline) runs in python -m eval.run --modes crop, "
-                              "not in lmms-eval: use mode=vanilla, interp or blink here")
         self.model = load_pretrained(model_dir, dtype=getattr(jnp, dtype))
         text = cfg.text
         self.pad_id = int(text.pad_token_id if text.pad_token_id is not None else self.processor.pad_id)

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+import jax
+
 from blink_jax import distributed, sharding
 from eval.benchmarks import NAMES
 from eval.harness.flags import positive_int
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         tfds_dir = cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
         for place, flag in ((cfg.out, "--out"), (tfds_dir, "--tfds-dir")):  # named before the model loads
             rundir.check_writable(place, flag=flag)
-        with rundir.hold(cfg.out, flag="--out"):  # one run per output directory
+        # one run per output directory; each process of a multi-process run locks its own file
+        with rundir.hold(cfg.out, process=jax.process_index(), flag="--out"):
             document = run_eval(cfg)
     except (DataError, ModeError, RunConflict, CheckpointError, ConfigError, ProcessorError, ImageError,
             FileNotFoundError, rundir.DirectoryBusy, rundir.NotWritable, sharding.MeshError) as e:

@@ -126,7 +126,7 @@ def test_lmms_eval_pope_answers_as_eval_run_and_scores_as_eval_score(lmms_run):
 
 @pytest.mark.parametrize("args, message", [
     ({"mesh": "gpu_8"}, "mesh='gpu_8': inference .* runs on one device"),
-    ({"mode": "crop"}, "mode 'crop' is unknown"),
+    ({"mode": "crop"}, "mode=crop .* runs in python -m eval.run --modes crop"),
     ({"mode": "blink"}, "mode 'blink' needs trained TokenSR"),
     ({"dtype": "int8"}, "dtype='int8' is unknown"),
     ({"batch_size": "auto"}, "--batch_size='auto' must be a number"),

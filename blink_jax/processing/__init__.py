@@ -7,6 +7,7 @@ from blink_jax.processing.image import (
     ImageError,
     expand2square,
     load_image,
+    load_strictly,
     to_rgb,
     normalize,
     preprocess_image,
@@ -18,6 +19,6 @@ from blink_jax.processing.prompt import IMAGE_PLACEHOLDER, SHORT_ANSWER_SUFFIX, 
 
 __all__ = [
     "CLIP_MEAN", "CLIP_MEAN_RGB", "CLIP_STD", "IMAGE_PLACEHOLDER", "ImageError", "Processor", "ProcessorError",
-    "SHORT_ANSWER_SUFFIX", "VICUNA_V1_SYSTEM", "build_prompt", "expand2square", "left_pad", "load_image", "to_rgb",
-    "normalize", "preprocess_image", "preprocess_images", "preprocess_uint8", "tokenize_with_image",
+    "SHORT_ANSWER_SUFFIX", "VICUNA_V1_SYSTEM", "build_prompt", "expand2square", "left_pad", "load_image",
+    "load_strictly", "to_rgb", "normalize", "preprocess_image", "preprocess_images", "preprocess_uint8", "tokenize_with_image",
 ]

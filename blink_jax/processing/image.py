@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,7 +35,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"image file {path!r} does not exist: check the image folder and the file name")
     try:
         with Image.open(path) as img:
-            img.load()
+            load_strictly(img)
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"image file {path!r} cannot be read as an image (PIL: {e}): replace or remove it") from None
@@ -44,6 +44,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # PIL's modes of 16- and 32-bit integer pixels (16-bit PNGs open as one of them): `convert("RGB")` clips them at
 # 255, which turns a 16-bit image white.
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_strictly(img: Image.Image) -> None:
+    """`img.load()`, failing on a truncated file even where another library (lmms-eval's tasks do) has set PIL's
+    process-wide `ImageFile.LOAD_TRUNCATED_IMAGES`, which would fill the missing part with grey silently."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

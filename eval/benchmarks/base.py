@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from blink_jax.processing import SHORT_ANSWER_SUFFIX, ImageError, load_image, to_rgb
+from blink_jax.processing import SHORT_ANSWER_SUFFIX, ImageError, load_image, load_strictly, to_rgb
 
 SPLIT = "test"
 OPTION_LETTERS = ("A", "B", "C", "D", "E")
@@ -165,7 +165,7 @@ class Benchmark(abc.ABC):
         if doc.get("image_bytes"):
             try:
                 with Image.open(io.BytesIO(doc["image_bytes"])) as img:
-                    img.load()
+                    load_strictly(img)
                     return to_rgb(img)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise ImageError(f"the embedded image of question {doc['question_id']!r} cannot be decoded "

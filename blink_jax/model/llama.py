@@ -50,9 +50,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    attention_class = Attention  # a model family with other projections or rotary (Qwen2) subclasses it
+
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
@@ -80,11 +82,12 @@ class DecoderLayer(nnx.Module):
 
 class LanguageModel(nnx.Module):
     """Token embeddings, decoder layers, final norm and the LM head (absent when tied to the embeddings)."""
+    layer_class = DecoderLayer
 
     def __init__(self, cfg: TextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([self.layer_class(cfg, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:

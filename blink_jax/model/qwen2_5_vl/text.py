@@ -11,11 +11,9 @@ Einsum letters: B batch, T query length, N query heads, K kv heads, H head dim, 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax.model import llama
-from blink_jax.model.ops import RMSNorm
 from blink_jax.model.qwen2_5_vl.config import QwenTextConfig
 from blink_jax.model.qwen2_5_vl.rope import mrope_angles, rotate
 
@@ -37,22 +35,9 @@ class Attention(llama.Attention):
 
 
 class DecoderLayer(llama.DecoderLayer):
-    def __init__(self, cfg: QwenTextConfig, *, param_dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = llama.MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+    attention_class = Attention
 
 
 class LanguageModel(llama.LanguageModel):
     """Token embeddings, Qwen2 layers, final norm and the LM head (absent when tied to the embeddings)."""
-
-    def __init__(self, cfg: QwenTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.config = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=param_dtype,
-                                      rngs=rngs)
+    layer_class = DecoderLayer

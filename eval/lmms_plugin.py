@@ -198,11 +198,12 @@ class BlinkJax(lmms):
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("blink_jax answers generate_until tasks only (no loglikelihood): choose a "
-                                  "generation task such as pope, mme, gqa, mmbench, scienceqa_img")
+        raise PluginError("blink_jax answers generate_until tasks only (no loglikelihood): choose a "
+                          "generation task such as pope, mme, gqa, mmbench, scienceqa_img")
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("blink_jax answers single-turn generate_until tasks only (no multi-round)")
+        raise PluginError("blink_jax answers single-turn generate_until tasks only (no multi-round): choose a "
+                          "single-turn task")
 
 
 def _positive(name: str, value, fix: str = "a positive integer") -> int:

@@ -139,6 +139,18 @@ def display_image(pixel_values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def save_figure(fig, out_path: str | os.PathLike, title: str | None):
+    """Titles `fig` and writes it as a PNG atomically (a killed run never leaves half an image)."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out_path)
+    return fig
+
+
 def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike, *, region_size: int,
                example: int = 0, title: str | None = None, columns: int = 4):
     """The scan-focus-shift figure, one panel per participating layer; writes a PNG atomically.
@@ -196,14 +208,7 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
                               label="expanded region (its SR tokens enter layer L+1)"),
                         Patch(facecolor="#b73779", label="S_v, last token's visual attention (per-panel scale)")],
                loc="outside lower center", ncol=legend_columns, frameon=False, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_path)
-    return fig
+    return save_figure(fig, out_path, title)
 
 
 def plot_crop(prediction: Prediction, original: np.ndarray, out_path: str | os.PathLike, *, region_size: int,
@@ -240,14 +245,7 @@ def plot_crop(prediction: Prediction, original: np.ndarray, out_path: str | os.P
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_path)
-    return fig
+    return save_figure(fig, out_path, title)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -77,21 +77,21 @@ def saved_key(canonical: str) -> str:
     return canonical
 
 
-def _norm(hf: str, ours: Path, bias: bool = True) -> list[Entry]:
+def norm_entries(hf: str, ours: Path, bias: bool = True) -> list[Entry]:
     out = [Entry(f"{hf}.weight", ours + ("scale",), IDENTITY)]
     if bias:
         out.append(Entry(f"{hf}.bias", ours + ("bias",), IDENTITY))
     return out
 
 
-def _linear(hf: str, ours: Path, bias: bool) -> list[Entry]:
+def linear_entries(hf: str, ours: Path, bias: bool) -> list[Entry]:
     out = [Entry(f"{hf}.weight", ours + ("kernel",), LINEAR)]
     if bias:
         out.append(Entry(f"{hf}.bias", ours + ("bias",), IDENTITY))
     return out
 
 
-def _heads(hf: str, ours: Path, bias: bool, kind: str) -> list[Entry]:
+def heads_entries(hf: str, ours: Path, bias: bool, kind: str) -> list[Entry]:
     out = [Entry(f"{hf}.weight", ours + ("kernel",), HEADS_OUT if kind == "out" else HEADS_IN)]
     if bias:
         out.append(Entry(f"{hf}.bias", ours + ("bias",), HEADS_BIAS if kind == "out" else IDENTITY))
@@ -108,20 +108,20 @@ def build_mapping(cfg: LlavaConfig) -> list[Entry]:
         Entry(f"{vt}.embeddings.position_embedding.weight", vp + ("embeddings", "position_embedding", "embedding"),
               IDENTITY),
     ]
-    entries += _norm(f"{vt}.pre_layrnorm", vp + ("pre_layrnorm",))
-    entries += _norm(f"{vt}.post_layernorm", vp + ("post_layernorm",))
+    entries += norm_entries(f"{vt}.pre_layrnorm", vp + ("pre_layrnorm",))
+    entries += norm_entries(f"{vt}.post_layernorm", vp + ("post_layernorm",))
     for i in range(cfg.vision.num_hidden_layers):
         hf, ours = f"{vt}.encoder.layers.{i}", vp + ("encoder", "layers", i)
         for name in ("q_proj", "k_proj", "v_proj"):
-            entries += _heads(f"{hf}.self_attn.{name}", ours + ("self_attn", name), True, "out")
-        entries += _heads(f"{hf}.self_attn.out_proj", ours + ("self_attn", "out_proj"), True, "in")
-        entries += _norm(f"{hf}.layer_norm1", ours + ("layer_norm1",))
-        entries += _norm(f"{hf}.layer_norm2", ours + ("layer_norm2",))
-        entries += _linear(f"{hf}.mlp.fc1", ours + ("mlp", "fc1"), True)
-        entries += _linear(f"{hf}.mlp.fc2", ours + ("mlp", "fc2"), True)
+            entries += heads_entries(f"{hf}.self_attn.{name}", ours + ("self_attn", name), True, "out")
+        entries += heads_entries(f"{hf}.self_attn.out_proj", ours + ("self_attn", "out_proj"), True, "in")
+        entries += norm_entries(f"{hf}.layer_norm1", ours + ("layer_norm1",))
+        entries += norm_entries(f"{hf}.layer_norm2", ours + ("layer_norm2",))
+        entries += linear_entries(f"{hf}.mlp.fc1", ours + ("mlp", "fc1"), True)
+        entries += linear_entries(f"{hf}.mlp.fc2", ours + ("mlp", "fc2"), True)
 
     for name in ("linear_1", "linear_2"):
-        entries += _linear(f"multi_modal_projector.{name}", ("multi_modal_projector", name),
+        entries += linear_entries(f"multi_modal_projector.{name}", ("multi_modal_projector", name),
                            cfg.multimodal_projector_bias)
 
     t, lm, lp = cfg.text, "language_model.model", ("language_model",)
@@ -129,14 +129,14 @@ def build_mapping(cfg: LlavaConfig) -> list[Entry]:
     for i in range(t.num_hidden_layers):
         hf, ours = f"{lm}.layers.{i}", lp + ("layers", i)
         for name in ("q_proj", "k_proj", "v_proj"):
-            entries += _heads(f"{hf}.self_attn.{name}", ours + ("self_attn", name), t.attention_bias, "out")
-        entries += _heads(f"{hf}.self_attn.o_proj", ours + ("self_attn", "o_proj"), t.attention_bias, "in")
+            entries += heads_entries(f"{hf}.self_attn.{name}", ours + ("self_attn", name), t.attention_bias, "out")
+        entries += heads_entries(f"{hf}.self_attn.o_proj", ours + ("self_attn", "o_proj"), t.attention_bias, "in")
         for name in ("gate_proj", "up_proj", "down_proj"):
-            entries += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), t.mlp_bias)
-        entries += _norm(f"{hf}.input_layernorm", ours + ("input_layernorm",), bias=False)
-        entries += _norm(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",), bias=False)
-    entries += _norm(f"{lm}.norm", lp + ("norm",), bias=False)
+            entries += linear_entries(f"{hf}.mlp.{name}", ours + ("mlp", name), t.mlp_bias)
+        entries += norm_entries(f"{hf}.input_layernorm", ours + ("input_layernorm",), bias=False)
+        entries += norm_entries(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",), bias=False)
+    entries += norm_entries(f"{lm}.norm", lp + ("norm",), bias=False)
     if not t.tie_word_embeddings:
-        entries += _linear("language_model.lm_head", lp + ("lm_head",), False)
+        entries += linear_entries("language_model.lm_head", lp + ("lm_head",), False)
     return entries
 

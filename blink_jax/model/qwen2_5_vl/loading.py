@@ -19,11 +19,10 @@ import numpy as np
 from flax import nnx
 
 from blink_jax.weights import params as params_lib
-from blink_jax.weights.params import CheckpointError
+from blink_jax.weights.params import CheckpointError, path_str
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
-from blink_jax.model.qwen2_5_vl.param_mapping import (IGNORED_SUFFIXES, TIED_HEAD, build_mapping, canonical_key,
-                                                      path_str)
+from blink_jax.model.qwen2_5_vl.param_mapping import IGNORED_SUFFIXES, TIED_HEAD, build_mapping, canonical_key
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}

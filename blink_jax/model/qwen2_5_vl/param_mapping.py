@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
 # The entries and transforms are LLaVA's: the same torch layouts.
-from blink_jax.weights.param_mapping import (HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, LINEAR, Entry,  # noqa: F401
-                                             Path, Transform)
+from blink_jax.weights.param_mapping import IDENTITY, Entry, Path, Transform, heads_entries, linear_entries
 
 
 def patch_embed_transform(cfg: Qwen25VLConfig) -> Transform:
@@ -38,21 +37,7 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def _linear(hf: str, ours: Path, bias: bool) -> list[Entry]:
-    out = [Entry(f"{hf}.weight", ours + ("kernel",), LINEAR)]
-    if bias:
-        out.append(Entry(f"{hf}.bias", ours + ("bias",), IDENTITY))
-    return out
-
-
-def _heads(hf: str, ours: Path, bias: bool, kind: str) -> list[Entry]:
-    out = [Entry(f"{hf}.weight", ours + ("kernel",), HEADS_OUT if kind == "out" else HEADS_IN)]
-    if bias:
-        out.append(Entry(f"{hf}.bias", ours + ("bias",), HEADS_BIAS))
-    return out
-
-
-def _norm(hf: str, ours: Path) -> Entry:
+def rms_norm_entry(hf: str, ours: Path) -> Entry:
     return Entry(f"{hf}.weight", ours + ("scale",), IDENTITY)
 
 
@@ -62,31 +47,27 @@ def build_mapping(cfg: Qwen25VLConfig) -> list[Entry]:
     entries = [Entry(f"{vt}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), patch_embed_transform(cfg))]
     for i in range(cfg.vision.depth):
         hf, ours = f"{vt}.blocks.{i}", vp + ("blocks", i)
-        entries += [_norm(f"{hf}.norm1", ours + ("norm1",)), _norm(f"{hf}.norm2", ours + ("norm2",))]
-        entries += _linear(f"{hf}.attn.qkv", ours + ("attn", "qkv"), True)
-        entries += _linear(f"{hf}.attn.proj", ours + ("attn", "proj"), True)
+        entries += [rms_norm_entry(f"{hf}.norm1", ours + ("norm1",)), rms_norm_entry(f"{hf}.norm2", ours + ("norm2",))]
+        entries += linear_entries(f"{hf}.attn.qkv", ours + ("attn", "qkv"), True)
+        entries += linear_entries(f"{hf}.attn.proj", ours + ("attn", "proj"), True)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            entries += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), True)
-    entries.append(_norm(f"{vt}.merger.ln_q", vp + ("merger", "ln_q")))
-    entries += _linear(f"{vt}.merger.mlp.0", vp + ("merger", "fc1"), True)
-    entries += _linear(f"{vt}.merger.mlp.2", vp + ("merger", "fc2"), True)
+            entries += linear_entries(f"{hf}.mlp.{name}", ours + ("mlp", name), True)
+    entries.append(rms_norm_entry(f"{vt}.merger.ln_q", vp + ("merger", "ln_q")))
+    entries += linear_entries(f"{vt}.merger.mlp.0", vp + ("merger", "fc1"), True)
+    entries += linear_entries(f"{vt}.merger.mlp.2", vp + ("merger", "fc2"), True)
 
     t, lm, lp = cfg.text, "model", ("language_model",)
     entries.append(Entry(f"{lm}.embed_tokens.weight", lp + ("embed_tokens", "embedding"), IDENTITY))
     for i in range(t.num_hidden_layers):
         hf, ours = f"{lm}.layers.{i}", lp + ("layers", i)
         for name in ("q_proj", "k_proj", "v_proj"):
-            entries += _heads(f"{hf}.self_attn.{name}", ours + ("self_attn", name), True, "out")
-        entries += _heads(f"{hf}.self_attn.o_proj", ours + ("self_attn", "o_proj"), False, "in")
+            entries += heads_entries(f"{hf}.self_attn.{name}", ours + ("self_attn", name), True, "out")
+        entries += heads_entries(f"{hf}.self_attn.o_proj", ours + ("self_attn", "o_proj"), False, "in")
         for name in ("gate_proj", "up_proj", "down_proj"):
-            entries += _linear(f"{hf}.mlp.{name}", ours + ("mlp", name), False)
-        entries += [_norm(f"{hf}.input_layernorm", ours + ("input_layernorm",)),
-                    _norm(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",))]
-    entries.append(_norm(f"{lm}.norm", lp + ("norm",)))
+            entries += linear_entries(f"{hf}.mlp.{name}", ours + ("mlp", name), False)
+        entries += [rms_norm_entry(f"{hf}.input_layernorm", ours + ("input_layernorm",)),
+                    rms_norm_entry(f"{hf}.post_attention_layernorm", ours + ("post_attention_layernorm",))]
+    entries.append(rms_norm_entry(f"{lm}.norm", lp + ("norm",)))
     if not t.tie_word_embeddings:
-        entries += _linear("lm_head", lp + ("lm_head",), False)
+        entries += linear_entries("lm_head", lp + ("lm_head",), False)
     return entries
-
-
-def path_str(path: Path) -> str:
-    return ".".join(str(p) for p in path)

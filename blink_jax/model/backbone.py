@@ -1,6 +1,7 @@
 """The backbone protocol: the few things Blink, training and eval need from a vision-language model.
 
-A model family (LLaVA-1.5 in `llava.py`) implements it; everything above talks only to it:
+A model family (LLaVA-1.5 in `llava.py`, Qwen2.5-VL in `qwen2_5_vl/`) implements it; everything above talks
+only to it (`LanguageModelBackbone` below writes the language-model half for a llama-style decoder):
 
 - `prompt(input_ids, pixel_values, attention_mask, **inputs) -> Prompt`: the multimodal prompt embedded, as
   the decoder's first `Stream`, with where the visual grid sits in each row and its shape (Gh, Gw); a model

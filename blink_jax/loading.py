@@ -1,32 +1,50 @@
 """`load_pretrained`: a runnable model from a converted orbax directory or a Hugging Face LLaVA directory, on
-one device or with every parameter born sharded on a device mesh."""
+one device or with every parameter born sharded on a device mesh, or from a Hugging Face Qwen2.5-VL directory."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax import sharding
-from blink_jax.config import LlavaConfig
+from blink_jax.config import ConfigError, LlavaConfig
 from blink_jax.hub import resolve_model_dir
 from blink_jax.model.llava import LlavaModel
+from blink_jax.model.qwen2_5_vl.loading import load_pretrained as load_qwen
+from blink_jax.model.qwen2_5_vl.runtime import Qwen
 from blink_jax.runtime import Llava
 from blink_jax.weights import hf_reader, orbax_io
 from blink_jax.weights.params import abstract_model, check_finite, model_from_params, np_dtype
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    rules=sharding.LOGICAL_RULES) -> Llava:
-    """A runnable model (`blink_jax.Llava`) from a converted orbax directory or a Hugging Face LLaVA directory.
+                    rules=sharding.LOGICAL_RULES) -> Llava | Qwen:
+    """A runnable model from a directory (or Hub id): `blink_jax.Llava` for a converted orbax directory or a Hugging
+    Face LLaVA directory, `Qwen` for a Hugging Face Qwen2.5-VL directory (its `config.json` model_type says which).
 
-    With `mesh`, every parameter is created already sharded as `rules` (`blink_jax.sharding`) say; see
-    `load_model`.
+    With `mesh`, every LLaVA parameter is created already sharded as `rules` (`blink_jax.sharding`) say; see
+    `load_model`. Qwen2.5-VL loads on one device.
     """
     path = resolve_model_dir(path)
+    if model_type(path) == "qwen2_5_vl":
+        if mesh is not None and mesh.devices.size > 1:
+            raise ConfigError(f"{path} is a Qwen2.5-VL model, which loads on one device for now: leave mesh= out")
+        _, model = load_qwen(path, dtype)
+        return Qwen(model, model_dir=path)
     return Llava(load_model(path, dtype, mesh, rules), model_dir=path, mesh=mesh)
+
+
+def model_type(path: str | os.PathLike) -> str | None:
+    """The `model_type` of a model directory's config.json (None when it has none or cannot be read)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def inference_mesh(path: str | os.PathLike, spec: str | None, dtype=jnp.float32, rules=sharding.LOGICAL_RULES, *,

@@ -298,6 +298,24 @@ def test_loader_refuses_bad_checkpoints(models, tmp_path, case, edit, message):
         load_pretrained(tmp_path / case)
 
 
+def test_blink_jax_load_pretrained_reads_a_qwen_directory(models):
+    """`blink_jax.load_pretrained` tells a Qwen2.5-VL directory by its config's model_type and gives the runnable
+    `Qwen`, whose logits are transformers'."""
+    import blink_jax
+    from blink_jax.model.qwen2_5_vl.runtime import Qwen
+
+    path, hf, _, _ = models["window"]
+    model = blink_jax.load_pretrained(path)
+    assert isinstance(model, Qwen)
+    batch, _ = hf_inputs(path)
+    with torch.no_grad():
+        expected = hf(**batch).logits.numpy()
+    got = np.asarray(model(**{k: batch[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values",
+                                                            "image_grid_thw")}).logits)
+    valid = batch["attention_mask"].numpy() > 0
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+
+
 def test_state_dict_key_layout_loads(models, tmp_path):
     """transformers' in-memory names (`model.visual.*`, `model.language_model.*`) map to the same parameters."""
     path, _, _, ours = models["window"]

@@ -7,6 +7,7 @@ Python `if`s on Python floats. Decoding re-runs each layer over its whole litera
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -136,3 +137,42 @@ def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, 
             last = hf.lm_head(lm.norm(h))[-1]
             next_pos += 1
     return logits.numpy(), trace, generated
+
+
+def events_of(actions, regions) -> set[str]:
+    """The DTR events of one example's trace: actions (names) and r* per participating layer."""
+    events, was_dropped, region = set(), False, None
+    for a, r in zip(actions, regions):
+        if a == "expand":
+            events.add("expand again" if was_dropped else ("refocus" if region is not None and r != region
+                                                            else "expand"))
+            region = r
+        elif a == "drop":
+            events.add("drop")
+            was_dropped, region = True, None
+        elif a == "keep":
+            events.add("keep")
+    return events
+
+
+def threshold_cases(run, wanted: set[str]) -> list[tuple[float, float]]:
+    """(tau_exp, tau_drop) pairs whose traces of example 0 (`run(tau_exp, tau_drop) -> HostTrace`) together show
+    every event in `wanted`. Candidates sit just above and below every rho seen so far; a second round adds the
+    rhos that the first round's decisions produced (SR tokens change the later layers' attention)."""
+    rhos = set(run(2.0, 0.0).rho[:, 0]) | set(run(0.0, 0.0).rho[:, 0])
+    chosen, seen, tried = [], set(), set()
+    for _ in range(2):
+        candidates = sorted({round(float(v) + d, 6) for v in rhos for d in (-1e-4, 1e-4)})
+        for tau_exp, tau_drop in itertools.product(candidates, candidates):
+            if tau_drop > tau_exp or (tau_exp, tau_drop) in tried:
+                continue
+            tried.add((tau_exp, tau_drop))
+            trace = run(tau_exp, tau_drop)
+            rhos |= set(trace.rho[:, 0])
+            events = events_of([a[0] for a in trace.actions()], trace.region[:, 0])
+            if events - seen:
+                chosen.append((tau_exp, tau_drop))
+                seen |= events
+        if wanted <= seen:
+            return chosen
+    raise AssertionError(f"no thresholds produced {wanted - seen}: the test model needs other sizes")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from flax import nnx
 import tiny_llava as tl
 from blink_jax.blink import BlinkConfig, TokenSRBank
 from blink_jax import runtime
-from blink_reference import reference_blink
+from blink_reference import reference_blink, threshold_cases
 from test_model_parity import batch, from_hf
 
 LAYERS = (1, 2, 3, 4)
@@ -57,47 +56,11 @@ def conv_params(bank: TokenSRBank) -> dict:
 
 
 def decision_cases(ours, ids, pixels, mask):
-    """Threshold pairs whose traces together expand, keep, drop, refocus and expand again after a drop.
-
-    Candidate thresholds sit just above and below every rho seen so far; a second round adds the rhos
-    that the first round's decisions produced (SR tokens change the later layers' attention).
-    """
+    """Blink configs whose traces together expand, keep, drop, refocus and expand again after a drop."""
     run = lambda te, td: ours(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                               blink=blink_cfg(tau_exp=float(te), tau_drop=float(td))).trace
-    rhos = set(run(2.0, 0.0).rho[:, 0]) | set(run(0.0, 0.0).rho[:, 0])
-    wanted = {"expand", "keep", "drop", "refocus", "expand again"}
-    chosen, seen, tried = [], set(), set()
-    for _ in range(2):
-        candidates = sorted({round(float(v) + d, 6) for v in rhos for d in (-1e-4, 1e-4)})
-        for tau_exp, tau_drop in itertools.product(candidates, candidates):
-            if tau_drop > tau_exp or (tau_exp, tau_drop) in tried:
-                continue
-            tried.add((tau_exp, tau_drop))
-            trace = run(tau_exp, tau_drop)
-            rhos |= set(trace.rho[:, 0])
-            events = events_of(trace.actions(), trace.region[:, 0])
-            if events - seen:
-                chosen.append(blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop))
-                seen |= events
-        if wanted <= seen:
-            return chosen
-    raise AssertionError(f"no thresholds produced {wanted - seen}: the test model needs other sizes")
-
-
-def events_of(actions, regions) -> set[str]:
-    events, was_dropped, region = set(), False, None
-    for layer_actions, r in zip(actions, regions):
-        a = layer_actions[0]
-        if a == "expand":
-            events.add("expand again" if was_dropped else ("refocus" if region is not None and r != region
-                                                            else "expand"))
-            region = r
-        elif a == "drop":
-            events.add("drop")
-            was_dropped, region = True, None
-        elif a == "keep":
-            events.add("keep")
-    return events
+    pairs = threshold_cases(run, {"expand", "keep", "drop", "refocus", "expand again"})
+    return [blink_cfg(tau_exp=tau_exp, tau_drop=tau_drop) for tau_exp, tau_drop in pairs]
 
 
 def random_mlp_bank(dim: int, seed: int = 0) -> TokenSRBank:

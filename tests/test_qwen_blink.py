@@ -19,7 +19,7 @@ from blink_jax.model.qwen2_5_vl import runtime as qwen_runtime
 from blink_jax.model.qwen2_5_vl.loading import load_pretrained
 from blink_jax.model.qwen2_5_vl.processing import (ImageProcessorConfig, grid_buckets, nearest_grid,
                                                    preprocess_images)
-from blink_reference import tokensr_torch
+from blink_reference import threshold_cases, tokensr_torch
 from test_qwen2_5_vl import IMAGE_CFG, VOCAB, hf_processor, make_tokenizer
 from tiny_llava import photo
 
@@ -191,20 +191,6 @@ def reference_qwen_blink(hf, ids, pixels, thw, blink, max_new_tokens=0):
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def events_of(actions, regions) -> set[str]:
-    events, region = set(), None
-    for a, r in zip(actions, regions):
-        if a == "expand":
-            events.add("refocus" if region is not None and r != region else "expand")
-            region = r
-        elif a == "drop":
-            events.add("drop")
-            region = None
-        elif a == "keep":
-            events.add("keep")
-    return events
-
-
 @pytest.fixture(scope="module")
 def cases(models):
     """Threshold pairs whose traces on example 0 together expand, keep, drop and refocus (as in the LLaVA test:
@@ -212,24 +198,7 @@ def cases(models):
     _, ours, proc, _ = models
     x = arrays(hf_batch(proc, QUESTIONS[:1], [0]))
     run = lambda te, td: ours(**x, blink=blink_cfg(tau_exp=float(te), tau_drop=float(td))).trace
-    rhos = set(run(2.0, 0.0).rho[:, 0]) | set(run(0.0, 0.0).rho[:, 0])
-    wanted = {"expand", "keep", "drop", "refocus"}
-    chosen, seen, tried = [], set(), set()
-    for _ in range(2):
-        candidates = sorted({round(float(v) + d, 6) for v in rhos for d in (-1e-4, 1e-4)})
-        for tau_exp, tau_drop in itertools.product(candidates, candidates):
-            if tau_drop > tau_exp or (tau_exp, tau_drop) in tried:
-                continue
-            tried.add((tau_exp, tau_drop))
-            trace = run(tau_exp, tau_drop)
-            rhos |= set(trace.rho[:, 0])
-            events = events_of([a[0] for a in trace.actions()], trace.region[:, 0])
-            if events - seen:
-                chosen.append((tau_exp, tau_drop))
-                seen |= events
-        if wanted <= seen:
-            return chosen
-    raise AssertionError(f"no thresholds produced {wanted - seen}: the test model needs other sizes")
+    return threshold_cases(run, {"expand", "keep", "drop", "refocus"})
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -1,20 +1,28 @@
 """Procedural scenes of small coloured shapes, zoomed crops of them, and yes/no questions about them.
 
-A scene is a dark background with 3-7 non-overlapping shapes (6 colours x 5 shapes = 30 object classes),
-each from 5 px (well below one 14 px patch) to 28 px (two patches) across, centred near a patch centre
-(`ALIGN`). Scenes are drawn at 4x and box-downsampled, so even a 5 px shape is antialiased and, zoomed,
-still shows its outline.
+A scene is a "photo" of `SCENE_SIZE` = 336 px: a dark background with 3-7 non-overlapping shapes (6 colours x
+5 shapes = 30 object classes), each from 8 px to 58 px across. The model sees it as LLaVA sees a photo larger
+than its input: downsampled to `IMAGE_SIZE` = 168 px (12 x 12 patches of 14 px). So the smallest shapes are
+2-4 model pixels across at full scale, their outline lost to the downsampling, while a crop of the original
+around them, zoomed 2x (what the crop baseline of BLINK.md §9 cuts), shows them at 8-14 px: fine detail that
+only zooming reveals. Shapes are drawn at 2x the scene size and box-downsampled, so even the smallest is
+antialiased. Shapes sit near the centres of the model's patches (`ALIGN`).
 
 The "world" is not uniform, so POPE's popular and adversarial negatives mean something: colours and shapes
 have fixed popularity weights, and each scene favours a palette of two colours and one shape, so classes
 that share a colour or a shape co-occur more often than chance.
 
+Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
+`blink_jax.processing.preprocess_uint8`): the full scene, a crop of the original with the crop mode's geometry
+(`crop_view`), or a region of the full view upsampled, as TokenSR's teacher crops (`teacher_view`).
+
 Everything is a pure function of `(seed, stream, index)` through `np.random.default_rng([seed, stream, index])`:
 the training, validation and POPE streams never share a scene, and any item can be regenerated alone.
 
 `write_pope` writes POPE's release layout: `coco_pope_{random,popular,adversarial}.json` (JSONL lines
-`question_id`, `image`, `text`, `label`), the images as `val2014/COCO_val2014_<12 digits>.png`, and
-`shapes_annotations.json` with every object's class, box and size, for per-size breakdowns.
+`question_id`, `image`, `text`, `label`), the images (at the scene size) as `val2014/COCO_val2014_<12
+digits>.png`, and `shapes_annotations.json` with every object's class, box and size (scene pixels), for
+per-size breakdowns.
 """
 
 from __future__ import annotations
@@ -28,12 +36,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from blink_jax.blink.crop import CropConfig, crop_box
 from blink_jax.blink.dtr import region_box
+from blink_jax.processing.image import preprocess_uint8
 from demo.pope import SPLITS
 
-IMAGE_SIZE = 168
-PATCH = 14
-SUPERSAMPLE = 4
+SCENE_SIZE = 336  # the original image's side, pixels
+IMAGE_SIZE = 168  # the model's input side: scenes are shown downsampled 2x
+PATCH = 14  # the model's patch, pixels of its input
+GRID = IMAGE_SIZE // PATCH
+SUPERSAMPLE = 2  # of the scene size
 
 COLOURS = {"red": (220, 45, 40), "green": (40, 185, 70), "blue": (50, 105, 240), "yellow": (235, 210, 40),
            "white": (235, 235, 235), "purple": (165, 70, 215)}
@@ -42,17 +54,18 @@ CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # the POPE "object
 COLOUR_WEIGHTS = np.array([0.25, 0.2, 0.18, 0.15, 0.12, 0.1])
 SHAPE_WEIGHTS = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
 
-# (name, smallest, largest + 1) side in pixels of a 168 px image; "tiny" and "small" are below one patch,
-# "large" ones span up to three.
-SIZE_BUCKETS = (("tiny", 5, 8), ("small", 8, 14), ("medium", 14, 21), ("large", 21, 29))
-SIZE_BUCKET_PROBS = (0.3, 0.25, 0.25, 0.2)
+# (name, smallest, largest + 1) side in scene pixels. In the model's input (half that): "tiny" 4-7 px and
+# "small" 7-12 px, below one 14 px patch; "large" 20-29 px, up to three patches.
+SIZE_BUCKETS = (("tiny", 8, 14), ("small", 14, 24), ("medium", 24, 40), ("large", 40, 58))
+SIZE_BUCKET_PROBS = (0.35, 0.25, 0.2, 0.2)
 SUB_PATCH = ("tiny", "small")
 
 TRAIN, VAL, POPE, MIX = 0, 1, 2, 3  # random streams
-MIN_VISIBLE = 0.6
-# Shapes sit on patch centres, moved by up to this many pixels. A CLIP ViT has no translation equivariance
-# inside a patch; one trained from scratch for minutes does not learn shapes at every sub-patch offset.
-ALIGN = 2.0  # a shape cut by a crop counts as in the crop when this share of its box is inside
+MIN_VISIBLE = 0.6  # a shape cut by a crop counts as in the crop when this share of its box is inside
+# Shapes sit on the centres of the model's patches, moved by up to this many scene pixels. A CLIP ViT has no
+# translation equivariance inside a patch; one trained from scratch for minutes does not learn shapes at every
+# sub-patch offset. (Zoomed crops move them off-centre; training shows those too.)
+ALIGN = 4.0
 
 
 def question_text(colour: str, shape: str) -> str:
@@ -127,12 +140,12 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, index])
 
 
-def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: tuple[int, int] = (3, 7),
+def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = (3, 7),
                  min_classes: int = 1, align: float | None = ALIGN) -> Scene:
     """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
 
-    With `align`, each shape is centred on a patch centre, moved by up to `align` px each way; with None,
-    anywhere."""
+    With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches, moved by up to
+    `align` px each way; with None, anywhere."""
     colours, shapes = list(COLOURS), list(SHAPES)
     while True:
         palette = rng.choice(len(colours), size=2, replace=False, p=COLOUR_WEIGHTS)
@@ -151,7 +164,7 @@ def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: tu
                 if align is None:
                     cx, cy = rng.uniform(side / 2 + 1, size - side / 2 - 1, size=2)
                 else:
-                    centres = (np.arange(size // PATCH) + 0.5) * PATCH
+                    centres = (np.arange(GRID) + 0.5) * size / GRID
                     centres = centres[(centres - side / 2 - align >= 1) & (centres + side / 2 + align <= size - 1)]
                     cx, cy = rng.choice(centres, size=2) + rng.uniform(-align, align, size=2)
                 candidate = Shape(colour, shape, float(cx), float(cy), side, _jitter(rng, COLOURS[colour]))
@@ -203,46 +216,106 @@ def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
     return img.reduce(supersample)
 
 
-def full_view(scene: Scene, image: Image.Image | None = None) -> View:
-    objects = tuple((o.name, o.size, o.box) for o in scene.objects)
-    return View(render(scene) if image is None else image, objects, frozenset(), None)
-
-
-def zoom_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image | None = None) -> View:
-    """The scene's pixel `box` resized back to full size with PIL bicubic, as the TokenSR teacher sees a crop."""
-    image = render(scene) if image is None else image
-    zoomed = image.crop(box).resize((scene.size, scene.size), resample=Image.Resampling.BICUBIC)
-    scale = scene.size / (box[2] - box[0])
+def _box_objects(scene: Scene, box: tuple[float, float, float, float]) -> tuple[list, set]:
+    """The scene's shapes as seen through `box` (scene pixels): ([(class, side, box)] relative to the box's
+    corner, unscaled; classes cut by its edge with less than MIN_VISIBLE of their box inside)."""
     objects, ambiguous = [], set()
     for o in scene.objects:
         x0, y0, x1, y1 = o.box
         inside = max(0.0, min(x1, box[2]) - max(x0, box[0])) * max(0.0, min(y1, box[3]) - max(y0, box[1]))
         share = inside / (o.size * o.size)
         if share >= MIN_VISIBLE:
-            view_box = tuple((v - origin) * scale for v, origin in zip(o.box, box[:2] * 2))
-            objects.append((o.name, o.size * scale, view_box))
+            objects.append((o.name, o.size, (x0 - box[0], y0 - box[1], x1 - box[0], y1 - box[1])))
         elif share > 0:
             ambiguous.add(o.name)
-    return View(zoomed, tuple(objects), frozenset(ambiguous - {name for name, *_ in objects}), box)
+    return objects, ambiguous - {name for name, *_ in objects}
 
 
-def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.4,
-                  region_sizes: Sequence[int] = (3, 4, 6)) -> View:
-    """Item `index` of a stream: a full scene, or with probability p_zoom a zoomed crop of one of its regions
-    (usually one holding a shape, so the crop is rarely empty)."""
+def model_view(image: Image.Image, objects: Sequence[tuple], ambiguous=frozenset(), box=None,
+               size: int = IMAGE_SIZE) -> View:
+    """`image` as the model sees it (`preprocess_uint8`: pad to square with the CLIP mean, bicubic resize to
+    `size`), with its objects' boxes mapped the same way."""
+    w, h = image.size
+    side = max(w, h)
+    dx, dy, s = (side - w) // 2, (side - h) // 2, size / side  # expand2square's paste offset, then the resize
+    shown = Image.fromarray(preprocess_uint8(image, image_size=size, pad_to_square=True))
+    mapped = tuple((n, z * s, ((b[0] + dx) * s, (b[1] + dy) * s, (b[2] + dx) * s, (b[3] + dy) * s))
+                   for n, z, b in objects)
+    return View(shown, mapped, frozenset(ambiguous), box)
+
+
+def full_view(scene: Scene, image: Image.Image | None = None) -> View:
+    """The whole scene, downsampled to the model's input."""
+    image = render(scene) if image is None else image
+    return model_view(image, tuple((o.name, o.size, o.box) for o in scene.objects), box=None)
+
+
+def zoom_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image | None = None) -> View:
+    """The original's pixel `box` (scene pixels), shown to the model: a zoomed crop with the original's detail."""
+    image = render(scene) if image is None else image
+    objects, ambiguous = _box_objects(scene, box)
+    return model_view(image.crop(box), objects, ambiguous, box)
+
+
+def crop_view(scene: Scene, region: int, region_size: int = 3, context: float = 2.0,
+              image: Image.Image | None = None) -> View:
+    """The crop mode's pass-2 image for region `region` (BLINK.md §9, `blink_jax.blink.crop.crop_box`): the
+    r x r region of the model's grid, grown by `context`, cut from the original. r = 3, context 2: a 2x zoom."""
+    cfg = CropConfig(region_size=region_size, crop_context=context)
+    box = crop_box(region, scene.size, scene.size, grid=GRID, image_size=IMAGE_SIZE, crop=cfg, pad_to_square=True)
+    return zoom_view(scene, box, image)
+
+
+def upsampled_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Image | None = None) -> View:
+    """The same area as `zoom_view(scene, box)`, but cut from the model's input (the downsampled scene) and
+    shown at the input size: the crop's magnification without the original's pixels."""
+    full = full_view(scene, image)
+    k = IMAGE_SIZE / scene.size
+    small = tuple(int(round(v * k)) for v in box)
+    objects, ambiguous = _box_objects(scene, box)
+    return model_view(full.image.crop(small), [(n, z * k, tuple(v * k for v in b)) for n, z, b in objects],
+                      ambiguous, box)
+
+
+def teacher_view(scene: Scene, region: int, region_size: int, image: Image.Image | None = None) -> View:
+    """What TokenSR's teacher sees (BLINK.md §5, `train.teacher.crop_pixels`): region `region`'s box in the
+    model's input, resized back to the input size: no detail the input lacks."""
+    k = scene.size / IMAGE_SIZE
+    return upsampled_view(scene, tuple(int(round(v * k)) for v in region_box(region, GRID, region_size, PATCH)),
+                          image)
+
+
+def region_of(cx: float, cy: float, region_size: int, size: int = SCENE_SIZE) -> int:
+    """The r x r region of the model's grid (row-major) holding the point (cx, cy) of a `size` px scene."""
+    per_row = GRID // region_size
+    side = size / per_row
+    return min(int(cy // side), per_row - 1) * per_row + min(int(cx // side), per_row - 1)
+
+
+# Zoomed training views: (region size, context) of the crop mode's geometry, 1.5x to 6x.
+CROP_GEOMETRIES = ((3, 2.0), (3, 2.0), (2, 2.0), (4, 2.0), (3, 1.0), (4, 1.5), (2, 1.0), (6, 1.0))
+TEACHER_REGIONS = (3, 4, 6)
+
+
+def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.45, p_teacher: float = 0.1) -> View:
+    """Item `index` of a stream: the full scene; with probability p_zoom a crop of the original around a region
+    (usually one holding a shape, so the crop is rarely empty) with one of CROP_GEOMETRIES; with probability
+    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it."""
     rng = item_rng(seed, stream, index)
     scene = random_scene(rng)
-    if rng.random() >= p_zoom:
+    u = rng.random()
+    if u >= p_zoom + p_teacher:
         return full_view(scene)
-    r = int(rng.choice(region_sizes))
-    per_row = scene.size // PATCH // r
+    if u < p_zoom:
+        r, context = CROP_GEOMETRIES[rng.integers(len(CROP_GEOMETRIES))]
+    else:
+        r, context = int(rng.choice(TEACHER_REGIONS)), None
     if scene.objects and rng.random() < 0.85:
         o = scene.objects[rng.integers(len(scene.objects))]
-        side = r * PATCH
-        region = min(int(o.cy // side), per_row - 1) * per_row + min(int(o.cx // side), per_row - 1)
+        region = region_of(o.cx, o.cy, r, scene.size)
     else:
-        region = int(rng.integers(per_row * per_row))
-    return zoom_view(scene, region_box(region, scene.size // PATCH, r, PATCH))  # the box TokenSR's teacher crops
+        region = int(rng.integers((GRID // r) ** 2))
+    return crop_view(scene, region, r, context) if context else teacher_view(scene, region, r)
 
 
 def patch_targets(view: View, grid: int) -> np.ndarray:  # [grid * grid, classes + 1]
@@ -370,7 +443,8 @@ def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_p
             f.writelines(json.dumps(row) + "\n" for row in rows)
     annotations = {
         "generator": "demo.shapes.write_pope", "seed": seed, "n_images": n_images,
-        "questions_per_image": questions_per_image, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+        "questions_per_image": questions_per_image, "image_size": SCENE_SIZE, "model_image_size": IMAGE_SIZE,
+        "patch_size": PATCH,
         "size_buckets": {name: [lo, hi] for name, lo, hi in SIZE_BUCKETS},
         "images": [{"image": pope_image_name(i), "objects": [
             {"name": o.name, "box": [round(v, 2) for v in o.box], "size": round(o.size, 2), "bucket": o.bucket}
@@ -401,8 +475,9 @@ def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int) -> int:
     for i in range(n_images):
         rng = item_rng(seed, MIX, i)
         scene = random_scene(rng)
-        view = full_view(scene)
-        view.image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
+        image = render(scene)
+        image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
+        view = full_view(scene, image)
         want_yes = i % 2 == 0
         colour, shape, answer = next(q for q in sample_questions(rng, view, 2) if q[2] == want_yes)
         records.append({"id": f"shapes-{i:06d}", "image": f"{MIX_IMAGE_DIR}/{mix_image_name(i)}", "conversations": [

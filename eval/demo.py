@@ -19,6 +19,10 @@ class Demo:
     tokensr: Path = ROOT / "tokensr"  # `python -m train.tokensr` export (its tokensr.json holds the Blink config)
     data_dirs: tuple[tuple[str, Path], ...] = (("pope", ROOT / "data" / "pope"),)  # bench -> release-format data
     dtype: str = "float32"  # the precision its card reports
+    # vanilla, the two-pass crop baseline (BLINK.md §9), Blink-interp and Blink: the four-way comparison
+    modes: tuple[str, ...] = ("vanilla", "crop", "interp", "blink")
+    # The backbone was trained on one image per prompt, so its crop mode shows it the crop alone (MODEL_CARD.md).
+    crop_input: str = "crop"
     # Blink thresholds: BLINK.md's defaults for R = 16 regions (MODEL_CARD.md also reports calibrated ones).
     tau_exp: float = 0.30
     tau_drop: float = 0.15

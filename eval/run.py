@@ -5,7 +5,8 @@
         [--modes ...,crop --crop-layer L --crop-context 2.0 --crop-input both|crop]
 
 With no --model, `--bench pope` runs the bundled demo (`eval.demo`): a small LLaVA-1.5 trained on drawn shapes,
-its trained TokenSR and a POPE-format shapes set, all three modes, in a few minutes on a CPU.
+its trained TokenSR and a POPE-format shapes set, four modes (vanilla, the two-pass crop baseline with the crop
+alone, Blink-interp, Blink), in a few minutes on a CPU.
 
 Writes to --out: samples_<bench>_<mode>.jsonl, results.json, results.md (and traces_<bench>_<mode>.jsonl with
 --save-traces). Rerunning the same command resumes a killed run. The work is in `eval.harness.runner`.
@@ -44,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
                                       "demo model: its shapes set)")
     p.add_argument("--modes", default=None,
                    help="comma-separated vanilla,interp,blink,crop (default: vanilla,interp,blink with --tokensr, else "
-                        "vanilla,interp; crop is the two-pass baseline of BLINK.md §9)")
+                        "vanilla,interp; the demo: vanilla,crop,interp,blink; crop is the two-pass baseline of "
+                        "BLINK.md §9)")
     p.add_argument("--tokensr", help="trained TokenSR directory (needed by mode blink)")
     p.add_argument("--ablation", choices=("random", "fixed", "no-drop", "high-tau"),
                    help="a BLINK.md §6 ablation, applied to interp and blink")
@@ -63,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-context", type=float, help="mode crop: the region's box grown about its centre by this "
                    "factor (default 2.0)")
     p.add_argument("--crop-input", choices=("both", "crop"), help="mode crop: pass 2 sees the image and the crop "
-                   "(both, the default) or the crop alone")
+                   "(both, the default; the demo: crop) or the crop alone")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                    help="compute dtype (default bfloat16; demo float32)")
     p.add_argument("--tfds-dir", help="where prepared datasets go (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir = args.data_dir or str(demo_data)
         args.tokensr = args.tokensr or str(DEMO.tokensr)
         defaults = {"batch_size": DEMO.batch_size, "dtype": DEMO.dtype, "out": DEMO.out, "tau_exp": DEMO.tau_exp,
-                    "tau_drop": DEMO.tau_drop}
+                    "tau_drop": DEMO.tau_drop, "crop_input": DEMO.crop_input}
+        if args.modes is None:  # the four-way comparison; crop runs in one process only
+            args.modes = ",".join(m for m in DEMO.modes if m != "crop" or args.num_processes in (None, 1))
         print(f"eval.run: no --model: running the bundled demo model ({args.model}) on {args.data_dir}"
               + ("" if args.data_dir == str(demo_data) else " (your --data-dir; pass --model to evaluate another "
                  "model)"), file=sys.stderr)

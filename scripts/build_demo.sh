@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone and its POPE-format eval
-# set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the three-mode eval.
-# Deterministic from the seeds below on the same software. WORK holds the intermediate files (default a
-# temporary directory); demo/ receives what ships.
+# set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the four-way eval
+# (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated thresholds and the per-size
+# breakdown. Deterministic from the seeds below on the same software. WORK holds the intermediate files (default
+# a temporary directory); demo/ receives what ships.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 WORK="${WORK:-$(mktemp -d)}"
 echo "intermediate files in $WORK"
 
-# 1. Backbone from scratch (both stages), written as a Hugging Face directory, plus the POPE-format shapes set.
-python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0
+# 1. Backbone from scratch (both stages), written as a Hugging Face directory, plus the POPE-format shapes set
+#    and the zoom measurement (full scene vs a zoomed crop of the right region, per object size).
+python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --steps 2000 --no-progress
 
 # 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
 python -m demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
@@ -31,7 +33,23 @@ rm -rf demo/tokensr_mlp && cp -r "$WORK/tokensr_mlp/tokensr" demo/tokensr_mlp
 cp "$WORK/tokensr_mlp/metrics.jsonl" demo/tokensr_mlp/train_metrics.jsonl
 cp "$WORK/tokensr_mlp/config.json" demo/tokensr_mlp/train_config.json
 
-# 4. The three modes on the bundled data (what `python -m eval.run --bench pope` does with no arguments).
-python -m eval.run --bench pope --out "$WORK/eval" --save-traces
+# 4. The four modes on the bundled data (what `python -m eval.run --bench pope` does with no arguments), then
+#    the BLINK.md §6 ablations of interp and Blink as more rows of the same results.md, and the breakdown.
+python -m eval.run --bench pope --out "$WORK/eval" --save-traces --no-progress
+for ablation in random fixed no-drop high-tau; do
+  python -m eval.run --bench pope --out "$WORK/eval" --modes interp,blink --ablation "$ablation" --no-progress
+done
 python -m train.demo.breakdown --run "$WORK/eval"
-python -m eval.run --bench pope --tokensr demo/tokensr_mlp --out "$WORK/eval_mlp"
+
+# 5. Thresholds calibrated on another shapes set (seed 1, not the eval scenes), then Blink with them.
+python -m demo.shapes --out "$WORK/calib" --images 150 --seed 1
+python -m eval.calibrate --model demo/model --data "$WORK/calib/coco_pope_random.json" \
+  --image-folder "$WORK/calib/val2014" --layers 1-3 --region-size 3 --out "$WORK/calib.json" --no-progress
+read -r TAU_EXP TAU_DROP < <(python -c "import json,sys; s=json.load(open(sys.argv[1]))['suggested']; \
+print(round(s['tau_exp'], 2), round(s['tau_drop'], 2))" "$WORK/calib.json")
+python -m eval.run --bench pope --out "$WORK/eval_calibrated" --modes interp,blink --tau-exp "$TAU_EXP" \
+  --tau-drop "$TAU_DROP" --save-traces --no-progress
+python -m train.demo.breakdown --run "$WORK/eval_calibrated"
+
+# 6. Blink with the mlp TokenSR.
+python -m eval.run --bench pope --tokensr demo/tokensr_mlp --modes blink --out "$WORK/eval_mlp" --no-progress

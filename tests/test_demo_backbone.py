@@ -35,7 +35,7 @@ def test_scenes_are_a_function_of_seed_stream_index():
     a = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.TRAIN, 7)))
     b = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.TRAIN, 7)))
     c = shapes.render(shapes.random_scene(shapes.item_rng(5, shapes.VAL, 7)))
-    assert a.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and a.mode == "RGB"
+    assert a.size == (shapes.SCENE_SIZE, shapes.SCENE_SIZE) and a.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
     v1 = shapes.training_view(1, shapes.TRAIN, 11, p_zoom=0.5)
@@ -47,41 +47,82 @@ def test_scenes_are_a_function_of_seed_stream_index():
 def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
     scenes = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i)) for i in range(40)]
     sizes = [o.size for s in scenes for o in s.objects]
-    assert min(sizes) < 6 and max(sizes) > 26
+    assert min(sizes) < 10 and max(sizes) > 52  # scene pixels: 5 to 26 px in the model's 168 px input
     assert np.mean([o.bucket in shapes.SUB_PATCH for s in scenes for o in s.objects]) > 0.4
+    cell = shapes.SCENE_SIZE / 12  # one model patch (14 px of 168) in scene pixels
     for s in scenes:
         assert 1 <= len(s.objects) <= 7
         for i, a in enumerate(s.objects):
             assert 0 <= a.box[0] and a.box[2] <= s.size and 0 <= a.box[1] and a.box[3] <= s.size
             for c in (a.cx, a.cy):  # near a patch centre
-                assert abs(c - (c // shapes.PATCH + 0.5) * shapes.PATCH) <= shapes.ALIGN + 1e-9
+                assert abs(c - (c // cell + 0.5) * cell) <= shapes.ALIGN + 1e-9
             for b in s.objects[i + 1:]:
                 assert not shapes._overlap(a.box, b.box, gap=0.0)
 
 
-def test_zoom_view_is_the_tokensr_teacher_crop_and_lists_what_it_shows():
+def test_full_view_is_the_scene_as_the_model_sees_it():
+    scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, 3))
+    full = shapes.render(scene)
+    view = shapes.full_view(scene, full)
+    np.testing.assert_array_equal(np.asarray(view.image),  # downsampled 2x, as eval preprocesses the file
+                                  np.asarray(full.resize((168, 168), resample=Image.Resampling.BICUBIC)))
+    for (name, size, box), o in zip(view.objects, scene.objects):
+        assert name == o.name and size == pytest.approx(o.size / 2)
+        assert box == pytest.approx(tuple(v / 2 for v in o.box))
+
+
+def test_teacher_view_is_the_tokensr_teacher_crop_of_the_downsampled_scene():
     from blink_jax.processing.image import normalize
-    from blink_jax.blink.dtr import region_box
     from train.teacher import crop_pixels
 
     scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, 3))
     full = shapes.render(scene)
+    model_image = np.asarray(shapes.full_view(scene, full).image)
     for r, region in ((3, 5), (4, 8), (6, 0)):
-        box = region_box(region, shapes.IMAGE_SIZE // shapes.PATCH, r, shapes.PATCH)
-        view = shapes.zoom_view(scene, box, full)
-        np.testing.assert_array_equal(normalize(np.asarray(view.image)),
-                                      crop_pixels(np.asarray(full), region, 12, r, shapes.PATCH))
-        scale = shapes.IMAGE_SIZE / (box[2] - box[0])
-        for o in scene.objects:
-            x0, y0, x1, y1 = o.box
-            inside = max(0, min(x1, box[2]) - max(x0, box[0])) * max(0, min(y1, box[3]) - max(y0, box[1]))
-            share = inside / o.size ** 2
-            if share >= shapes.MIN_VISIBLE:
-                [(size, vbox)] = [(z, b) for n, z, b in view.objects if n == o.name and
-                                  abs(b[0] - (o.box[0] - box[0]) * scale) < 1e-6]
-                assert size == pytest.approx(o.size * scale) and vbox[2] - vbox[0] == pytest.approx(size)
-            elif share > 0:
-                assert o.name in view.ambiguous or o.name in view.present
+        view = shapes.teacher_view(scene, region, r, full)
+        np.testing.assert_array_equal(normalize(np.asarray(view.image)), crop_pixels(model_image, region, 12, r, 14))
+        # region (row, col) of the (12 / r)^2 grid: model box [col r 14, +r 14) x [row r 14, +r 14), zoom 12 / r
+        row, col = divmod(region, 12 // r)
+        left, top, zoom = col * r * 14, row * r * 14, 12 / r
+        for name, size, box in view.objects:
+            o = next(o for o in scene.objects if o.name == name and
+                     abs((o.box[0] / 2 - left) * zoom - box[0]) < 1e-6 and abs((o.box[1] / 2 - top) * zoom - box[1]) < 1e-6)
+            assert size == pytest.approx(o.size / 2 * zoom)
+
+
+@pytest.mark.parametrize("region, r, box, pad", [
+    (5, 3, (42, 42, 210, 210), (0, 0)),  # model box (42, 42, 84, 84) grown 2x about (63, 63), x2 to scene pixels
+    (1, 3, (42, 0, 210, 126), (0, 21)),  # (42, 0, 84, 42) grown to (21, -21, 105, 63), clamped: 168 x 126, padded
+    (0, 6, (0, 0, 252, 252), (0, 0)),  # (0, 0, 84, 84) grown to (-42, -42, 126, 126), clamped
+])
+def test_crop_view_is_the_crop_modes_pass_2_image_by_hand(region, r, box, pad):
+    scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, 3))
+    full = shapes.render(scene)
+    view = shapes.crop_view(scene, region, r, 2.0, full)
+    assert view.box == box
+    w, h = box[2] - box[0], box[3] - box[1]
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), (122, 116, 104))  # expand2square with CLIP's mean colour
+    canvas.paste(full.crop(box), pad)
+    np.testing.assert_array_equal(np.asarray(view.image),
+                                  np.asarray(canvas.resize((168, 168), resample=Image.Resampling.BICUBIC)))
+    s = 168 / side
+    seen = {}
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        inside = max(0, min(x1, box[2]) - max(x0, box[0])) * max(0, min(y1, box[3]) - max(y0, box[1]))
+        if inside / o.size ** 2 >= shapes.MIN_VISIBLE:
+            seen[o.name] = (o.size * s, ((x0 - box[0] + pad[0]) * s, (y0 - box[1] + pad[1]) * s))
+        elif inside > 0:
+            assert o.name in view.ambiguous or o.name in view.present
+    for name, size, vbox in view.objects:
+        assert size == pytest.approx(seen[name][0]) and vbox[:2] == pytest.approx(seen[name][1])
+
+
+def test_region_of_names_the_region_holding_a_point():
+    assert shapes.region_of(0, 0, 3) == 0 and shapes.region_of(335, 335, 3) == 15
+    assert shapes.region_of(84 + 1, 2 * 84 + 1, 3) == 2 * 4 + 1  # scene regions of 84 px for r = 3
+    assert shapes.region_of(100, 300, 6) == 2  # r = 6: 2 x 2 regions of 168 px
 
 
 def test_training_questions_are_balanced_and_true():
@@ -400,7 +441,8 @@ def test_breakdown_counts_each_question_once_in_its_bucket_and_label(pope_dir, t
     run.mkdir()
     rows = [(split, json.loads(line)) for split in shapes.SPLITS
             for line in open(pope_dir / f"coco_pope_{split}.json")]
-    # "vanilla" always says Yes; "blink" is always right and expanded on every other question.
+    # "vanilla" always says Yes; "blink" is always right and expands at layer 1 on every other question (keeps at
+    # layer 2); "crop" says No and crops the whole image for the first question, nothing for the others.
     with open(run / "samples_pope_vanilla.jsonl", "w") as f:
         for split, r in rows:
             f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "prediction": "Yes", "error": None,
@@ -408,12 +450,39 @@ def test_breakdown_counts_each_question_once_in_its_bucket_and_label(pope_dir, t
     with open(run / "samples_pope_blink.jsonl", "w") as f:
         for i, (split, r) in enumerate(rows):
             f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "prediction": r["label"].title(),
-                                "error": None, "trace": {"expansions": i % 2}}) + "\n")
+                                "error": None, "trace": {"expansions": i % 2, "layers": [1, 2],
+                                                         "actions": ["expand" if i % 2 else "none", "keep"]}}) + "\n")
+    with open(run / "samples_pope_crop.jsonl", "w") as f:
+        for i, (split, r) in enumerate(rows):
+            box = [0, 0, 10**4, 10**4] if i == 0 else [0, 0, 0, 0]
+            f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "prediction": "No", "error": None,
+                                "trace": {"crop_layer": 2, "box": box}}) + "\n")
+    # Blink's traces for two "yes" questions: the first expanded the region holding its object (r = 3: regions of
+    # 84 scene px, 4 per row), the second one region away from it.
+    annotations = json.loads((pope_dir / "shapes_annotations.json").read_text())
+    objects = {item["image"]: item["objects"] for item in annotations["images"]}
+    yes = [(i, r) for i, (split, r) in enumerate(rows) if r["label"] == "yes"][:2]
+    with open(run / "traces_pope_blink.jsonl", "w") as f:
+        for k, (i, r) in enumerate(yes):
+            name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+            box = next(o["box"] for o in objects[r["image"]] if o["name"] == name)
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            region = int(cy // 84) * 4 + int(cx // 84)
+            others = {int(o["box"][1] + o["box"][3]) // 168 * 4 + int(o["box"][0] + o["box"][2]) // 168
+                      for o in objects[r["image"]] if o["name"] == name}
+            wrong = next(x for x in range(16) if x not in others)
+            split = rows[i][0]
+            f.write(json.dumps({"question_id": f"{split}/{r['question_id']}", "region_size": 3,
+                                "expanded_region": [region if k == 0 else wrong, -1]}) + "\n")
     result = breakdown.breakdown(run, pope_dir)
     n = len(rows)
+    assert result["blink"]["sr_hit"] == [1, 2]
     assert result["vanilla"]["by_label"] == {"yes": [n // 2, n // 2], "no": [0, n // 2]}
     assert result["blink"]["by_label"] == {"yes": [n // 2, n // 2], "no": [n // 2, n // 2]}
     assert sum(c[1] for c in result["blink"]["by_bucket"].values()) == n
     assert result["blink"]["expanded"] == [n // 2, n]
+    assert result["blink"]["expanded_at"] == {1: [n // 2, n], 2: [0, n]}
+    assert rows[0][1]["label"] == "yes" and result["crop"]["crop_hit"] == [1, n // 2]
     table = breakdown.markdown(result)
-    assert table.splitlines()[0] == "| questions about | n | vanilla | blink |"
+    assert table.splitlines()[0] == "| questions about | n | vanilla | crop | blink |"
+    assert "| expanded at layer 1 | | - | - | 50.0% |" in table

@@ -1,6 +1,6 @@
 """The bundled demo: `python -m eval.run --bench pope` with no --model runs the shipped model, TokenSR and data.
 
-Checks that the demo runs all three modes through the normal POPE path, that what it reports is what the
+Checks that the demo runs all four modes (vanilla, crop, interp, blink) through the normal POPE path, that what it reports is what the
 official rules (`eval.score`) give on its saved predictions, and that the shipped TokenSR loads with the
 geometry the demo's interp mode uses.
 """
@@ -25,14 +25,16 @@ def demo_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-def test_demo_runs_three_modes_on_the_bundled_files(demo_run):
+def test_demo_runs_four_modes_on_the_bundled_files(demo_run):
     _, results = demo_run
-    assert list(results["modes"]) == ["vanilla", "interp", "blink"]
+    assert list(results["modes"]) == ["vanilla", "crop", "interp", "blink"]
     for entry in results["modes"].values():
         assert entry["counts"]["questions"] == 18 and entry["counts"]["errors"] == 0  # 6 per split
     settings = results["config"]["mode_settings"]
     assert settings["blink"]["blink"]["tokensr_kind"] == "conv"
     assert settings["interp"]["blink"]["layers"] == settings["blink"]["blink"]["layers"]
+    assert settings["crop"]["crop"]["crop_input"] == DEMO.crop_input == "crop"
+    assert settings["crop"]["crop"]["crop_layer"] == settings["blink"]["blink"]["layers"][1]  # the middle one
     for kind in ("interp", "blink"):
         assert settings[kind]["blink"]["tau_exp"] == DEMO.tau_exp
         assert settings[kind]["blink"]["tau_drop"] == DEMO.tau_drop
@@ -85,14 +87,19 @@ def test_demo_paired_comparison_counts_the_saved_answers(demo_run):
         right[mode] = {r["question_id"]: (not said_no(r["prediction"])) == (labels[r["question_id"]] == "yes")
                        for r in rows}
     paired = results["paired"]
-    assert paired["reference"] == "vanilla" and list(paired["modes"]) == ["interp", "blink"]
-    for mode, c in paired["modes"].items():
-        assert c["units"] == 18
-        assert c["only_this"] == sum(right[mode][q] and not right["vanilla"][q] for q in right[mode])
-        assert c["only_reference"] == sum(right["vanilla"][q] and not right[mode][q] for q in right[mode])
-        assert c["difference"] == pytest.approx((c["only_this"] - c["only_reference"]) / 18)
+    assert paired["reference"] == "vanilla" and list(paired["modes"]) == ["crop", "interp", "blink"]
+    [vs_crop] = paired["also"]
+    assert vs_crop["reference"] == "crop" and list(vs_crop["modes"]) == ["vanilla", "interp", "blink"]
+    for comparison in (paired, vs_crop):
+        ref = comparison["reference"]
+        for mode, c in comparison["modes"].items():
+            assert c["units"] == 18
+            assert c["only_this"] == sum(right[mode][q] and not right[ref][q] for q in right[mode])
+            assert c["only_reference"] == sum(right[ref][q] and not right[mode][q] for q in right[mode])
+            assert c["difference"] == pytest.approx((c["only_this"] - c["only_reference"]) / 18)
     text = (out / "results.md").read_text()
     assert "## Paired comparison against Vanilla" in text
+    assert "## Paired comparison against Crop" in text
     assert "POPE: F1 x 100, averaged over the random, popular and adversarial splits" in text  # the headline, said
 
 

@@ -62,3 +62,24 @@ def test_against_first_prefers_vanilla_then_the_first_mode_with_correctness():
     no_vanilla = paired.against_first({"judge_only": None, "interp": {"q1": True}, "blink": {"q1": False}})
     assert no_vanilla["reference"] == "interp" and list(no_vanilla["modes"]) == ["blink"]
     assert paired.against_first({"vanilla": {"q1": True}}) == {}
+
+
+def test_the_crop_baseline_is_a_second_reference_and_results_md_draws_both_tables():
+    from eval.harness.results import paired_lines
+
+    correct = {"vanilla": {"q1": True, "q2": False, "q3": False}, "crop": {"q1": True, "q2": True, "q3": True},
+               "blink": {"q1": False, "q2": True, "q3": False}}
+    out = paired.against_first(correct)
+    assert out["reference"] == "vanilla" and list(out["modes"]) == ["crop", "blink"]
+    [vs_crop] = out["also"]
+    assert vs_crop["reference"] == "crop" and list(vs_crop["modes"]) == ["vanilla", "blink"]
+    # blink vs crop by hand: q1 crop only, q2 both, q3 crop only -> 0 wins, 2 losses, difference -2/3
+    b = vs_crop["modes"]["blink"]
+    assert (b["only_this"], b["only_reference"], b["both_right"], b["both_wrong"]) == (0, 2, 1, 0)
+    assert b["difference"] == pytest.approx(-2 / 3) and b["mcnemar_p"] == pytest.approx(0.5)
+    assert "also" not in paired.against_first({"vanilla": {"q1": True}, "blink": {"q1": True}})
+    labels = {"vanilla": {"label": "Vanilla"}, "crop": {"label": "Crop (two passes)"}, "blink": {"label": "Blink"}}
+    lines = paired_lines({"modes": labels, "paired": out})
+    titles = [l for l in lines if l.startswith("## ")]
+    assert titles == ["## Paired comparison against Vanilla", "## Paired comparison against Crop (two passes)"]
+    assert "| Blink | 3 | 0 | 2 | -66.67 |" in "\n".join(lines)

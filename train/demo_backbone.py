@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="per stage (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="(default %(default)s)")
     g.add_argument("--p-zoom", type=float, default=t.p_zoom,
-                   help="share of training images that are zoomed crops of a region (default %(default)s)")
+                   help="share of training images that are crops of the original around a region, zoomed "
+                        "(default %(default)s)")
+    g.add_argument("--p-teacher", type=float, default=t.p_teacher,
+                   help="share of training images that are regions of the downsampled scene upsampled, as "
+                        "TokenSR's teacher sees them (default %(default)s)")
     g.add_argument("--eval-every", type=int, default=t.eval_every, help="validation every N steps (default %(default)s)")
     g.add_argument("--val-images", type=int, default=t.val_images,
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     import ml_dtypes
     import numpy as np
 
-    from train.demo import backbone, shapes
+    from demo import shapes
+    from train.demo import backbone
 
     if args.image_size % 14:
         print(f"--image-size {args.image_size} is not a multiple of the 14 px patch", file=sys.stderr)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         ground_background=args.ground_background,
         ground_layers=tuple(int(x) for x in args.ground_layers.split(",") if x.strip()), steps=args.steps, batch_size=args.batch_size,
         questions_per_image=args.questions_per_image, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, seed=args.seed,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher, seed=args.seed,
         eval_every=args.eval_every, val_images=args.val_images, log_every=args.log_every)
     out = Path(args.out)
     log_path = out.parent / f"{out.name}.log.jsonl"
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         info["pope_data"] = {"dir": args.pope_out, "images": args.pope_images, "seed": args.pope_seed,
                              "questions": shapes.write_pope(args.pope_out, args.pope_images, args.pope_seed)}
         info["pope_vanilla"] = backbone.evaluate_pope(result.model, args.pope_out)
+        info["pope_zoom"] = backbone.evaluate_zoom(result.model, args.pope_out)
     dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[args.dtype]
     files = {"train_log.jsonl": log_path.read_text(), "demo_backbone.json": json.dumps(info, indent=1) + "\n"}
     backbone.save_hf(result.model, model_cfg, out, dtype=dtype, extra_files=files)
@@ -128,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if "pope_vanilla" in info:
         for split, m in info["pope_vanilla"]["splits"].items():
             print(f"  POPE {split:12s} accuracy {m['accuracy']:.3f}  f1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.3f}")
+        zoom = info["pope_zoom"]
+        for bucket in ("tiny", "small", "sub_patch", "medium", "large"):
+            full, crop = zoom["full"].get(f"full/acc_{bucket}"), zoom["zoom"].get(f"zoom/acc_{bucket}")
+            if full is not None:
+                print(f"  {bucket:9s} questions: full scene {full:.3f}, zoomed crop of the right region {crop:.3f} "
+                      f"({100 * (crop - full):+.1f} points)")
     return 0
 
 

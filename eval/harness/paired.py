@@ -76,14 +76,27 @@ def compare(mode: Mapping[str, bool], reference: Mapping[str, bool], *, seed: in
     }
 
 
+def against(correct_by_mode: Mapping[str, Mapping[str, bool] | None], reference: str, *, seed: int = 0) -> dict:
+    """Each other mode against `reference` (modes whose benchmark has no per-unit correctness are skipped);
+    {} when `reference` is not among them or nothing else is."""
+    names = [n for n, c in correct_by_mode.items() if c is not None]
+    if reference not in names or len(names) < 2:
+        return {}
+    return {"reference": reference,
+            "modes": {n: compare(correct_by_mode[n], correct_by_mode[reference], seed=seed)
+                      for n in names if n != reference}}
+
+
 def against_first(correct_by_mode: Mapping[str, Mapping[str, bool] | None], *, seed: int = 0,
-                  prefer: str = "vanilla") -> dict:
-    """Each other mode against `prefer` (vanilla) when it is there, else against the first mode (modes whose
-    benchmark has no per-unit correctness are skipped)."""
+                  prefer: str = "vanilla", also: tuple[str, ...] = ("crop",)) -> dict:
+    """Each other mode against `prefer` (vanilla) when it is there, else against the first mode; then, under
+    "also", against each mode of `also` the run has (the crop baseline: what Blink claims to replace)."""
     names = [n for n, c in correct_by_mode.items() if c is not None]
     if len(names) < 2:
         return {}
     reference = prefer if prefer in names else names[0]
-    return {"reference": reference,
-            "modes": {n: compare(correct_by_mode[n], correct_by_mode[reference], seed=seed)
-                      for n in names if n != reference}}
+    doc = against(correct_by_mode, reference, seed=seed)
+    more = [against(correct_by_mode, r, seed=seed) for r in also if r != reference and r in names]
+    if more:
+        doc["also"] = more
+    return doc

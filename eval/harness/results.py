@@ -259,11 +259,16 @@ def cost_lines(doc: Mapping) -> list[str]:
 
 
 def paired_lines(doc: Mapping) -> list[str]:
-    """The paired comparison of each mode against the reference mode (`eval.harness.paired`), as a table."""
+    """The paired comparisons of each mode against the reference mode, then against each mode under "also"
+    (`eval.harness.paired`), a table each."""
     paired = doc.get("paired") or {}
-    if not paired.get("modes"):
-        return []
-    modes = doc["modes"]
+    lines = []
+    for comparison in ([paired] if paired.get("modes") else []) + list(paired.get("also", [])):
+        lines += _paired_table(doc["modes"], comparison)
+    return lines
+
+
+def _paired_table(modes: Mapping, paired: Mapping) -> list[str]:
     ref = modes[paired["reference"]]["label"]
     lines = ["", f"## Paired comparison against {ref}", "",
              f"Same questions, scored per unit; only the units one mode gets right and the other wrong tell them "

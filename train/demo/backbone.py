@@ -126,7 +126,8 @@ class TrainSettings:
     warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
-    p_zoom: float = 0.4
+    p_zoom: float = 0.45  # crops of the original (shapes.CROP_GEOMETRIES)
+    p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128
@@ -391,15 +392,17 @@ def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_s
     return batch
 
 
-def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float):
-    return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom).resized(image_size) for i in indices]
+def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float,
+           p_teacher: float = 0.0):
+    return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom, p_teacher=p_teacher).resized(image_size)
+            for i in indices]
 
 
 def vision_batch(step: int, settings: TrainSettings, cfg: LlavaConfig) -> dict[str, np.ndarray]:
     """Stage-1 batch `step`: images of the training stream from 10^8 on, so stage 2 never sees them again."""
     b = settings.vision_batch_size
     views = _views(settings, shapes.TRAIN, range(10**8 + step * b, 10**8 + (step + 1) * b), cfg.vision.image_size,
-                   settings.p_zoom)
+                   settings.p_zoom, settings.p_teacher)
     return view_rows(views, None, cfg.vision.image_size, cfg.vision.grid)
 
 
@@ -407,7 +410,7 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
     """Stage-2 batch `step`: images step*B .. step*B + B - 1 of the training stream, a function of the seed."""
     b = settings.batch_size
     indices = range(step * b, (step + 1) * b)
-    views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom)
+    views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
                                          settings.questions_per_image) for i, v in zip(indices, views)]
     return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
@@ -729,3 +732,58 @@ def evaluate_pope(model: LlavaModel, data_dir: str | os.PathLike, *, batch_size:
         all_buckets += buckets
     out["buckets"]["all"] = accuracy_by_bucket(np.asarray(all_correct), np.asarray(all_buckets), prefix="all")
     return out
+
+
+def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
+                  batch_size: int = 32) -> dict:
+    """Does zooming help this backbone, and is it the pixels or the magnification? Every distinct POPE question
+    (image, class) answered from
+      full       the full scene;
+      zoom       the crop of the right region (`shapes.crop_view`: the r x r region holding the object asked
+                 about, or for an absent class the look-alike `shapes.question_bucket` names, grown by
+                 `context`, cut from the original), as the crop mode's pass 2 sees it with crop_input="crop";
+      upsampled  the same box cut from the model's input instead (`shapes.upsampled_view`): magnified, no new
+                 pixels;
+      teacher    the region alone upsampled from the model's input, as TokenSR's teacher sees it (BLINK.md §5).
+    -> {view: accuracy per size bucket}; questions with no object to zoom on ("none") are left out."""
+    from PIL import Image
+
+    data_dir = Path(data_dir)
+    scenes = shapes.read_annotations(data_dir)
+    labels: dict[tuple[str, str], bool] = {}
+    for split in shapes.SPLITS:
+        for line in open(data_dir / f"coco_pope_{split}.json"):
+            r = json.loads(line)
+            labels[(r["image"], _class_of(r["text"]))] = r["label"] == "yes"
+    cfg = model.config
+    layout = PackedLayout.build(build_tokenizer(), cfg, 1)
+    graphdef, state = nnx.split(model)
+    answer = answer_fn(graphdef, layout)
+    no_id = layout.answer_ids[1]
+    items, buckets = [], []
+    for (image, name), label in sorted(labels.items()):
+        objects = scenes[image].objects
+        bucket = shapes.question_bucket([(o.name, o.size) for o in objects], name)
+        if bucket == "none":
+            continue
+        same = [o for o in objects if o.name == name]
+        target = max(same, key=lambda o: o.size) if same else min(
+            (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
+        items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
+        buckets.append(bucket)
+    correct = {"full": [], "zoom": [], "upsampled": [], "teacher": []}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        originals = [Image.open(data_dir / "val2014" / image).convert("RGB") for image, *_ in chunk]
+        zoomed = [shapes.crop_view(scenes[c[0]], c[3], region_size, context, img) for c, img in zip(chunk, originals)]
+        views = {"full": [shapes.full_view(scenes[c[0]], img) for c, img in zip(chunk, originals)], "zoom": zoomed,
+                 "upsampled": [shapes.upsampled_view(scenes[c[0]], z.box, img) for c, z, img in zip(chunk, zoomed, originals)],
+                 "teacher": [shapes.teacher_view(scenes[c[0]], c[3], region_size, img) for c, img in zip(chunk, originals)]}
+        ids = layout.pack([[(*name.split(), label)] for _, name, label, _ in chunk])["input_ids"]
+        for kind, vs in views.items():
+            pixels = np.stack([preprocess_image(v.resized(cfg.vision.image_size).image,
+                                                image_size=cfg.vision.image_size) for v in vs])
+            said_yes = np.asarray(answer(state, ids, pixels))[:, 0] != no_id
+            correct[kind] += [bool(y) == c[2] for y, c in zip(said_yes, chunk)]
+    buckets = np.asarray(buckets)
+    return {kind: accuracy_by_bucket(np.asarray(c), buckets, prefix=kind) for kind, c in correct.items()}

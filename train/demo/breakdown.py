@@ -1,5 +1,6 @@
-"""Where Blink helps or hurts on the demo: an eval.run output on the shapes POPE set, broken down per mode by the
-size of the object each question is about, by the answer, and by what Blink did (from `--save-traces`).
+"""Where Blink and the crop baseline help or hurt on the demo: an eval.run output on the shapes POPE set, broken
+down per mode by the size of the object each question is about, by the answer, by what Blink did at each layer,
+and by whether the crop held the object asked about (from the samples' trace summaries).
 
     python -m train.demo.breakdown --run eval_out/pope_demo [--data-dir demo/data/pope]
 
@@ -26,7 +27,10 @@ def _said_yes(prediction: str | None) -> bool:
 
 
 def breakdown(run: Path, data_dir: Path) -> dict:
-    """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": ..., "expanded": (n_expanded_any, n)}}"""
+    """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": ..., "expanded": (n_expanded_any, n),
+    "expanded_at": {layer: (n_expand, n)}, "crop_hit": (n "yes" questions whose crop holds the object, n),
+    "sr_hit": (n "yes" questions Blink expanded whose expanded region holds the object, n)}}; sr_hit needs
+    the run's traces_pope_<mode>.jsonl (--save-traces)."""
     scenes = shapes.read_annotations(data_dir)
     rows = {}
     for split in shapes.SPLITS:
@@ -37,7 +41,14 @@ def breakdown(run: Path, data_dir: Path) -> dict:
     for samples in sorted(run.glob("samples_pope_*.jsonl")):
         mode = samples.stem.removeprefix("samples_pope_")
         by_bucket, by_label = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
-        expanded = [0, 0]
+        expanded, expanded_at, crop_hit, sr_hit = [0, 0], collections.defaultdict(lambda: [0, 0]), [0, 0], [0, 0]
+        traces = run / f"traces_pope_{mode}.jsonl"
+        regions = {}  # question id -> (expanded regions, region size)
+        if traces.exists():
+            for line in open(traces):
+                t = json.loads(line)
+                if "expanded_region" in t:
+                    regions[t["question_id"]] = ({x for x in t["expanded_region"] if x >= 0}, t["region_size"])
         for line in open(samples):
             s = json.loads(line)
             if s["error"] is not None or s["question_id"] not in rows:
@@ -49,15 +60,32 @@ def breakdown(run: Path, data_dir: Path) -> dict:
             for table, key in ((by_bucket, bucket), (by_label, r["label"])):
                 table[key][0] += correct
                 table[key][1] += 1
-            if s.get("trace"):
-                expanded[0] += s["trace"]["expansions"] > 0
+            trace = s.get("trace") or {}
+            if "actions" in trace:
+                expanded[0] += trace["expansions"] > 0
                 expanded[1] += 1
-        out[mode] = {"by_bucket": dict(by_bucket), "by_label": dict(by_label), "expanded": expanded}
+                for layer, action in zip(trace["layers"], trace["actions"]):
+                    expanded_at[layer][0] += action == "expand"
+                    expanded_at[layer][1] += 1
+            if s["question_id"] in regions and r["label"] == "yes" and regions[s["question_id"]][0]:
+                expanded_regions, size = regions[s["question_id"]]
+                scene = scenes[r["image"]]
+                sr_hit[0] += any(o.name == name and shapes.region_of(o.cx, o.cy, size, scene.size) in expanded_regions
+                                 for o in scene.objects)
+                sr_hit[1] += 1
+            if "box" in trace and r["label"] == "yes":
+                left, top, right, bottom = trace["box"]
+                crop_hit[0] += any(o.name == name and left <= o.cx < right and top <= o.cy < bottom
+                                   for o in scenes[r["image"]].objects)
+                crop_hit[1] += 1
+        out[mode] = {"by_bucket": dict(by_bucket), "by_label": dict(by_label), "expanded": expanded,
+                     "expanded_at": dict(expanded_at), "crop_hit": crop_hit, "sr_hit": sr_hit}
     return out
 
 
 def markdown(result: dict) -> str:
-    modes = sorted(result, key=lambda m: (["vanilla", "interp", "blink"] + [m]).index(m))
+    order = ["vanilla", "crop", "interp", "blink"]
+    modes = sorted(result, key=lambda m: (order.index(m) if m in order else len(order), m))
     lines = ["| questions about | n | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     keys = [("bucket", b) for b in BUCKETS] + [("label", "yes"), ("label", "no")]
     for kind, key in keys:
@@ -69,9 +97,18 @@ def markdown(result: dict) -> str:
         if key == "none":
             label = "no look-alike in view"
         lines.append(f"| {label} | {n} | " + " | ".join(f"{c[0] / c[1]:.3f}" if c else "-" for c in cells) + " |")
-    exp = [result[m]["expanded"] for m in modes]
-    lines.append("| expanded at least once | | " + " | ".join(
-        f"{e[0] / e[1]:.1%}" if e[1] else "-" for e in exp) + " |")
+    share = lambda c: f"{c[0] / c[1]:.1%}" if c and c[1] else "-"
+    lines.append("| expanded at least once | | " + " | ".join(share(result[m]["expanded"]) for m in modes) + " |")
+    layers = sorted({layer for m in modes for layer in result[m].get("expanded_at", {})})
+    for layer in layers:
+        lines.append(f"| expanded at layer {layer} | | "
+                     + " | ".join(share(result[m]["expanded_at"].get(layer)) for m in modes) + " |")
+    if any(result[m].get("sr_hit", [0, 0])[1] for m in modes):
+        lines.append('| expanded region holds the object ("yes" questions it expanded on) | | '
+                     + " | ".join(share(result[m].get("sr_hit")) for m in modes) + " |")
+    if any(result[m].get("crop_hit", [0, 0])[1] for m in modes):
+        lines.append('| crop holds the object ("yes" questions) | | '
+                     + " | ".join(share(result[m].get("crop_hit")) for m in modes) + " |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ runs, the metrics go to OUT.log.jsonl beside --out. Optionally writes the POPE-f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys

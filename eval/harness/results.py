@@ -271,8 +271,8 @@ def paired_lines(doc: Mapping) -> list[str]:
 def _paired_table(modes: Mapping, paired: Mapping) -> list[str]:
     ref = modes[paired["reference"]]["label"]
     lines = ["", f"## Paired comparison against {ref}", "",
-             f"Same questions, scored per unit; only the units one mode gets right and the other wrong tell them "
-             f"apart. 95% interval: bootstrap over units; p: McNemar's exact test.", "",
+             "Same questions, scored per unit; only the units one mode gets right and the other wrong tell them "
+             "apart. 95% interval: bootstrap over units; p: McNemar's exact test.", "",
              f"| mode | units | right only here | right only in {ref} | accuracy difference (points) | 95% interval "
              f"| McNemar p |", "|---|---|---|---|---|---|---|"]
     for name, c in paired["modes"].items():

@@ -11,14 +11,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax import sharding
-from blink_jax.families import QWEN2_5_VL, family_of, model_type
+from blink_jax.families import QWEN2_5_VL, family_of
 from blink_jax.hub import resolve_model_dir
 from blink_jax.model.qwen2_5_vl.runtime import Qwen
 from blink_jax.runtime import Llava
 from blink_jax.weights import hf_reader, orbax_io
 from blink_jax.weights.params import abstract_model, check_finite, model_from_params, np_dtype
-
-__all__ = ["load_pretrained", "load_model", "inference_mesh", "model_type"]
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,

@@ -7,8 +7,8 @@ Keys may be in any layout the family accepts (LLaVA: the three of BLINK.md §1);
 map's layout by `family.canonical_key`.
 
 Everything is checked from file headers before any tensor data is read (`plan`): the key set against
-`family.build_mapping(cfg)`, every shape against the model's parameter shapes (through the inverse transform, i.e. in
-torch's layout) and that every tensor is floating point. One `CheckpointError` lists every problem.
+`family.build_mapping(cfg)`, every shape against the model's parameter shapes (through the inverse transform, i.e.
+in torch's layout) and that every tensor is floating point. One `CheckpointError` lists every problem.
 
 Keys that are not parameters and are ignored, as transformers ignores them (`Family.ignored`):
 - buffers that older transformers versions saved (`*.position_ids`, `*.rotary_emb.inv_freq`, ...);

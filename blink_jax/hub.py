@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# What a LLaVA checkpoint needs from a Hub repository: config, tokenizer (tokenizer.model, merges.txt, chat
-# templates) and safetensors weights with their index. Torch pickles are fetched only for a repository
+# What a LLaVA or Qwen2.5-VL checkpoint needs from a Hub repository: config, tokenizer (tokenizer.model,
+# merges.txt, chat templates) and safetensors weights with their index. Torch pickles are fetched only for a repository
 # without safetensors: many repositories hold both, and the pickles would double a multi-GB download.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 TORCH_FILES = ("pytorch_model*.bin",)
@@ -50,9 +50,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         raise ModelNotFoundError(f"model {name!r} is a file, not a model directory: give the directory that holds "
                                  f"config.json, or a Hugging Face Hub id such as {EXAMPLE_ID}")
     if not is_hub_id(name):
-        raise ModelNotFoundError(f"model directory {name!r} does not exist: give a Hugging Face LLaVA directory, "
-                                 f"one written by `python -m checkpoints_conversion.hf_to_orbax`, or a Hub id such "
-                                 f"as {EXAMPLE_ID}")
+        raise ModelNotFoundError(f"model directory {name!r} does not exist: give a Hugging Face LLaVA or "
+                                 f"Qwen2.5-VL directory, one written by `python -m "
+                                 f"checkpoints_conversion.hf_to_orbax`, or a Hub id such as {EXAMPLE_ID}")
     return _snapshot(name, revision)
 
 
@@ -75,5 +75,5 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
                if offline else "check the id and the network, and for a gated or private repository log in "
                "(`hf auth login`) or set HF_TOKEN")
         raise ModelNotFoundError(f"model {repo_id!r}{at} is neither a local directory nor a Hugging Face Hub model "
-                                 f"found in {where} ({type(e).__name__}): give a LLaVA directory, or {fix}") from None
+                                 f"found in {where} ({type(e).__name__}): give a model directory, or {fix}") from None
     return folder

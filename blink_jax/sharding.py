@@ -62,6 +62,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("channels", "tensor"),  # TokenSR bottleneck C
     ("channels_in", None),
+    # Qwen2.5-VL's vision attention fuses q|k|v (and its heads) on one axis: a tensor split would cut across the
+    # q/k/v boundary and reshard at the reshape into heads, so it stays whole (fsdp splits the embed axis).
+    ("fused_heads", None),
     ("head_dim", None),
     ("norm", None),
     ("conv", None),
@@ -71,7 +74,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("hidden", None),
 )
 
-# Parameter path (dot-joined) -> logical axes, first match wins. Covers LlavaModel and TokenSRBank;
+# Parameter path (dot-joined) -> logical axes, first match wins. Covers LlavaModel, Qwen25VLModel and TokenSRBank;
 # an unmatched parameter is an error so that a new parameter never silently lands replicated.
 PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"embed_tokens\.embedding$", ("vocab", "embed")),
@@ -93,7 +96,18 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"patch_embedding\.kernel$", ("conv", "conv", "conv", "embed")),
     (r"class_embedding$", ("norm",)),
     (r"position_embedding\.embedding$", ("positions", "embed")),
-    (r"(norm|layrnorm|layer_norm\d?)\.(scale|bias)$", ("norm",)),
+    # Qwen2.5-VL's vision tower: the patch embedding as a linear map of the flattened patch, fused attention,
+    # the 2x2 patch merger (MLP on 4 concatenated patches -> the LLM's width)
+    (r"visual\.patch_embed\.kernel$", ("conv", "embed")),
+    (r"attn\.qkv\.kernel$", ("embed", "fused_heads")),
+    (r"attn\.qkv\.bias$", ("fused_heads",)),
+    (r"attn\.proj\.kernel$", ("fused_heads", "embed")),
+    (r"attn\.proj\.bias$", ("norm",)),
+    (r"merger\.fc1\.kernel$", ("embed", "mlp")),
+    (r"merger\.fc1\.bias$", ("mlp",)),
+    (r"merger\.fc2\.kernel$", ("mlp", "embed")),
+    (r"merger\.fc2\.bias$", ("norm",)),
+    (r"(norm\d?|layrnorm|layer_norm\d?|ln_q)\.(scale|bias)$", ("norm",)),
     # TokenSR: conv kernels are HWIO
     (r"conv1\.kernel$", ("conv", "conv", "embed", "channels")),
     (r"conv2\.kernel$", ("conv", "conv", "channels_in", "channels")),

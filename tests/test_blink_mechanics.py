@@ -467,3 +467,63 @@ def test_parse_layers():
             parse_layers(bad)
     with pytest.raises(ConfigError, match="names no layer"):
         parse_layers(" , ")
+
+
+# --------------------------------------------------------------------------------- per-size defaults
+
+
+def _qwen_hub_config(hidden, layers, heads, kv_heads, intermediate, vocab, tied):
+    """A Qwen2.5-VL config as the hub's config.json gives it (the fields that differ between sizes)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
+
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    hf = Qwen2_5_VLConfig(text_config=text, vision_config=dict(out_hidden_size=hidden), tie_word_embeddings=tied)
+    return Qwen25VLConfig.from_hf_config(hf)
+
+
+def test_per_size_blink_defaults():
+    """Qwen2.5-VL-3B / -7B get a contiguous quarter of their decoder (BLINK.md §10) centred where LLaVA-7B's
+    12-18 of 32 sits, and r = 6, which divides every grid bucket of that region size; LLaVA-7B gets the paper's."""
+    from blink_jax.config import LlavaConfig
+    from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
+    from blink_jax.model.qwen2_5_vl.processing import ImageProcessorConfig, grid_buckets
+
+    llava = BlinkConfig.for_model(LlavaConfig.llava_1_5_7b())
+    assert (llava.layers, llava.region_size) == (tuple(range(12, 19)), 6) == (BlinkConfig().layers, 6)
+    llava_centre = (12 + 18 + 1) / 2 / 32
+    sizes = {"3b": (_qwen_hub_config(2048, 36, 16, 2, 11008, 151936, True), Qwen25VLConfig.qwen2_5_vl_3b(),
+                    tuple(range(13, 22))),
+             "7b": (_qwen_hub_config(3584, 28, 28, 4, 18944, 152064, False), Qwen25VLConfig.qwen2_5_vl_7b(),
+                    tuple(range(10, 17)))}
+    max_pixels = ImageProcessorConfig().max_pixels
+    for name, (hub, preset_cfg, expected) in sizes.items():
+        assert hub.text == preset_cfg.text, name  # the classmethod per size is the hub's model
+        cfg = BlinkConfig.for_model(hub)
+        n = hub.text.num_hidden_layers
+        assert cfg.layers == expected, name
+        assert cfg.layers == tuple(range(cfg.layers[0], cfg.layers[-1] + 1)) and len(cfg.layers) == n // 4, name
+        assert abs((cfg.layers[0] + cfg.layers[-1] + 1) / 2 / n - llava_centre) < 0.5 / n, name
+        assert cfg.region_size == 6 and cfg.tau_exp == BlinkConfig().tau_exp
+        buckets = grid_buckets(max_pixels, 28, multiple=cfg.region_size)
+        assert len(buckets) >= 3
+        for grid in buckets:
+            cfg.validate_for(n, grid)
+    overridden = BlinkConfig.for_model(sizes["7b"][0], tau_exp=0.4, region_size=3)
+    assert (overridden.layers, overridden.region_size, overridden.tau_exp) == (tuple(range(10, 17)), 3, 0.4)
+
+
+def test_unknown_size_needs_explicit_layers_and_region():
+    from blink_jax.config import LlavaConfig
+
+    big = LlavaConfig.llava_1_5_13b()
+    with pytest.raises(ConfigError, match=r"40 layers x 5120 wide \(known: llava-1\.5-7b \(32 layers x 4096\), "
+                                          r"qwen2\.5-vl-7b .*give layers= and region_size="):
+        BlinkConfig.for_model(big)
+    with pytest.raises(ConfigError, match="give layers= and region_size="):
+        BlinkConfig.for_model(big, layers=(20, 21))
+    cfg = BlinkConfig.for_model(big, layers=(16, 17, 18, 19, 20, 21, 22), region_size=4)
+    assert (cfg.layers, cfg.region_size) == ((16, 17, 18, 19, 20, 21, 22), 4)

@@ -1,5 +1,6 @@
 """`blink_jax.load_pretrained(..., mesh=...)`: every parameter born sharded as the rules table says, from an HF
-directory and from a converted one, holding exactly the values of the unsharded load, with equal logits.
+directory and from a converted one, holding exactly the values of the unsharded load, with equal logits; for
+LLaVA and for Qwen2.5-VL (whose Blink prefill on the mesh is compared too).
 
 8 simulated CPU devices need XLA_FLAGS set before JAX starts, so the sharded loads run in a subprocess (this file,
 run as a script); the unsharded loads they are compared with run here, on one device.
@@ -16,12 +17,23 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("hf", "converted", "qwen_hf", "qwen_converted")
 # Tiny model with MLP widths that the tensor axis divides (64) and one that it does not (45): both rules show.
 OVERRIDES = dict(text_intermediate_size=64, vision_intermediate_size=45)
 MESHES = {"cpu_8": "cpu_8", "tp": "fsdp:4,tensor:2"}
-# (mesh, source, dtype) loads compared; sources are the HF directory and a bfloat16 converted directory.
+# (mesh, source, dtype) loads compared; sources are the HF directory and a bfloat16 converted directory, and a
+# tiny Qwen2.5-VL's HF directory and float32 converted directory (logits of float32 loads only: each compiles).
 LOADS = (("cpu_8", "hf", "float32"), ("tp", "hf", "float32"), ("tp", "converted", "float32"),
-         ("tp", "hf", "bfloat16"), ("cpu_8", "converted", "bfloat16"))
+         ("tp", "hf", "bfloat16"), ("cpu_8", "converted", "bfloat16"),
+         ("tp", "qwen_hf", "float32"), ("cpu_8", "qwen_converted", "bfloat16"))
+# Tiny Qwen2.5-VL (`test_qwen2_5_vl.make_hf_model`'s form): widths the fsdp axis divides, a vision MLP (45) and
+# heads (2, 64 wide) that the tensor axis must leave whole or may split.
+QWEN_SPEC = dict(
+    text=dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              rope_parameters={"rope_type": "default", "rope_theta": 500.0, "mrope_section": [2, 3, 3]}),
+    vision=dict(depth=2, hidden_size=32, intermediate_size=45, num_heads=2, out_hidden_size=64, window_size=56,
+                fullatt_block_indexes=[1]),
+    top=dict(tie_word_embeddings=False))
 
 # Hand-written from the rules (embed -> fsdp; heads, mlp, vocab -> tensor; a dim the axes do not divide stays
 # whole). Tiny shapes: text D=48, 6 heads x 8 (3 kv heads), MLP 64, vocab 96; vision D=40, 5 heads, MLP 45.
@@ -39,20 +51,48 @@ EXPECTED_SPECS = {
         "vision_tower.encoder.layers.0.self_attn.q_proj.kernel": ("fsdp", None, None),  # [40, 5, 8]
         "vision_tower.embeddings.patch_embedding.kernel": (None, None, None, "fsdp"),  # [14, 14, 3, 40]
         "multi_modal_projector.linear_1.kernel": ("fsdp", "tensor"),  # [40, 48]
+        # Qwen2.5-VL: text D=64, 4 heads x 16 (2 kv heads), MLP 48, vocab 46; vision D=32, MLP 45, merger 128
+        "qwen/language_model.embed_tokens.embedding": ("tensor", "fsdp"),  # [46, 64]
+        "qwen/language_model.lm_head.kernel": ("fsdp", "tensor"),  # [64, 46]
+        "qwen/language_model.layers.1.self_attn.q_proj.kernel": ("fsdp", "tensor", None),  # [64, 4, 16]
+        "qwen/language_model.layers.1.self_attn.k_proj.kernel": ("fsdp", "tensor", None),  # [64, 2, 16]
+        "qwen/language_model.layers.1.self_attn.k_proj.bias": ("tensor", None),  # [2, 16]
+        "qwen/language_model.layers.1.self_attn.o_proj.kernel": ("tensor", None, "fsdp"),  # [4, 16, 64]
+        "qwen/language_model.layers.0.mlp.up_proj.kernel": ("fsdp", "tensor"),  # [64, 48]
+        "qwen/visual.patch_embed.kernel": (None, "fsdp"),  # [1176, 32]
+        "qwen/visual.blocks.0.attn.qkv.kernel": ("fsdp", None),  # [32, 96]: q|k|v fused, kept whole
+        "qwen/visual.blocks.0.attn.proj.kernel": (None, "fsdp"),  # [32, 32]
+        "qwen/visual.blocks.1.mlp.gate_proj.kernel": ("fsdp", None),  # [32, 45]: 45 stays whole
+        "qwen/visual.blocks.1.norm1.scale": (None,),
+        "qwen/visual.merger.ln_q.scale": (None,),
+        "qwen/visual.merger.fc1.kernel": ("fsdp", "tensor"),  # [128, 128]
+        "qwen/visual.merger.fc2.kernel": ("tensor", "fsdp"),  # [128, 64]
     },
     "cpu_8": {  # data:2, fsdp:4: parameters split over fsdp only, replicated over data
         "language_model.embed_tokens.embedding": (None, "fsdp"),
         "language_model.layers.1.self_attn.q_proj.kernel": ("fsdp", None, None),
         "language_model.layers.1.mlp.down_proj.kernel": (None, "fsdp"),
         "vision_tower.embeddings.patch_embedding.kernel": (None, None, None, "fsdp"),
+        "qwen/language_model.layers.1.self_attn.k_proj.kernel": ("fsdp", None, None),
+        "qwen/visual.merger.fc2.kernel": (None, "fsdp"),
     },
 }
+# Blink on one Qwen load: every participating layer expands (tau_exp 0), regions of one merged cell.
+QWEN_BLINK = dict(layers=(0, 1), region_size=1, tau_exp=0.0, tau_drop=0.0)
+BLINK_LOAD = ("tp", "qwen_hf", "float32")
 
 
-def _inputs(cfg):
-    from checkpoints_conversion.hf_to_orbax import sample_inputs
+def _inputs(model_dir) -> dict:
+    from checkpoints_conversion.hf_to_orbax import sample_batch
 
-    return sample_inputs(cfg, batch=2, seed=3)
+    return sample_batch(model_dir, batch=2, seed=3)
+
+
+def _specs(mesh_name: str, source: str) -> dict:
+    """The expected placements of this source's model (Qwen's are named `qwen/...` in `EXPECTED_SPECS`)."""
+    qwen = source.startswith("qwen")
+    return {name.removeprefix("qwen/"): spec for name, spec in EXPECTED_SPECS[mesh_name].items()
+            if name.startswith("qwen/") == qwen}
 
 
 def _flat(llava) -> dict[str, object]:
@@ -72,6 +112,7 @@ def worker(dirs: dict[str, Path], out: Path) -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from blink_jax import load_pretrained, sharding
+    from blink_jax.blink import BlinkConfig
 
     assert jax.device_count() == 8, jax.devices()
     saved = {}
@@ -79,7 +120,7 @@ def worker(dirs: dict[str, Path], out: Path) -> None:
         mesh = sharding.make_mesh(MESHES[mesh_name])
         llava = load_pretrained(dirs[source], dtype=dtype, mesh=mesh)
         params = _flat(llava)
-        for name, spec in EXPECTED_SPECS[mesh_name].items():
+        for name, spec in _specs(mesh_name, source).items():
             x = params[name]
             want = NamedSharding(mesh, P(*spec))
             assert x.sharding.is_equivalent_to(want, x.ndim), (mesh_name, source, name, x.sharding, spec)
@@ -89,8 +130,10 @@ def worker(dirs: dict[str, Path], out: Path) -> None:
             assert x.dtype == np.dtype(dtype if dtype != "bfloat16" else jax.numpy.bfloat16), (name, x.dtype)
             saved[f"{mesh_name}/{source}/{dtype}/param/{name}"] = np.asarray(x.astype(np.float32))
         if dtype == "float32":
-            logits = llava(**dict(zip(("input_ids", "pixel_values", "attention_mask"), _inputs(llava.config))))
-            saved[f"{mesh_name}/{source}/{dtype}/logits"] = np.asarray(logits.logits)
+            saved[f"{mesh_name}/{source}/{dtype}/logits"] = np.asarray(llava(**_inputs(dirs[source])).logits)
+        if (mesh_name, source, dtype) == BLINK_LOAD:
+            out_blink = llava(**_inputs(dirs[source]), blink=BlinkConfig(**QWEN_BLINK))
+            saved[f"{mesh_name}/{source}/{dtype}/blink_logits"] = np.asarray(out_blink.logits)
     np.savez(out, **saved)
 
 
@@ -102,10 +145,15 @@ def dirs(tmp_path_factory):
     import tiny_llava as tl
     from checkpoints_conversion.hf_to_orbax import convert
 
+    from test_qwen2_5_vl import save_model_dir
+
     root = tmp_path_factory.mktemp("sharded")
     tl.save_hf_model(root / "hf", seed=5, **OVERRIDES)
     convert(root / "hf", root / "converted", "bfloat16", progress=False)
-    return {"hf": root / "hf", "converted": root / "converted"}
+    save_model_dir(root / "qwen_hf", "sharded", seed=6, spec=QWEN_SPEC)
+    convert(root / "qwen_hf", root / "qwen_converted", progress=False)
+    return {"hf": root / "hf", "converted": root / "converted", "qwen_hf": root / "qwen_hf",
+            "qwen_converted": root / "qwen_converted"}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +161,7 @@ def sharded(dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_out") / "loads.npz"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, str(dirs["hf"]), str(dirs["converted"]), str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, __file__, *(str(dirs[name]) for name in SOURCES), str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return dict(np.load(out))
@@ -131,9 +179,16 @@ def test_sharded_load_equals_unsharded(sharded, dirs, mesh_name, source, dtype):
     for name, value in params.items():  # the same bits: sharding moves values, never changes them
         np.testing.assert_array_equal(got[name], np.asarray(value.astype(np.float32)), err_msg=name)
     if dtype == "float32":
-        want = np.asarray(llava(**dict(zip(("input_ids", "pixel_values", "attention_mask"),
-                                           _inputs(llava.config)))).logits)
-        np.testing.assert_allclose(sharded[f"{prefix}/logits"], want, rtol=1e-5, atol=1e-5)
+        want = np.asarray(llava(**_inputs(dirs[source])).logits)
+        # Qwen's logits are larger (|x| ~ 3) and sharded matmuls sum in another order: 1e-4, the parity tolerance
+        atol = 1e-4 if source.startswith("qwen") else 1e-5
+        np.testing.assert_allclose(sharded[f"{prefix}/logits"], want, rtol=1e-5, atol=atol)
+    if (mesh_name, source, dtype) == BLINK_LOAD:
+        from blink_jax.blink import EXPAND, BlinkConfig
+
+        out = llava(**_inputs(dirs[source]), blink=BlinkConfig(**QWEN_BLINK))
+        assert (out.trace.action == EXPAND).any(), "Blink never expanded: the comparison would be vanilla's"
+        np.testing.assert_allclose(sharded[f"{prefix}/blink_logits"], np.asarray(out.logits), rtol=1e-5, atol=1e-4)
 
 
 def test_sharded_load_rejects_a_converted_dir_that_does_not_fit(dirs, tmp_path):
@@ -157,4 +212,4 @@ def test_sharded_load_rejects_a_converted_dir_that_does_not_fit(dirs, tmp_path):
 
 
 if __name__ == "__main__":
-    worker({"hf": Path(sys.argv[1]), "converted": Path(sys.argv[2])}, Path(sys.argv[3]))
+    worker({name: Path(arg) for name, arg in zip(SOURCES, sys.argv[1:-1])}, Path(sys.argv[-1]))

@@ -75,10 +75,11 @@ def make_tokenizer(out_dir):
     return fast
 
 
-def make_hf_model(name: str, seed: int = 0, weight_scale: float = 0.2):
+def make_hf_model(name: str, seed: int = 0, weight_scale: float = 0.2, spec: dict | None = None):
+    """A random transformers model of `CONFIGS[name]`, or of `spec` (same form) when given."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    spec = CONFIGS[name]
+    spec = CONFIGS[name] if spec is None else spec
     text = dict(spec["text"], vocab_size=len(VOCAB) + 5, rms_norm_eps=1e-6, max_position_embeddings=512,
                 bos_token_id=None, eos_token_id=VOCAB["<|im_end|>"], pad_token_id=VOCAB["<|endoftext|>"])
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(spec["vision"]), image_token_id=VOCAB["<|image_pad|>"],
@@ -98,10 +99,10 @@ def make_hf_model(name: str, seed: int = 0, weight_scale: float = 0.2):
     return model
 
 
-def save_model_dir(out_dir, name: str, seed: int):
+def save_model_dir(out_dir, name: str, seed: int, spec: dict | None = None):
     from transformers import Qwen2VLImageProcessor
 
-    model = make_hf_model(name, seed=seed)
+    model = make_hf_model(name, seed=seed, spec=spec)
     model.save_pretrained(str(out_dir))
     make_tokenizer(out_dir)
     Qwen2VLImageProcessor(**IMAGE_CFG).save_pretrained(str(out_dir))

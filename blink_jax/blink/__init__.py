@@ -3,7 +3,9 @@
 from blink_jax.blink.config import (
     ABLATIONS,
     HIGH_TAU_EXP,
+    PRESETS,
     BlinkConfig,
+    BlinkPreset,
     BlinkStatic,
     Thresholds,
 )
@@ -39,7 +41,7 @@ from blink_jax.blink.saliency import (
 from blink_jax.blink.tokensr import TokenSR, TokenSRBank, bilinear_upsample, check_geometry, check_state
 
 __all__ = [
-    "ABLATIONS", "HIGH_TAU_EXP", "BlinkConfig", "BlinkStatic", "Thresholds",
+    "ABLATIONS", "HIGH_TAU_EXP", "PRESETS", "BlinkConfig", "BlinkPreset", "BlinkStatic", "Thresholds",
     "CROP_INPUTS", "CropConfig", "CropResult", "crop_box", "crop_generate",
     "ACTION_NAMES", "DROP", "EXPAND", "KEEP", "NO_REGION", "NONE", "DTRState", "action_names", "decide",
     "gather_region", "gather_visual", "init_state", "random_regions", "region_box", "region_origin", "select_on_expand",

@@ -143,7 +143,8 @@ class _Derived:
 
 @dataclasses.dataclass(frozen=True)
 class BlinkConfig(_Derived):
-    """Blink's knobs (BLINK.md §2-4, §6). Defaults are the spec's; see `split()` for use under jit.
+    """Blink's knobs (BLINK.md §2-4, §6). Defaults are the spec's for LLaVA-1.5-7B (other backbone sizes:
+    `BlinkConfig.for_model`); see `split()` for use under jit.
 
     layers: participating layers of the language model (decisions taken from layer L act on L+1).
     region_size: r, regions are r x r visual tokens; r must divide the grid side G.
@@ -214,6 +215,23 @@ class BlinkConfig(_Derived):
     def split(self) -> tuple["BlinkStatic", Thresholds]:
         return self.static_part(), self.thresholds()
 
+    @classmethod
+    def for_model(cls, model_config, **overrides) -> "BlinkConfig":
+        """The default config of a backbone (`LlavaConfig`, `Qwen25VLConfig`: anything with `text.num_hidden_layers`
+        and `text.hidden_size`) from `PRESETS`, with `overrides` (any field) on top. A model of no known size needs
+        `layers` and `region_size` in `overrides`; otherwise it is a `ConfigError` naming the known sizes."""
+        text = model_config.text
+        size = (text.num_hidden_layers, text.hidden_size)
+        preset = next((p for p in PRESETS if (p.num_layers, p.hidden_size) == size), None)
+        if preset is None:
+            if not {"layers", "region_size"} <= overrides.keys():
+                known = ", ".join(f"{p.name} ({p.num_layers} layers x {p.hidden_size})" for p in PRESETS)
+                raise ConfigError(f"no default Blink config for a language model of {size[0]} layers x {size[1]} "
+                                  f"wide (known: {known}): give layers= and region_size= (--layers, --region-size) "
+                                  f"explicitly")
+            return cls(**overrides)
+        return cls(**{"layers": preset.layers, "region_size": preset.region_size, **overrides})
+
 
 THRESHOLD_FIELDS = Thresholds._fields  # the traced fields: BlinkConfig's, left out of BlinkStatic
 
@@ -239,6 +257,31 @@ BlinkStatic = dataclasses.make_dataclass(
                "__post_init__": _validate_static, "with_thresholds": _with_thresholds},
 )
 BlinkStatic.__module__ = __name__
+
+
+@dataclasses.dataclass(frozen=True)
+class BlinkPreset:
+    """A backbone size's default participating layers and region size, found by its language model's depth and
+    width (`BlinkConfig.for_model`)."""
+    name: str
+    num_layers: int
+    hidden_size: int
+    layers: tuple[int, ...]
+    region_size: int
+
+
+# Defaults per backbone size; everything else is BlinkConfig's default (tau_exp 0.30, tau_drop 0.15, s = 2).
+# - LLaVA-1.5-7B: the paper's, BlinkConfig's own defaults (layers 12-18 of 32, r = 6 on the 24 x 24 grid).
+# - Qwen2.5-VL (BLINK.md §10: "the middle quarter of the decoder", silent on which quarter and on r) (ours): a quarter
+#   of the depth, placed so that its centre sits at LLaVA-7B's relative depth ((15 + 0.5) / 32 = 0.484): 7B,
+#   28 layers: 10-16 (7 layers, centre 0.482); 3B, 36 layers: 13-21 (9 layers, centre 0.486). r = 6 as for LLaVA:
+#   36 merged tokens per region and (s r)^2 = 144 SR tokens per expansion, the paper's TokenSR geometry; the grid
+#   buckets are multiples of 6 (`grid_buckets(..., multiple=6)`). Calibrate the thresholds per model.
+PRESETS: tuple[BlinkPreset, ...] = (
+    BlinkPreset("llava-1.5-7b", 32, 4096, BlinkConfig().layers, BlinkConfig().region_size),
+    BlinkPreset("qwen2.5-vl-7b", 28, 3584, tuple(range(10, 17)), 6),
+    BlinkPreset("qwen2.5-vl-3b", 36, 2048, tuple(range(13, 22)), 6),
+)
 
 
 # Command-line flags of the BlinkConfig fields, for errors shown to a command's user.

@@ -1,18 +1,19 @@
-"""Find, validate and read the weights of a Hugging Face LLaVA directory, one tensor at a time.
+"""Find, validate and read the weights of a Hugging Face directory of any model family (`family.Family`: LLaVA,
+Qwen2.5-VL), one tensor at a time.
 
 Accepted weight files, in this order of preference: `model.safetensors.index.json` (sharded safetensors),
 `model.safetensors`, `pytorch_model.bin.index.json` (sharded torch pickles), `pytorch_model.bin`.
-Keys may be in any of the three layouts of BLINK.md §1; they are reduced to the hub layout by
-`param_mapping.canonical_key`.
+Keys may be in any layout the family accepts (LLaVA: the three of BLINK.md §1); they are reduced to its key
+map's layout by `family.canonical_key`.
 
 Everything is checked from file headers before any tensor data is read (`plan`): the key set against
-`build_mapping(cfg)`, every shape against `param_shapes(cfg)` (through the inverse transform, i.e. in
-torch's layout) and that every tensor is floating point. One `CheckpointError` lists every problem.
+`family.build_mapping(cfg)`, every shape against the model's parameter shapes (through the inverse transform, i.e.
+in torch's layout) and that every tensor is floating point. One `CheckpointError` lists every problem.
 
-Keys that are not parameters and are ignored, as transformers ignores them:
-- `*.position_ids`, `*.rotary_emb.inv_freq`: buffers that older transformers versions saved;
-- `language_model.lm_head.weight` when the config ties word embeddings: the model reuses
-  `embed_tokens`, as transformers does, so a stored head (equal or not) is never read.
+Keys that are not parameters and are ignored, as transformers ignores them (`Family.ignored`):
+- buffers that older transformers versions saved (`*.position_ids`, `*.rotary_emb.inv_freq`, ...);
+- the LM head when the config ties word embeddings: the model reuses `embed_tokens`, as transformers
+  does, so a stored head (equal or not) is never read.
 
 bf16 tensors are read as `ml_dtypes.bfloat16` numpy arrays (bit-exact, no up-cast); numpy alone has no bf16.
 
@@ -29,7 +30,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -37,15 +37,13 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from blink_jax.config import LlavaConfig
+from blink_jax.weights.family import LLAVA, Family
 from blink_jax.weights.orbax_io import is_converted_dir
-from blink_jax.weights.param_mapping import Entry, build_mapping, canonical_key
+from blink_jax.weights.param_mapping import Entry
 from blink_jax.weights.params import CheckpointError, np_dtype, param_shapes
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-IGNORED_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
-TIED_HEAD = "language_model.lm_head.weight"
 
 # safetensors dtype tags -> numpy dtypes (bf16 through ml_dtypes)
 # Granularity of reads that cast or transpose: bounds the memory used besides the output array itself.
@@ -172,7 +170,7 @@ def _to_numpy(t) -> np.ndarray:
 # --------------------------------------------------------------------------------------- public API
 
 
-def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorRef]:
+def list_tensors(model_dir: str | os.PathLike, family: Family = LLAVA) -> dict[str, TensorRef]:
     """Canonical key -> TensorRef for every tensor in the directory's weight files (no tensor data read).
 
     Two stored keys that reduce to the same canonical key (e.g. `vision_tower.x` and
@@ -182,7 +180,7 @@ def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorRef]:
     clashes = []
     for file in weight_files(model_dir):
         for key, ref in _header(file).items():
-            canon = canonical_key(key)
+            canon = family.canonical_key(key)
             if canon in refs:
                 other = refs[canon]
                 clashes.append(f"'{key}' in '{file.name}' and '{other.key}' in '{other.file.name}' are both "
@@ -194,13 +192,13 @@ def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorRef]:
     return refs
 
 
-def iter_tensors(source: str | os.PathLike | dict[str, TensorRef],
-                 keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_tensors(source: str | os.PathLike | dict[str, TensorRef], keys: Iterable[str] | None = None,
+                 family: Family = LLAVA) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (canonical key, numpy array as stored) one at a time, in the order of `keys` (default: all).
 
-    `source` is a directory or the result of `list_tensors`.
+    `source` is a directory (of `family`) or the result of `list_tensors`.
     """
-    refs = source if isinstance(source, dict) else list_tensors(source)
+    refs = source if isinstance(source, dict) else list_tensors(source, family)
     keys = list(refs) if keys is None else list(keys)
     unknown = [k for k in keys if k not in refs]
     if unknown:
@@ -341,14 +339,14 @@ def _hf_shape(transform, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(jax.eval_shape(transform.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape)
 
 
-def plan(model_dir: str | os.PathLike, cfg: LlavaConfig) -> list[Step]:
-    """Validates the checkpoint against the config from headers alone; -> the steps to read it.
+def plan(model_dir: str | os.PathLike, cfg, family: Family = LLAVA) -> list[Step]:
+    """Validates the checkpoint against the config (of `family`) from headers alone; -> the steps to read it.
 
     Raises one CheckpointError naming every missing key, unexpected key, wrong shape and wrong dtype.
     """
-    refs = list_tensors(model_dir)
-    shapes = param_shapes(cfg)
-    entries = build_mapping(cfg)
+    refs = list_tensors(model_dir, family)
+    shapes = param_shapes(cfg, family.model_class)
+    entries = family.build_mapping(cfg)
     expected = {e.hf_key for e in entries}
     problems, steps = [], []
     for entry in entries:
@@ -364,18 +362,14 @@ def plan(model_dir: str | os.PathLike, cfg: LlavaConfig) -> list[Step]:
         else:
             steps.append(Step(entry, shapes[entry.path], ref))
     for canon, ref in refs.items():
-        if canon not in expected and not _ignored(canon, cfg):
+        if canon not in expected and not family.ignored(canon, cfg):
             problems.append(f"unexpected key '{ref.key}' (shape {ref.shape}) in '{ref.file.name}'")
     if problems:
         raise CheckpointError(
-            f"checkpoint '{model_dir}' does not match its config.json ({len(problems)} problem(s); missing keys "
-            f"are named in the llava-hf hub layout); check that the weights and config.json come from the same "
-            f"model:\n  " + "\n  ".join(problems))
+            f"checkpoint '{model_dir}' does not match its {family.name} config.json ({len(problems)} problem(s); "
+            f"missing keys are named in {family.layout}); check that the weights and config.json come from the "
+            f"same model:\n  " + "\n  ".join(problems))
     return steps
-
-
-def _ignored(canon: str, cfg: LlavaConfig) -> bool:
-    return bool(IGNORED_BUFFERS.search(canon)) or (canon == TIED_HEAD and cfg.text.tie_word_embeddings)
 
 
 def iter_plan(steps: list[Step], dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:
@@ -389,11 +383,12 @@ def iter_plan(steps: list[Step], dtype=None) -> Iterator[tuple[tuple, np.ndarray
             yield step.entry.path, _read_ours(readers.get(step.ref.file), step, dtype)
 
 
-def iter_params(model_dir: str | os.PathLike, cfg: LlavaConfig, dtype=None) -> Iterator[tuple[tuple, np.ndarray]]:
+def iter_params(model_dir: str | os.PathLike, cfg, dtype=None, family: Family = LLAVA
+                ) -> Iterator[tuple[tuple, np.ndarray]]:
     """Validates everything first (before the first yield is requested), then yields (path, array)."""
-    return iter_plan(plan(model_dir, cfg), dtype)
+    return iter_plan(plan(model_dir, cfg, family), dtype)
 
 
-def read_params(model_dir: str | os.PathLike, cfg: LlavaConfig, dtype=None) -> dict[tuple, np.ndarray]:
+def read_params(model_dir: str | os.PathLike, cfg, dtype=None, family: Family = LLAVA) -> dict[tuple, np.ndarray]:
     """Our parameter path -> numpy array for the whole model, validated before any tensor is read."""
-    return dict(iter_params(model_dir, cfg, dtype))
+    return dict(iter_params(model_dir, cfg, dtype, family))

@@ -2,7 +2,7 @@
 
 On disk (`out/`):
 
-    blink_jax_checkpoint.json    marker: format, version, dtype, groups (written last)
+    blink_jax_checkpoint.json    marker: format, version, model_type, dtype, groups (written last)
     config.json, generation_config.json, tokenizer*.json, ...   copied from the HF directory
     params/<group>/              one orbax PyTree checkpoint per group, e.g. params/language_model.layers.0.mlp.up_proj/
 
@@ -18,6 +18,9 @@ compress (OCDBT keeps an array's compressed chunks in memory until the save comm
 few percent). Arrays are saved as one chunk each: smaller chunks that are not contiguous in memory (orbax
 splits the largest axis first) are copied, and held, until the save commits. Each save then adds nothing
 to the array it writes.
+
+Any model family (`family.Family`: LLaVA, Qwen2.5-VL) is written the same way; the marker names its `model_type`
+(a marker without one, from before Qwen2.5-VL, is LLaVA's) and a reader for another family refuses it.
 
 Atomicity: everything is written into a hidden sibling `.{name}.tmp-<pid>` and renamed into place at the
 end, so a crash or kill never leaves a directory that `is_converted_dir` accepts; the next write to the same
@@ -36,16 +39,17 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 
-from blink_jax.config import LlavaConfig
+from blink_jax.weights.family import LLAVA, Family
 from blink_jax.weights.params import CheckpointError, check_finite, np_dtype, param_shapes, path_str
 
 MARKER = "blink_jax_checkpoint.json"
+# The format's name predates other families; it stays so that converted LLaVA directories keep loading.
 FORMAT, VERSION = "blink-jax-llava-orbax", 1
 PARAMS_DIR = "params"
 # Everything besides weights that `from_pretrained` / the processor read from an HF directory.
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
-             "processor_config.json", "chat_template.json", "chat_template.jinja")
+             "processor_config.json", "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
 
 
 def group_of(path: tuple) -> tuple:
@@ -193,22 +197,24 @@ class _GroupWriter:
 
 
 def write_converted(out_dir: str | os.PathLike, cfg_source_dir: str | os.PathLike,
-                    tensors_iter: Iterable[tuple[tuple, np.ndarray]], dtype=None, *, overwrite: bool = False) -> Path:
+                    tensors_iter: Iterable[tuple[tuple, np.ndarray]], dtype=None, *, overwrite: bool = False,
+                    family: Family = LLAVA) -> Path:
     """Writes a converted directory from (our path, array) pairs, streaming and atomically. -> its path.
 
-    `cfg_source_dir` holds the HF `config.json` (and tokenizer files, copied along). `dtype` casts every
-    array (None keeps each as given). Every parameter of the config's model must come exactly once.
+    `cfg_source_dir` holds the HF `config.json` of a `family` model (and tokenizer, processor and chat template
+    files, copied along). `dtype` casts every array (None keeps each as given). Every parameter of the config's
+    model must come exactly once.
     """
-    cfg = LlavaConfig.from_json(cfg_source_dir)
+    cfg = family.config(cfg_source_dir)
     dtype = np_dtype(dtype)
     with atomic_dir(out_dir, overwrite) as tmp:
         copy_aux_files(cfg_source_dir, tmp)
-        writer = _GroupWriter((tmp / PARAMS_DIR).absolute(), param_shapes(cfg), dtype)
+        writer = _GroupWriter((tmp / PARAMS_DIR).absolute(), param_shapes(cfg, family.model_class), dtype)
         for path, array in tensors_iter:
             writer.add(path, array)
             del array  # freed now, not when the next tensor (already read by then) replaces it
         writer.finish()
-        marker = {"format": FORMAT, "version": VERSION,
+        marker = {"format": FORMAT, "version": VERSION, "model_type": family.model_type,
                   "dtype": _dtype_name(dtype) if dtype is not None else "as-stored",
                   "dtypes": sorted(writer.dtypes),
                   "groups": [{"name": path_str(g), "prefix": list(g)} for g in writer.written]}
@@ -229,6 +235,14 @@ def is_converted_dir(model_dir: str | os.PathLike) -> bool:
 
 def read_marker(model_dir: str | os.PathLike) -> dict:
     return json.loads((Path(model_dir) / MARKER).read_text())
+
+
+def check_family(model_dir: str | os.PathLike, family: Family) -> None:
+    """Raises CheckpointError if the converted directory holds another family's model than `family`."""
+    stored = read_marker(model_dir).get("model_type", LLAVA.model_type)
+    if stored != family.model_type:
+        raise CheckpointError(f"converted checkpoint '{model_dir}' holds a {stored!r} model, not {family.name} "
+                              f"({family.model_type!r}): read it as the model its {MARKER} names")
 
 
 def _groups(model_dir: str | os.PathLike) -> Iterator[tuple[tuple, Path]]:
@@ -309,16 +323,18 @@ def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
             yield prefix + (part,), value
 
 
-def read_params(model_dir: str | os.PathLike) -> tuple[LlavaConfig, dict[tuple, np.ndarray]]:
-    """(config, our path -> numpy array) of a converted directory, checked against the config."""
+def read_params(model_dir: str | os.PathLike, family: Family = LLAVA) -> tuple[object, dict[tuple, np.ndarray]]:
+    """(config, our path -> numpy array) of a converted directory of a `family` model, checked against the
+    config."""
     if not is_converted_dir(model_dir):
         raise CheckpointError(f"'{model_dir}' is not a converted blink-jax checkpoint (no valid {MARKER}); "
                               f"convert it with `python -m checkpoints_conversion.hf_to_orbax`")
-    cfg = LlavaConfig.from_json(model_dir)
+    check_family(model_dir, family)
+    cfg = family.config(model_dir)
     params: dict[tuple, np.ndarray] = {}
     for group in iter_groups(model_dir):
         params.update(group)
-    check_params(params, param_shapes(cfg), model_dir)
+    check_params(params, param_shapes(cfg, family.model_class), model_dir)
     return cfg, params
 
 

@@ -106,6 +106,17 @@ class Qwen25VLConfig:
             if not 0 <= i < v.depth:
                 raise ConfigError(f"vision_config.fullatt_block_indexes holds {i}, outside the {v.depth} blocks")
 
+    @classmethod
+    def qwen2_5_vl_7b(cls) -> "Qwen25VLConfig":
+        return cls()
+
+    @classmethod
+    def qwen2_5_vl_3b(cls) -> "Qwen25VLConfig":
+        return cls(vision=QwenVisionConfig(out_hidden_size=2048),
+                   text=QwenTextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                       tie_word_embeddings=True))
+
     @property
     def merge_unit(self) -> int:
         """Patches per merged (LLM) token."""

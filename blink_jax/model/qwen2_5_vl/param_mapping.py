@@ -5,11 +5,17 @@ checkpoints and transformers 5.x `save_pretrained` alike: `visual.*`, `model.*`,
 path (as `nnx.state` flattens it) and the transform from the torch tensor to ours. Every transform has an
 exact inverse, so HF -> ours -> HF is bit-exact. transformers' in-memory `state_dict` names
 (`model.visual.*`, `model.language_model.*`) are reduced to the file layout by `canonical_key` before lookup.
+
+`FAMILY` is what the checkpoint readers, writers and loaders of `blink_jax.weights` need of this backbone.
 """
 
 from __future__ import annotations
 
+import re
+
 from blink_jax.model.qwen2_5_vl.config import Qwen25VLConfig
+from blink_jax.model.qwen2_5_vl.model import Qwen25VLModel
+from blink_jax.weights.family import Family
 # The entries and transforms are LLaVA's: the same torch layouts.
 from blink_jax.weights.param_mapping import IDENTITY, Entry, Path, Transform, heads_entries, linear_entries
 
@@ -22,9 +28,6 @@ def patch_embed_transform(cfg: Qwen25VLConfig) -> Transform:
                      lambda x: x.T.reshape(conv_shape))
 
 
-# Buffers older transformers versions saved; not parameters.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
-TIED_HEAD = "lm_head.weight"
 
 
 def canonical_key(key: str) -> str:
@@ -71,3 +74,13 @@ def build_mapping(cfg: Qwen25VLConfig) -> list[Entry]:
     if not t.tie_word_embeddings:
         entries += linear_entries("lm_head", lp + ("lm_head",), False)
     return entries
+
+
+FAMILY = Family(
+    model_type="qwen2_5_vl", name="Qwen2.5-VL", config_class=Qwen25VLConfig, model_class=Qwen25VLModel,
+    build_mapping=build_mapping, canonical_key=canonical_key,
+    saved_key=lambda key: key,  # the canonical layout is the one transformers 5 saves
+    tied_head="lm_head.weight",
+    # buffers older transformers versions saved; not parameters
+    ignored_buffers=re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$"),
+    layout="the file layout (visual.*, model.*, lm_head.*)")

@@ -1,10 +1,14 @@
 """Qwen2.5-VL ready to run, as `blink_jax.runtime.Llava` for LLaVA: jit-compiled prefill and greedy generation,
 vanilla or with Blink (`blink=BlinkConfig(...)`), over `(params, inputs)`; thresholds are traced, so changing them
 never recompiles. Programs are keyed on the batch's grid shape (Gh, Gw) and prompt length.
+
+On a mesh (`blink_jax.load_pretrained(..., mesh=)`) the parameters are sharded as the rules table says and the
+inputs (whose images are packed across the batch) are replicated: one process, every device holding the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -12,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from blink_jax import sharding
 from blink_jax.blink import runner
 from blink_jax.blink.forward import blink_prefill
 from blink_jax.model import forward
@@ -60,10 +65,29 @@ class Qwen:
     Blink needs one visual grid per batch: resize the images to one grid shape (`QwenProcessor` with
     `grid_shapes`, batches grouped by `grid_of`). One program is compiled per (grid shape, prompt length)."""
 
-    def __init__(self, model: Qwen25VLModel, model_dir: str | os.PathLike | None = None):
+    def __init__(self, model: Qwen25VLModel, model_dir: str | os.PathLike | None = None, *,
+                 mesh: jax.sharding.Mesh | None = None):
+        """`mesh`: the mesh the parameters are sharded on (`load_pretrained(..., mesh=)`); inputs, TokenSR and
+        thresholds are then replicated on it. One process only: the packed images do not split by host rows."""
+        if mesh is not None and jax.process_count() > 1:
+            raise sharding.MeshError(f"Qwen2.5-VL on a mesh runs in one process, not {jax.process_count()}: its "
+                                     f"images are packed across the batch, which does not split into host rows")
         self.config: Qwen25VLConfig = model.config
         self.graphdef, self.params = nnx.split(model)
         self.model_dir = model_dir
+        self.mesh = mesh
+
+    def _replicated(self, tree):
+        """`tree`'s arrays on every device of the mesh (as they are without one). PRNG keys go through their data."""
+        if self.mesh is None:
+            return tree
+
+        def put(x):
+            if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                data = sharding.replicate(np.asarray(jax.random.key_data(x)), self.mesh)
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+            return sharding.replicate(x, self.mesh)
+        return jax.tree.map(put, tree)
 
     @property
     def module(self) -> Qwen25VLModel:
@@ -83,7 +107,7 @@ class Qwen:
                              f"one image per prompt")
         m = self.config.vision.spatial_merge_size
         grids = {(int(h) // m, int(w) // m) for _, h, w in thw}
-        return inputs, grids.pop() if len(grids) == 1 else None
+        return self._replicated(inputs), grids.pop() if len(grids) == 1 else None
 
     def __call__(self, *, input_ids, attention_mask, pixel_values, image_grid_thw, blink=None, tokensr=None,
                  rng=None) -> ModelOutput:
@@ -120,5 +144,7 @@ class Qwen:
         if grid is None:
             raise InputError("Blink needs one visual grid per batch but image_grid_thw differs across its images: "
                              "resize them to one grid shape (QwenProcessor with grid_shapes) and batch by shape")
-        return runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers, grid=grid,
-                              dim=self.config.text.hidden_size)
+        b = runner.prepare(blink, tokensr, rng, num_layers=self.config.text.num_hidden_layers, grid=grid,
+                           dim=self.config.text.hidden_size)
+        return dataclasses.replace(b, bank_state=self._replicated(b.bank_state),
+                                   thresholds=self._replicated(b.thresholds), key=self._replicated(b.key))

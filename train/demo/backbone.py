@@ -434,8 +434,10 @@ def val_set(name: str, settings: TrainSettings, layout: PackedLayout, cfg: Llava
         questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.VAL, i, 1]), v, layout.k)
                      for i, v in zip(indices, views)]
         batches.append(view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions))
-        buckets.append(np.asarray([[shapes.question_bucket(v.objects, f"{c} {s}") for c, s, _ in qs]
-                                   + [""] * (layout.k - len(qs)) for v, qs in zip(views, questions)]))
+        # buckets by the size as shown, in scene pixels (SIZE_BUCKETS' unit): a zoomed object counts as larger
+        shown = [[(n, z * shapes.SCENE_SIZE / v.image.size[0]) for n, z, *_ in v.objects] for v in views]
+        buckets.append(np.asarray([[shapes.question_bucket(o, f"{c} {s}") for c, s, _ in qs]
+                                   + [""] * (layout.k - len(qs)) for o, qs in zip(shown, questions)]))
     return ValSet(name, batches, buckets)
 
 

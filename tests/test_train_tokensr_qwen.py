@@ -23,7 +23,7 @@ from train.metrics import read_metrics
 from train.teacher import area_weights, crop_uint8
 
 STEPS, SAVE_EVERY = 6, 3
-# --max-pixels 28 x 28 x 24 with r = 2: buckets (6, 4) portrait, (4, 4) square, (4, 6) landscape merged cells.
+# --max-pixels 28 x 28 x 24 with r = 2: buckets (6, 4) portrait, (4, 4) square, (4, 6) landscape, (2, 4) (2:1, unused).
 MAX_PIXELS = 28 * 28 * 24
 GRIDS = {(6, 4), (4, 4), (4, 6)}
 

@@ -1,4 +1,5 @@
-"""The TokenSR training loop (LLaVA-1.5 or Qwen2.5-VL, `train.family`): data -> frozen-backbone probes (student inputs, teacher targets) -> jitted train step
+"""The TokenSR training loop (LLaVA-1.5 or Qwen2.5-VL, `blink_jax.family`): data -> frozen-backbone probes
+(student inputs, teacher targets) -> jitted train step
 -> metrics, checkpoints, export.
 
 Per step: the grain batch (this host's rows) goes on the mesh; one jitted probe gives the SGS regions and the
@@ -25,7 +26,7 @@ from train import inputs as inputs_lib, workdir as workdir_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig
-from train.family import family_of
+from blink_jax.family import family_of
 from train.metrics import MetricsLogger
 from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher

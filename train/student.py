@@ -34,7 +34,7 @@ def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, ex
                    grid: tuple[int, int] | None, layers: tuple[int, ...], region_size: int, lr_sharding,
                    region_sharding) -> StudentInputs:
     """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values as the backbone takes
-    them, `extra` / `grid` the rest of its prompt's inputs (`train.family.ModelInputs`); step, seed: int32 [],
+    them, `extra` / `grid` the rest of its prompt's inputs (`blink_jax.family.ModelInputs`); step, seed: int32 [],
     p_random: float32 [] (traced: changing them does not recompile the probe)."""
     model = nnx.merge(graphdef, params)
     prompt_inputs = {**extra, **({} if grid is None else {"grid": grid})}

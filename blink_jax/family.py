@@ -1,5 +1,5 @@
-"""What TokenSR training needs from a model family beyond the backbone protocol: how a mix record's image and
-question become that model's inputs, where a region's crop lies, and the teacher's prompt.
+"""What TokenSR training and the evals need from a model family beyond the backbone protocol: how an image and a
+question become that model's inputs, where a region's crop lies, and the TokenSR teacher's prompt.
 
 - LLaVA-1.5 (BLINK.md §5): one G x G grid; images padded to square (or not) and resized to S x S; the vicuna_v1
   prompt; a grid cell is one 14 px patch.
@@ -7,7 +7,8 @@ question become that model's inputs, where a region's crop lies, and the teacher
   nearest its aspect ratio, so a batch holds one grid shape (`pipeline.GridBatches` groups them); prompts through
   the model's chat template; a grid cell is one merged token (28 px). Loads on one device.
 
-Everything else (probe, student, teacher, loss, step, checkpoints) is the same code for both.
+Everything else (probe, student, teacher, loss, step, checkpoints; the eval's modes, batching, scoring) is the
+same code for both.
 Letters: b this host's batch, T prompt length, P patches of one image, Gh x Gw the visual grid.
 """
 
@@ -21,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 from blink_jax import sharding
+from blink_jax.config import ConfigError
 from blink_jax.loading import model_type
-from train.config import TrainConfigError
 
 
-class FamilyError(TrainConfigError):
+class FamilyError(ConfigError):
     """A training option this model family cannot take, naming the option and the fix."""
 
 

@@ -111,3 +111,45 @@ def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch):
 def test_crop_mode_is_refused_in_a_sentence(env, tmp_path, capsys):
     assert eval_run.main(cli_args(env, tmp_path / "crop", modes="vanilla,crop")) == 2
     assert "mode 'crop' is not available for Qwen2.5-VL" in capsys.readouterr().err
+
+
+def test_predict_plot_and_calibrate(env, tmp_path, capsys):
+    """eval.predict --plot draws the 4 x 6 grid's trace; eval.calibrate probes a folder of images of two grid shapes,
+    and its rho at the first participating layer is the one Blink's trace reports for the same question (Blink's
+    first layer sees the vanilla stream)."""
+    from eval import calibrate, predict
+    from tiny_llava import photo
+
+    images = tmp_path / "images"
+    images.mkdir()
+    photo(170, 110, seed=1).save(images / "a.png")  # landscape: (4, 6)
+    photo(150, 100, seed=2).save(images / "b.png")  # landscape: (4, 6)
+    photo(80, 146, seed=3).save(images / "c.png")  # portrait: (6, 4)
+    question = "is there a cat in the image ?"
+    png = tmp_path / "trace.png"
+    common = ["--model", str(env.model), "--layers", "1,2", "--region-size", "2", "--max-pixels", str(MAX_PIXELS)]
+    assert predict.main([*common, "--image", str(images / "a.png"), "--question", question, "--mode", "interp",
+                         "--tau-exp", "0", "--tau-drop", "0", "--max-new-tokens", "3", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "region_size=2 -> 6 regions" in out and f"wrote {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--mode crop is not available for Qwen2.5-VL"):
+        predict.main([*common, "--image", str(images / "a.png"), "--question", question, "--mode", "crop"])
+
+    stats = tmp_path / "stats.json"
+    assert calibrate.main([*common, "--data", str(images), "--question", question, "--batch-size", "2",
+                           "--out", str(stats), "--no-progress"]) == 0
+    assert "3 examples probed, 0 skipped" in capsys.readouterr().out
+    payload = json.loads(stats.read_text())
+    rho = {e["image"].rsplit("/", 1)[-1]: e["rho"] for e in payload["examples"]}
+    assert all(1 / 6 - 1e-6 <= r <= 1 for e in rho.values() for r in e.values())
+
+    from blink_jax.family import QwenFamily
+    from blink_jax import load_pretrained
+
+    family = QwenFamily(env.model, region_size=2, max_pixels=MAX_PIXELS)
+    model = load_pretrained(env.model)
+    blink = BlinkConfig(layers=(1, 2), region_size=2, tokensr_kind="interp", tau_exp=0.0, tau_drop=0.0)
+    for name in ("a.png", "c.png"):
+        result = predict.predict(model, family.processor, images / name, question, blink, max_new_tokens=1)
+        assert float(result.trace.rho[0, 0]) == pytest.approx(rho[name]["1"], rel=1e-4)

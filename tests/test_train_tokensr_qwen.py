@@ -5,6 +5,7 @@ transformers' PyTorch model and a hand computation, loss going down, and kill-an
 from __future__ import annotations
 
 import io
+import shutil
 
 import jax
 import numpy as np
@@ -143,6 +144,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(root, uninterrupted
     assert [full_losses[s]["loss"] for s in range(1, STEPS + 1)] == [resumed_losses[s]["loss"]
                                                                     for s in range(1, STEPS + 1)]
     assert (root / "full" / "tokensr" / "tokensr.json").is_file()
+    # --export-only (after a run stopped before its export) reads the Qwen directory's width: the same parameters
+    from blink_jax.blink.checkpoint import load_tokensr
+    from flax import nnx
+    shutil.rmtree(root / "resumed" / "tokensr")
+    bank, blink = load_tokensr(loop.export_only(root / "resumed"))
+    assert blink.layers == (0, 1) and blink.region_size == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                 nnx.to_pure_dict(nnx.state(bank, nnx.Param)), full.params)
 
 
 def test_cli_trains_and_refuses_several_devices(root, capsys):

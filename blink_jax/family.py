@@ -27,7 +27,7 @@ from blink_jax.loading import model_type
 
 
 class FamilyError(ConfigError):
-    """A training option this model family cannot take, naming the option and the fix."""
+    """An option this model family cannot take (training or eval), naming the option and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,6 @@ def family_of(model_dir: str | os.PathLike, *, pad_to_square: bool = True, regio
     return LlavaFamily.from_pretrained(model_dir, pad_to_square=pad_to_square)
 
 
-def prompt_stream_kwargs(inputs: ModelInputs) -> dict:
-    """The keyword arguments of the backbone's `prompt` besides the three arrays."""
-    return {**inputs.extra, **({} if inputs.grid is None else {"grid": inputs.grid})}
+def prompt_kwargs(extra: dict, grid: tuple[int, int] | None) -> dict:
+    """The keyword arguments of the backbone's `prompt` besides the three arrays (`ModelInputs.extra`, `.grid`)."""
+    return {**extra, **({} if grid is None else {"grid": tuple(grid)})}

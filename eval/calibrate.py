@@ -35,6 +35,7 @@ from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir, sha
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
+from blink_jax.family import prompt_kwargs
 from blink_jax.loading import inference_mesh
 from blink_jax.processing import (SHORT_ANSWER_SUFFIX, ImageError, Processor, ProcessorError, build_prompt,
                                   left_pad, load_image)
@@ -108,9 +109,8 @@ def read_examples(data: str | os.PathLike, *, question: str = DEFAULT_QUESTION,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grid", "layers", "region_size"))
 def _scan(graphdef, params, input_ids, pixel_values, attention_mask, extra, *, grid, layers, region_size):
-    prompt_inputs = {**extra, **({} if grid is None else {"grid": grid})}
     probe = probe_layers(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, layers=layers,
-                         region_size=region_size, **prompt_inputs)
+                         region_size=region_size, **prompt_kwargs(extra, grid))
     # Leaving out `probe.visual` lets XLA drop the [Lp, B, Gh, Gw, D] hidden-state gathers.
     return probe.rho, probe.region, probe.attention
 

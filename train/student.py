@@ -18,6 +18,7 @@ from flax import nnx, struct
 
 from blink_jax.blink.dtr import gather_region
 from blink_jax.blink.probe import probe_layers
+from blink_jax.family import prompt_kwargs
 
 
 @struct.dataclass
@@ -37,9 +38,8 @@ def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, ex
     them, `extra` / `grid` the rest of its prompt's inputs (`blink_jax.family.ModelInputs`); step, seed: int32 [],
     p_random: float32 [] (traced: changing them does not recompile the probe)."""
     model = nnx.merge(graphdef, params)
-    prompt_inputs = {**extra, **({} if grid is None else {"grid": grid})}
     probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,
-                         **prompt_inputs)
+                         **prompt_kwargs(extra, grid))
     gh, gw = probe.visual.shape[2:4]
     num_regions = (gh // region_size) * (gw // region_size)
     key = jax.random.fold_in(jax.random.key(seed), step)

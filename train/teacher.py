@@ -33,6 +33,7 @@ from PIL import Image
 
 from blink_jax.blink.dtr import region_box
 from blink_jax.blink.probe import probe_layers
+from blink_jax.family import prompt_kwargs
 from blink_jax.processing import normalize
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,8 @@ def teacher_states(graphdef, params, input_ids, pixel_values, attention_mask, ex
     """Layer outputs of the visual tokens of each (crop) image, area-pooled to sr_side x sr_side; `extra`, `grid`:
     the backbone prompt's other inputs (`blink_jax.family.ModelInputs`)."""
     model = nnx.merge(graphdef, params)
-    prompt_inputs = {**extra, **({} if grid is None else {"grid": grid})}
     probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,
-                         **prompt_inputs)
+                         **prompt_kwargs(extra, grid))
     return jax.lax.with_sharding_constraint(area_pool(probe.visual, sr_side), out_sharding)
 
 

@@ -336,10 +336,11 @@ def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -
 
 
 def load_model_and_processor(model_dir, *, dtype: str, mesh: str | None, region_size: int,
-                             max_pixels: int | None = None, pad_to_square: bool = True, batch_size: int = 1,
-                             load: Callable | None = None):
+                             max_pixels: int | None = None, pad_to_square: bool = True,
+                             batch_size: int | None = None, load: Callable | None = None):
     """(runnable model, its processor) of `model_dir`: LLaVA on the `--mesh` (checked before any weight is read), or
     Qwen2.5-VL on one device with grid buckets whose sides are multiples of `region_size` (BLINK.md §10).
+    `batch_size`: checked against the mesh's batch axes (None: not batched, e.g. eval.predict's one question);
     `load`: the loader (default `blink_jax.load_pretrained`)."""
     from blink_jax.family import QwenFamily
     from blink_jax.loading import model_type
@@ -354,7 +355,8 @@ def load_model_and_processor(model_dir, *, dtype: str, mesh: str | None, region_
     if max_pixels is not None:
         raise ConfigError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")
     mesh = inference_mesh(model_dir, mesh, getattr(jnp, dtype))  # before any weight is read
-    sharding.check_eval_batch(batch_size, mesh)
+    if batch_size is not None:
+        sharding.check_eval_batch(batch_size, mesh)
     llava = load(model_dir, dtype=getattr(jnp, dtype), mesh=mesh if mesh.devices.size > 1 else None)
     return llava, Processor.from_pretrained(model_dir, config=llava.config, pad_to_square=pad_to_square)
 

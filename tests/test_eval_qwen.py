@@ -19,9 +19,10 @@ from eval.harness import runner as harness_runner
 from eval.harness.io import read_jsonl
 from test_eval_run import Killed, kill_after
 from test_qwen2_5_vl import save_model_dir
+from tiny_llava import photo
 
 MODES = ("vanilla", "interp", "blink")
-MAX_PIXELS = 28 * 28 * 24  # with r = 2: buckets (6, 4), (4, 4), (4, 6), (2, 4); the POPE photos get (4, 6)
+MAX_PIXELS = 28 * 28 * 24  # with r = 2: buckets (6, 4), (4, 4), (4, 6), (2, 4); the POPE photos get (4, 6) or (6, 4)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,8 @@ def env(tmp_path_factory):
     cfg = BlinkConfig(layers=(1, 2), region_size=2, tokensr_kind="conv", tokensr_channels=7)
     save_tokensr(root / "tokensr", TokenSRBank(cfg, 60, rngs=nnx.Rngs(0)), cfg, dim=60)
     ids = tb.make_pope(root / "pope")
+    # one portrait photo, asked by popular/1 and adversarial/2: a second grid shape, (6, 4)
+    photo(30, 50, seed=5).save(root / "pope" / "val2014" / "COCO_val2014_000000000002.jpg")
     return types.SimpleNamespace(root=root, model=root / "model", tokensr=root / "tokensr", pope=root / "pope",
                                  tfds=root / "tfds", pope_ids=ids)
 
@@ -87,7 +90,7 @@ def test_pope_all_modes_equal_rescoring(env, pope_run, capsys):
     assert any(r["trace"]["expansions"] for r in samples(pope_run.out, "blink"))
     config = results["config"]
     # one program per (grid shape, length bucket): [batch, bucket, new tokens, Gh, Gw]
-    assert config["programs"] == {mode: [[2, 64, 3, 4, 6]] for mode in MODES}
+    assert config["programs"] == {mode: [[2, 64, 3, 4, 6], [2, 64, 3, 6, 4]] for mode in MODES}
     assert config["model_config"]["grid_shapes"] == [[6, 4], [4, 4], [4, 6], [2, 4]]
     assert config["conv_mode"] == "chat_template"
 
@@ -118,7 +121,6 @@ def test_predict_plot_and_calibrate(env, tmp_path, capsys):
     and its rho at the first participating layer is the one Blink's trace reports for the same question (Blink's
     first layer sees the vanilla stream)."""
     from eval import calibrate, predict
-    from tiny_llava import photo
 
     images = tmp_path / "images"
     images.mkdir()
@@ -149,7 +151,7 @@ def test_predict_plot_and_calibrate(env, tmp_path, capsys):
 
     family = QwenFamily(env.model, region_size=2, max_pixels=MAX_PIXELS)
     model = load_pretrained(env.model)
-    blink = BlinkConfig(layers=(1, 2), region_size=2, tokensr_kind="interp", tau_exp=0.0, tau_drop=0.0)
+    blink, _ = predict.blink_settings("interp", layers=(1, 2), region_size=2, tau_exp=0.0, tau_drop=0.0)  # the CLI's
     for name in ("a.png", "c.png"):
-        result = predict.predict(model, family.processor, images / name, question, blink, max_new_tokens=1)
+        result = predict.predict(model, family.processor, images / name, question, blink, max_new_tokens=3)
         assert float(result.trace.rho[0, 0]) == pytest.approx(rho[name]["1"], rel=1e-4)

@@ -49,7 +49,7 @@ def cli_args(env, out, *extra, modes=",".join(MODES)) -> list[str]:
 @pytest.fixture(scope="module")
 def pope_run(env):
     out = env.root / "pope_out"
-    assert eval_run.main(cli_args(env, out)) == 0
+    assert eval_run.main(cli_args(env, out, "--save-traces")) == 0
     return types.SimpleNamespace(out=out, results=json.loads((out / "results.json").read_text()))
 
 
@@ -93,6 +93,19 @@ def test_pope_all_modes_equal_rescoring(env, pope_run, capsys):
     assert config["programs"] == {mode: [[2, 64, 3, 4, 6], [2, 64, 3, 6, 4]] for mode in MODES}
     assert config["model_config"]["grid_shapes"] == [[6, 4], [4, 4], [4, 6], [2, 4]]
     assert config["conv_mode"] == "chat_template"
+
+
+def test_traces_hold_each_question_grid_and_the_report_draws_them(pope_run, tmp_path):
+    from eval import report as eval_report
+
+    records = list(read_jsonl(pope_run.out / "traces_pope_blink.jsonl"))
+    grids = {r["question_id"]: (tuple(r["grid"]), tuple(r["image_size"])) for r in records}
+    assert grids["popular/1"] == ((6, 4), (168, 112)) and grids["random/1"] == ((4, 6), (112, 168))
+    out = eval_report.make_report(pope_run.out, report_dir=tmp_path, examples=4)
+    assert set(out) == {"interp", "blink"}
+    for entry in out.values():
+        assert all(stats["n"] == 6 for stats in entry["layers"].values())
+        assert all((tmp_path / name).stat().st_size > 0 for name in entry["files"])
 
 
 def test_kill_and_resume_ends_with_the_same_results(env, pope_run, monkeypatch):

@@ -134,12 +134,17 @@ def _read(fd: int) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Writes `text` to a temporary sibling, fsyncs it and renames it over `path`: a reader (or a run killed in the
     middle) sees the old file or the new one, never a truncated one."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """`atomic_write_text` for bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

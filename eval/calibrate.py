@@ -35,8 +35,10 @@ from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir, sha
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
+from blink_jax.family import prompt_kwargs
 from blink_jax.loading import inference_mesh
-from blink_jax.processing import ImageError, Processor, ProcessorError, build_prompt, left_pad
+from blink_jax.processing import (SHORT_ANSWER_SUFFIX, ImageError, Processor, ProcessorError, build_prompt,
+                                  left_pad, load_image)
 from eval.harness.flags import positive_int
 
 DEFAULT_QUESTION = "What is in the image?"
@@ -105,25 +107,45 @@ def read_examples(data: str | os.PathLike, *, question: str = DEFAULT_QUESTION,
 # -------------------------------------------------------------------------------------------- probe
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size"))
-def _scan(graphdef, params, input_ids, pixel_values, attention_mask, *, layers, region_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "layers", "region_size"))
+def _scan(graphdef, params, input_ids, pixel_values, attention_mask, extra, *, grid, layers, region_size):
     probe = probe_layers(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, layers=layers,
-                         region_size=region_size)
-    # Leaving out `probe.visual` lets XLA drop the [Lp, B, G, G, D] hidden-state gathers.
+                         region_size=region_size, **prompt_kwargs(extra, grid))
+    # Leaving out `probe.visual` lets XLA drop the [Lp, B, Gh, Gw, D] hidden-state gathers.
     return probe.rho, probe.region, probe.attention
 
 
-def scan(llava, input_ids, pixel_values, attention_mask, *, layers: Sequence[int], region_size: int):
-    """Vanilla LLaVA's saliency-guided scan at `layers`, on the host.
-
-    -> (rho [Lp, B] float32, region r* [Lp, B] int32, S_v [Lp, B, G, G] float32).
+def scan(model, input_ids, pixel_values, attention_mask, *, layers: Sequence[int], region_size: int,
+         image_grid_thw=None):
+    """The vanilla model's saliency-guided scan at `layers`, on the host: LLaVA (`Llava`), or Qwen2.5-VL (`Qwen`,
+    with the processor's `image_grid_thw`, every image of one grid shape).
+    -> (rho [Lp, B] float32, region r* [Lp, B] int32, S_v [Lp, B, Gh, Gw] float32).
     """
-    BlinkConfig(layers=tuple(layers), region_size=region_size).validate_for(
-        llava.config.text.num_hidden_layers, llava.config.vision.grid)
-    ids, px, mask = llava.check_inputs(input_ids, pixel_values, attention_mask)
-    out = _scan(llava.graphdef, llava.params, ids, px, mask, layers=tuple(int(l) for l in layers),
-                region_size=int(region_size))
+    layers, region_size = tuple(int(l) for l in layers), int(region_size)
+    if image_grid_thw is None:
+        BlinkConfig(layers=layers, region_size=region_size).validate_for(
+            model.config.text.num_hidden_layers, model.config.vision.grid)
+        ids, px, mask = model.check_inputs(input_ids, pixel_values, attention_mask)
+        extra, grid = {}, None
+    else:
+        inputs, grid = model.inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if grid is None:
+            raise ValueError("the batch's images have different grids: give images of one grid shape")
+        BlinkConfig(layers=layers, region_size=region_size).validate_for(model.config.text.num_hidden_layers, grid)
+        ids, px, mask = inputs.input_ids, inputs.pixel_values, inputs.attention_mask
+        extra = {"layout": inputs.layout, "positions": inputs.positions}
+    out = _scan(model.graphdef, model.params, ids, px, mask, extra, grid=grid, layers=layers, region_size=region_size)
     return tuple(np.asarray(x) for x in out)
+
+
+def is_qwen(processor) -> bool:
+    from blink_jax.model.qwen2_5_vl.processing import QwenProcessor
+    return isinstance(processor, QwenProcessor)
+
+
+def user_text(question: str) -> str:
+    """The user turn of a Qwen2.5-VL prompt: the question and LLaVA-1.5's short-answer suffix, as the evals ask."""
+    return f"{question}\n{SHORT_ANSWER_SUFFIX}"
 
 
 def bucketed(sequences: Sequence[Sequence[int]], pad_id: int, bucket: int, rows: int):
@@ -154,27 +176,50 @@ def _warn(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def calibrate(llava, processor, examples: Sequence[Example], *, layers: Sequence[int], region_size: int,
+def calibrate(model, processor, examples: Sequence[Example], *, layers: Sequence[int], region_size: int,
               batch_size: int = 8, bucket: int = 32, progress: bool = True,
               report: Callable[[str], None] = _warn) -> Calibration:
     """rho and r* of every example at `layers` (vanilla forward). Images that cannot be read are reported
-    through `report` and skipped."""
+    through `report` and skipped. `processor`: LLaVA's `Processor`, or a `QwenProcessor` with grid buckets (then
+    batches hold one grid shape; an image's grid comes from its header)."""
     layers = tuple(int(l) for l in layers)
-    BlinkConfig(layers=layers, region_size=region_size).validate_for(
-        llava.config.text.num_hidden_layers, llava.config.vision.grid)
+    qwen = is_qwen(processor)
+    if not qwen:
+        BlinkConfig(layers=layers, region_size=region_size).validate_for(
+            model.config.text.num_hidden_layers, model.config.vision.grid)
     if batch_size < 1 or bucket < 1:
         raise ValueError(f"batch_size={batch_size} and bucket={bucket} must be positive")
-    tokens = [processor.tokenize(build_prompt(ex.question)) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: len(tokens[i]))
+    skipped, grids, tokens = [], {}, {}
+    for i, ex in enumerate(examples):
+        if not qwen:
+            grids[i], tokens[i] = None, processor.tokenize(build_prompt(ex.question))
+            continue
+        try:
+            with Image.open(ex.image) as img:  # the header only
+                grids[i] = processor.grid_of(img)
+        except (OSError, ValueError) as e:
+            skipped.append((str(ex.image), f"image '{ex.image}' cannot be read: {e}"))
+            report(f"skipped: {skipped[-1][1]}")
+            continue
+        m = processor.image_config.merge_size
+        tokens[i] = processor.tokenize(processor.prompt(user_text(ex.question)),
+                                       (1, grids[i][0] * m, grids[i][1] * m))
+    first_seen = {}
+    for i in grids:
+        first_seen.setdefault(grids[i], len(first_seen))
+    order = sorted(grids, key=lambda i: (first_seen[grids[i]], len(tokens[i])))
     rows = min(batch_size, len(examples))
+    chunks = [order[start:start + rows] for start in range(0, len(order), rows)] if not qwen else [
+        group[start:start + rows] for key in first_seen for group in [[i for i in order if grids[i] == key]]
+        for start in range(0, len(group), rows)]
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    skipped = []
     with tqdm(total=len(examples), unit="img", desc="probing", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, len(order), rows):
+        bar.update(len(examples) - len(order))
+        for todo in chunks:
             chunk, pixels = [], []
-            for i in order[start:start + rows]:
+            for i in todo:
                 try:
-                    pixels.append(processor.pixel_values([examples[i].image])[0])
+                    pixels.append(_pixels(processor, examples[i].image))
                     chunk.append(i)
                 except ImageError as e:
                     skipped.append((str(examples[i].image), str(e)))
@@ -182,16 +227,30 @@ def calibrate(llava, processor, examples: Sequence[Example], *, layers: Sequence
             if chunk:
                 ids, mask = bucketed([tokens[i] for i in chunk], processor.pad_id, bucket, rows)
                 px = np.stack(pixels + [pixels[0]] * (rows - len(chunk)))
-                rho, region, _ = scan(llava, ids, px, mask, layers=layers, region_size=region_size)
+                thw = None
+                if qwen:
+                    m = processor.image_config.merge_size
+                    gh, gw = grids[chunk[0]]
+                    px, thw = px.reshape(-1, px.shape[-1]), np.tile([[1, gh * m, gw * m]], (rows, 1))
+                rho, region, _ = scan(model, ids, px, mask, layers=layers, region_size=region_size,
+                                      image_grid_thw=thw)
                 for row, i in enumerate(chunk):
                     results[i] = rho[:, row], region[:, row]
-            bar.update(len(order[start:start + rows]))
+            bar.update(len(todo))
     kept = sorted(results)
     empty = np.zeros((0, len(layers)))
     return Calibration(
         layers=layers, region_size=region_size, examples=[examples[i] for i in kept], skipped=skipped,
         rho=np.stack([results[i][0] for i in kept]) if kept else empty,
         region=np.stack([results[i][1] for i in kept]).astype(np.int32) if kept else empty.astype(np.int32))
+
+
+def _pixels(processor, path) -> np.ndarray:
+    """One image file -> LLaVA's pixel values [3, S, S], or Qwen2.5-VL's patches [P, patch_dim] of its grid bucket."""
+    if not is_qwen(processor):
+        return processor.pixel_values([path])[0]
+    from blink_jax.model.qwen2_5_vl.processing import preprocess_image
+    return preprocess_image(load_image(path), processor.image_config)[0]
 
 
 # -------------------------------------------------------------------------------------------- stats
@@ -276,13 +335,40 @@ def report_payload(result: Calibration, stats: dict, *, model: str, data: str) -
 
 
 
+def load_model_and_processor(model_dir, *, dtype: str, mesh: str | None, region_size: int,
+                             max_pixels: int | None = None, pad_to_square: bool = True,
+                             batch_size: int | None = None, load: Callable | None = None):
+    """(runnable model, its processor) of `model_dir`: LLaVA on the `--mesh` (checked before any weight is read), or
+    Qwen2.5-VL on one device with grid buckets whose sides are multiples of `region_size` (BLINK.md §10).
+    `batch_size`: checked against the mesh's batch axes (None: not batched, e.g. eval.predict's one question);
+    `load`: the loader (default `blink_jax.load_pretrained`)."""
+    from blink_jax.family import QwenFamily
+    from blink_jax.loading import model_type
+
+    load = load or load_pretrained
+
+    if model_type(model_dir) == "qwen2_5_vl":
+        if mesh is not None:
+            raise ConfigError("--mesh: Qwen2.5-VL runs on one device for now; leave --mesh out")
+        family = QwenFamily(model_dir, region_size=region_size, max_pixels=max_pixels or 0)
+        return load(model_dir, dtype=getattr(jnp, dtype)), family.processor
+    if max_pixels is not None:
+        raise ConfigError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")
+    mesh = inference_mesh(model_dir, mesh, getattr(jnp, dtype))  # before any weight is read
+    if batch_size is not None:
+        sharding.check_eval_batch(batch_size, mesh)
+    llava = load(model_dir, dtype=getattr(jnp, dtype), mesh=mesh if mesh.devices.size > 1 else None)
+    return llava, Processor.from_pretrained(model_dir, config=llava.config, pad_to_square=pad_to_square)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = BlinkConfig()
     parser = argparse.ArgumentParser(
         prog="python -m eval.calibrate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id")
+                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id; or a Hugging Face "
+                             "Qwen2.5-VL directory (one device)")
     parser.add_argument("--data", required=True,
                         help="JSONL question file (lines with \"image\" and \"question\"/\"text\", the LLaVA-eval/"
                              "POPE format) or a folder of images asked --question")
@@ -304,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--mesh", default=None, help=f"{sharding.MESH_HELP}; default: every device on the data axis "
                                                      f"when the model fits one device")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
+                        help="Qwen2.5-VL: pixel budget of the grid buckets images are resized to (default: the "
+                             "model's preprocessor_config.json)")
     args = parser.parse_args(argv)
 
     try:
@@ -313,13 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         BlinkConfig(layers=args.layers, region_size=args.region_size)
         if args.out:  # before the model loads: a read-only or full disk is named now, not after the probe
             rundir.check_writable(Path(args.out).absolute().parent, flag="--out", min_free=1 << 20)
-        mesh = inference_mesh(args.model, args.mesh, getattr(jnp, args.dtype))  # before any weight is read
-        sharding.check_eval_batch(args.batch_size, mesh)
-        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                mesh=mesh if mesh.devices.size > 1 else None)
-        processor = Processor.from_pretrained(args.model, config=llava.config,
-                                              pad_to_square=not args.no_pad_to_square)
-        result = calibrate(llava, processor, examples, layers=args.layers, region_size=args.region_size,
+        model, processor = load_model_and_processor(args.model, dtype=args.dtype, mesh=args.mesh,
+                                                     region_size=args.region_size, max_pixels=args.max_pixels,
+                                                     pad_to_square=not args.no_pad_to_square,
+                                                     batch_size=args.batch_size)
+        result = calibrate(model, processor, examples, layers=args.layers, region_size=args.region_size,
                            batch_size=args.batch_size, bucket=args.bucket, progress=not args.no_progress)
     except (DataError, ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError,
             rundir.NotWritable) as e:
@@ -334,9 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hint:
         print(hint[2:], file=sys.stderr)
     stats = rho_statistics(result.rhos())
-    grid = llava.config.vision.grid
     print(f"{len(result.examples)} examples probed, {len(result.skipped)} skipped")
-    print(format_statistics(stats, BlinkConfig(layers=args.layers, region_size=args.region_size).num_regions(grid)))
+    blink = BlinkConfig(layers=args.layers, region_size=args.region_size)
+    if is_qwen(processor):  # R differs per grid shape: the table names the largest
+        regions = max(blink.num_regions(g) for g in processor.image_config.grid_shapes)
+    else:
+        regions = blink.num_regions(model.config.vision.grid)
+    print(format_statistics(stats, regions))
     if args.out:
         write_json_atomic(args.out, report_payload(result, stats, model=str(args.model), data=str(args.data)))
         print(f"wrote {args.out}")

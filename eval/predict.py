@@ -3,13 +3,15 @@
     python -m eval.predict --model DIR --image cat.jpg --question "What colour is the cat?" \
         --mode interp --layers 12-18 --plot trace.png
 
-Modes: `vanilla` (LLaVA-1.5; the trace shows its saliency scan, nothing expands), `interp`
+The model is LLaVA-1.5 or Qwen2.5-VL (its chat template around the question and LLaVA's short-answer suffix, the
+image resized to its grid bucket, BLINK.md §10; the crop mode is LLaVA's only).
+Modes: `vanilla` (the model alone; the trace shows its saliency scan, nothing expands), `interp`
 (Blink-interp, training-free TokenSR), `blink` (trained TokenSR from `--tokensr DIR`) and `crop` (the two-pass
 baseline of BLINK.md §9: `--crop-layer`, `--crop-context`, `--crop-input`).
 The `--plot` figure is the scan-focus-shift view: per participating layer, the image the model saw
 under the last prompt token's head-mean visual attention S_v, the region grid, r* and the expansion; for
 `crop`, pass 1's S_v and r*, the crop box on the original image, and the crop as pass 2 saw it.
-Letters: G grid side, Lp participating layers.
+Letters: Gh x Gw the visual grid, Lp participating layers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from blink_jax import CheckpointError, ConfigError, InputError, load_pretrained, sharding
@@ -32,10 +33,10 @@ from blink_jax.blink.config import layers_argument
 from blink_jax.blink.dtr import ACTION_NAMES, EXPAND, KEEP, NO_REGION, NONE
 from blink_jax.blink.runner import HostTrace, tokensr_bank
 from blink_jax.hub import resolve_model_dir
-from blink_jax.loading import inference_mesh
-from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, Processor, ProcessorError, build_prompt,
-                                  left_pad, load_image, tokenize_with_image)
-from eval.calibrate import scan
+from blink_jax.model.qwen2_5_vl.processing import resize_uint8
+from blink_jax.processing import (CLIP_MEAN, CLIP_STD, ImageError, ProcessorError, build_prompt, left_pad,
+                                  load_image, normalize, tokenize_with_image)
+from eval.calibrate import is_qwen, load_model_and_processor, scan, user_text
 from eval.harness.flags import positive_int
 
 MODES = ("vanilla", "interp", "blink", "crop")
@@ -53,9 +54,9 @@ class Prediction:
 
 
 def vanilla_trace(llava, inputs: dict, layers: Sequence[int], region_size: int) -> HostTrace:
-    """A trace of vanilla LLaVA: the saliency scan of `probe_layers`, action `none` everywhere."""
+    """A trace of the vanilla model: the saliency scan of `probe_layers`, action `none` everywhere."""
     rho, region, attention = scan(llava, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                  layers=layers, region_size=region_size)
+                                  layers=layers, region_size=region_size, image_grid_thw=inputs.get("image_grid_thw"))
     return HostTrace(layers=tuple(layers), rho=rho, region=region, action=np.full(rho.shape, NONE, np.int32),
                      expanded_region=np.full(rho.shape, NO_REGION, np.int32), attention=attention)
 
@@ -78,21 +79,30 @@ def predict(llava, processor, image, question: str, blink: BlinkConfig | None = 
     `return_attention=True`); `tokensr` is the trained bank for `tokensr_kind="conv"`.
     """
     cfg = llava.config
-    prompt = build_prompt(question)
-    inputs = processor([prompt], [image])
+    if is_qwen(processor):  # the chat template around the question and the suffix; the image's grid bucket
+        image = image if not isinstance(image, (str, os.PathLike)) else load_image(image)
+        prompt = processor.prompt(user_text(question))
+        inputs = processor([user_text(question)], [image])
+        grid = processor.grid_of(image)
+        shown = normalize(resize_uint8(image, processor.image_config))
+    else:
+        prompt = build_prompt(question)
+        inputs = processor([prompt], [image])
+        grid, shown = cfg.vision.grid, None
     run = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-               attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens)
+               attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
+               **({"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}))
     if blink is not None:
-        blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
+        blink.validate_for(cfg.text.num_hidden_layers, grid)
         tokens, trace = llava.generate(**run, blink=blink, tokensr=tokensr, return_trace=True)
     else:
         if scan_config is not None:
-            scan_config.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)
+            scan_config.validate_for(cfg.text.num_hidden_layers, grid)
         tokens = llava.generate(**run)
         trace = None if scan_config is None else vanilla_trace(llava, inputs, scan_config.layers,
                                                                scan_config.region_size)
     return Prediction(answer=answer_text(processor, tokens[0], cfg.text.eos_token_id), tokens=np.asarray(tokens[0]),
-                      trace=trace, pixel_values=inputs["pixel_values"][0], prompt=prompt)
+                      trace=trace, pixel_values=inputs["pixel_values"][0] if shown is None else shown, prompt=prompt)
 
 
 def predict_crop(llava, processor, image, question: str, crop: CropConfig, *,
@@ -164,12 +174,12 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
 
     if trace.attention is None:
         raise ValueError("the trace has no attention maps S_v: run Blink with BlinkConfig(return_attention=True)")
-    grid = trace.attention.shape[-1]
-    if grid % region_size:
-        raise ValueError(f"region_size={region_size} does not divide the attention grid side {grid}")
+    gh, gw = trace.attention.shape[-2:]
+    if gh % region_size or gw % region_size:
+        raise ValueError(f"region_size={region_size} does not divide the attention grid {gh} x {gw}")
     height, width = image.shape[:2]
-    per_side = grid // region_size
-    box_w, box_h = width / per_side, height / per_side
+    per_side, per_column = gw // region_size, gh // region_size  # regions per row, per column
+    box_w, box_h = width / per_side, height / per_column
     panels = len(trace.layers)
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)
@@ -179,13 +189,14 @@ def plot_trace(image: np.ndarray, trace: HostTrace, out_path: str | os.PathLike,
     FigureCanvasAgg(fig)
     for j, layer in enumerate(trace.layers):
         ax = fig.add_subplot(rows, cols, j + 1)
-        s_v = np.asarray(trace.attention[j, example], np.float64)  # [G, G]
+        s_v = np.asarray(trace.attention[j, example], np.float64)  # [Gh, Gw]
         ax.imshow(image, extent=(0, width, height, 0))
         # Per-panel min-max colour scale, so the focus shows even when attention is nearly flat (rho says how flat).
         ax.imshow(s_v, extent=(0, width, height, 0), cmap="inferno", alpha=0.55, interpolation="nearest",
                   vmin=float(s_v.min()), vmax=max(float(s_v.max()), float(s_v.min()) + 1e-12))
         for k in range(1, per_side):  # the region grid
             ax.axvline(k * box_w, color="white", linewidth=0.7, alpha=0.8)
+        for k in range(1, per_column):
             ax.axhline(k * box_h, color="white", linewidth=0.7, alpha=0.8)
         action = int(trace.action[j, example])
         expanded = int(trace.expanded_region[j, example])
@@ -292,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BlinkConfig()
     parser = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id")
+                        help="Hugging Face LLaVA directory, a converted blink-jax one, or a Hub id; or a Hugging Face "
+                             "Qwen2.5-VL directory")
     parser.add_argument("--image", required=True, help="the image file")
     parser.add_argument("--question", required=True, help="the question; the LLaVA-1.5 eval prompt is built around "
                                                           "it (short-answer suffix included)")
@@ -327,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameter dtype (default float32)")
     parser.add_argument("--mesh", default=None, help=f"{sharding.MESH_HELP}; default: every device on the data axis "
                                                      f"when the model fits one device")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
+                        help="Qwen2.5-VL: pixel budget of the grid buckets the image is resized to (default: the "
+                             "model's preprocessor_config.json)")
     return parser
 
 
@@ -341,13 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      tau_drop=args.tau_drop, tokensr_dir=args.tokensr)
         if mode == "vanilla" and (args.tau_exp is not None or args.tau_drop is not None):
             print("note: --tau-exp/--tau-drop do nothing in --mode vanilla", file=sys.stderr)
-        mesh = inference_mesh(args.model, args.mesh, getattr(jnp, args.dtype))  # before any weight is read
-        llava = load_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                mesh=mesh if mesh.devices.size > 1 else None)
-        blink.validate_for(llava.config.text.num_hidden_layers, llava.config.vision.grid)
+        llava, processor = load_model_and_processor(args.model, dtype=args.dtype, mesh=args.mesh,
+                                                    region_size=blink.region_size, max_pixels=args.max_pixels,
+                                                    pad_to_square=not args.no_pad_to_square, load=load_pretrained)
+        grid = processor.grid_of(image) if is_qwen(processor) else llava.config.vision.grid
+        blink.validate_for(llava.config.text.num_hidden_layers, grid)
         if bank is not None:  # another model's TokenSR, named as eval.run names it (before any forward)
             check_tokensr(blink, llava.config.text.hidden_size, bank, args.tokensr)
-        processor = Processor.from_pretrained(args.model, config=llava.config, pad_to_square=not args.no_pad_to_square)
+        if mode == "crop" and is_qwen(processor):
+            raise ConfigError("--mode crop is not available for Qwen2.5-VL: its second pass asks with the image and a "
+                              "crop of another grid shape in one prompt; use vanilla, interp or blink")
         if mode == "crop":
             crop = CropConfig.like(blink, crop_layer=args.crop_layer, crop_context=args.crop_context,
                                    crop_input=args.crop_input)
@@ -371,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.plot}")
         return 0
 
-    regions = blink.num_regions(llava.config.vision.grid)
+    regions = blink.num_regions(grid)
     print(f"answer: {result.answer}")
     print()
     settings = (f"tau_exp={blink.tau_exp}, tau_drop={blink.tau_drop}, " if mode != "vanilla" else "")

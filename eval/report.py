@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from blink_jax.blink.dtr import ACTION_NAMES, NO_REGION, region_box
 from blink_jax.processing import preprocess_uint8
@@ -108,16 +109,21 @@ def plot_examples(examples: Sequence[tuple[dict, object]], path: Path, title: st
     for ax in axes.flat:
         ax.axis("off")
     for ax, (rec, image) in zip(axes.flat, examples):
-        size = rec["image_size"]
-        if image is not None:
-            ax.imshow(preprocess_uint8(image, image_size=size, pad_to_square=rec.get("pad_to_square", True)))
+        if rec.get("cell"):  # Qwen2.5-VL: the image resized to its grid bucket (Gh, Gw) of `cell`-px merged tokens
+            (height, width), grid, cell = rec["image_size"], tuple(rec["grid"]), rec["cell"]
+            shown = (np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+                     if image is not None else np.full((height, width, 3), 200, np.uint8))
         else:
-            ax.imshow(np.full((size, size, 3), 200, np.uint8))
+            size = rec["image_size"]
+            grid, cell = rec["grid"], size // rec["grid"]
+            shown = (preprocess_uint8(image, image_size=size, pad_to_square=rec.get("pad_to_square", True))
+                     if image is not None else np.full((size, size, 3), 200, np.uint8))
+        ax.imshow(shown)
         layers = rec["layers"]
         for j, (action, region) in enumerate(zip(rec["action"], rec["region"])):
             if action != "expand":
                 continue
-            x0, y0, x1, y1 = region_box(region, rec["grid"], rec["region_size"], patch=size // rec["grid"])
+            x0, y0, x1, y1 = region_box(region, grid, rec["region_size"], patch=cell)
             inset = 1.5 * j
             ax.add_patch(patches.Rectangle((x0 + inset, y0 + inset), x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
                                            fill=False, linewidth=2, edgecolor=cmap(j / max(1, len(layers) - 1))))

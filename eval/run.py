@@ -39,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, choices=NAMES, help="the benchmark")
-    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted) or Hub id; default: the bundled "
-                                   "demo model (pope only)")
+    p.add_argument("--model", help="LLaVA-1.5 directory (Hugging Face or converted) or Hub id, or a Hugging Face "
+                                   "Qwen2.5-VL directory; default: the bundled demo model (pope only)")
     p.add_argument("--data-dir", help="the benchmark's release files, in their official layout (default with the "
                                       "demo model: its shapes set)")
     p.add_argument("--modes", default=None,
@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
                    "factor (default 2.0)")
     p.add_argument("--crop-input", choices=("both", "crop"), help="mode crop: pass 2 sees the image and the crop "
                    "(both, the default; the demo: crop) or the crop alone")
+    p.add_argument("--max-pixels", type=int, help="Qwen2.5-VL: pixel budget of the grid buckets images are resized "
+                   "to (default: the model's preprocessor_config.json max_pixels)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                    help="compute dtype (default bfloat16; demo float32)")
     p.add_argument("--tfds-dir", help="where prepared datasets go (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             region_size=args.region_size, tau_exp=args.tau_exp, tau_drop=args.tau_drop, crop_layer=args.crop_layer,
             crop_context=args.crop_context, crop_input=args.crop_input, dtype=args.dtype,
             tfds_dir=args.tfds_dir, save_traces=args.save_traces, retry_errors=args.retry_errors, seed=args.seed,
-            pad_to_square=not args.no_pad_to_square, progress=not args.no_progress, mesh=args.mesh)
+            pad_to_square=not args.no_pad_to_square, progress=not args.no_progress, mesh=args.mesh,
+            max_pixels=args.max_pixels)
     except (ValueError, FileNotFoundError) as e:  # flags out of range, a --model that is not there
         print(f"eval.run: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,7 +1,8 @@
-"""The frozen LLaVA backbone, its parameters born sharded on the training mesh, and its fingerprint.
+"""The frozen backbone, its parameters born sharded on the training mesh, and its fingerprint.
 
 Loading is the library's (`blink_jax.loading.load_model` with a mesh: no device ever holds more than its
-shard); training keeps the split pure-function form and a fingerprint of the weights for the teacher cache.
+shard; a Qwen2.5-VL directory loads on the mesh's one device); training keeps the split pure-function form and a
+fingerprint of the weights for the teacher cache.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blink_jax import sharding
-from blink_jax.config import LlavaConfig
 from blink_jax.hub import resolve_model_dir
-from blink_jax.loading import load_model
+from blink_jax.loading import load_model, model_type
+from train.config import TrainConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    config: LlavaConfig
+    config: object  # LlavaConfig or Qwen25VLConfig
     graphdef: nnx.GraphDef
     params: nnx.State  # sharded jax Arrays; never updated, never donated
     fingerprint: str  # identifies the weights (and dtype) for the teacher cache
@@ -31,9 +32,19 @@ class Backbone:
 
 def load_backbone(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh, dtype=jnp.float32,
                   rules=sharding.LOGICAL_RULES) -> Backbone:
-    """The LLaVA at `model_dir` (HF or converted) with every parameter born sharded on `mesh`."""
+    """The LLaVA at `model_dir` (HF or converted) with every parameter born sharded on `mesh`; a Qwen2.5-VL (HF)
+    on the mesh's one device."""
     model_dir = resolve_model_dir(model_dir)  # a directory, or a Hugging Face Hub id
-    model = load_model(model_dir, dtype, mesh, rules)
+    if model_type(model_dir) == "qwen2_5_vl":
+        from blink_jax.model.qwen2_5_vl.loading import load_pretrained as load_qwen
+
+        if mesh.devices.size > 1:
+            raise TrainConfigError(f"{model_dir} is a Qwen2.5-VL model, which trains on one device for now: use --mesh cpu "
+                             f"or gpu_1")
+        with jax.default_device(mesh.devices.flat[0]):
+            _, model = load_qwen(model_dir, dtype)
+    else:
+        model = load_model(model_dir, dtype, mesh, rules)
     graphdef, params = nnx.split(model)
     return Backbone(model.config, graphdef, params, fingerprint(model_dir, dtype))
 

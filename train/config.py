@@ -49,6 +49,8 @@ class TrainConfig:
     log_every: metrics.jsonl / console interval in steps.
     data_workers: grain worker processes (0: decode in the training process).
     pad_to_square: the original LLaVA-1.5 preprocessing (expand2square before CLIP).
+    max_pixels: Qwen2.5-VL: the pixel budget of the grid buckets images are resized to (BLINK.md §10; 0: the
+        model's preprocessor_config.json max_pixels); each batch holds one bucket's grid shape.
     distributed: call `jax.distributed.initialize()` first (multi-host).
     """
 
@@ -83,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     data_workers: int = 0
     pad_to_square: bool = True
+    max_pixels: int = 0
     distributed: bool = False
 
     def __post_init__(self):
@@ -91,7 +94,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be positive")
-        for name in ("warmup_steps", "limit", "data_workers", "seed"):
+        for name in ("warmup_steps", "limit", "data_workers", "seed", "max_pixels"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name in ("lr", "temperature"):

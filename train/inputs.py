@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from blink_jax.processing import Processor
 from blink_jax import sharding
 from train.config import TrainConfig
 from train.data import llava_mix, pipeline
@@ -37,7 +36,7 @@ class BatchShardings:
                    token=sharding.batch_sharding(mesh, sharding.TOKEN_AXES))
 
 
-def data_loader(cfg: TrainConfig, processor: Processor, *, local_batch: int, is_main: bool):
+def data_loader(cfg: TrainConfig, family, *, local_batch: int, is_main: bool):
     """The grain loader of this host's `local_batch` rows per step; the first host prepares the dataset (built on
     first use) while the others wait for it."""
     if is_main:
@@ -46,42 +45,42 @@ def data_loader(cfg: TrainConfig, processor: Processor, *, local_batch: int, is_
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("llava_mix prepared")
     source = llava_mix.data_source(cfg.data_dir, cfg.tfds_path, build=False)
-    return pipeline.make_loader(source, processor, local_batch=local_batch, seed=cfg.seed,
-                                max_prompt_len=cfg.max_prompt_len, pad_to_square=cfg.pad_to_square, limit=cfg.limit,
-                                workers=cfg.data_workers)
+    sizes = cfg.tfds_path / f"image_sizes_{cfg.limit or 'all'}.npy"  # (only read by families with grid buckets)
+    return pipeline.make_loader(source, family, local_batch=local_batch, seed=cfg.seed,
+                                max_prompt_len=cfg.max_prompt_len, limit=cfg.limit, workers=cfg.data_workers,
+                                sizes_cache=sizes)
 
 
-def make_teacher(cfg: TrainConfig, backbone, processor: Processor, *, mesh: Mesh, local_batch: int,
+def make_teacher(cfg: TrainConfig, backbone, family, *, mesh: Mesh, local_batch: int,
                  shardings: BatchShardings) -> Teacher:
     """The crop teacher, with its on-disk cache unless `--teacher-cache none`."""
     cache = None
     if cfg.cache_path is not None:
-        salt = cache_salt(backbone.fingerprint, processor, cfg.blink, pad_to_square=cfg.pad_to_square,
-                          dtype=cfg.cache_dtype)
+        salt = cache_salt(backbone.fingerprint, family, cfg.blink, dtype=cfg.cache_dtype)
         cache = TeacherCache(cfg.cache_path, salt=salt, dtype=cfg.cache_dtype)
-    return Teacher(backbone, processor, cfg.blink, mesh=mesh, local_batch=local_batch, cache=cache,
-                   cache_dtype=cfg.cache_dtype, image_sharding=shardings.image, token_sharding=shardings.token,
-                   target_sharding=shardings.student)
+    return Teacher(backbone, family, cfg.blink, mesh=mesh, local_batch=local_batch, cache=cache,
+                   cache_dtype=cfg.cache_dtype, shardings=shardings)
 
 
 class StepInputs:
     """A host batch and its step -> (hs_lr [Lp, B, r, r, D], target [Lp, B, O, O, D], info) on the mesh; info holds
     scalars for the logs (mean rho, share of random regions)."""
 
-    def __init__(self, backbone, teacher: Teacher, cfg: TrainConfig, *, num_regions: int,
-                 shardings: BatchShardings):
-        self.backbone, self.teacher, self.blink = backbone, teacher, cfg.blink
+    def __init__(self, backbone, teacher: Teacher, family, cfg: TrainConfig, *, shardings: BatchShardings):
+        self.backbone, self.teacher, self.family, self.blink = backbone, teacher, family, cfg.blink
         self.p_random_region, self.seed = cfg.p_random_region, cfg.seed
-        self.num_regions, self.shardings = num_regions, shardings
+        self.shardings = shardings
 
     def __call__(self, batch: dict, step: int) -> tuple[jax.Array, jax.Array, dict]:
-        put, sh = sharding.to_global, self.shardings
+        sh = self.shardings
+        inputs = self.family.device_inputs(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                           self.family.grid_of(batch["image"][0]), sh)
         s = student_inputs(
-            self.backbone.graphdef, self.backbone.params, put(batch["input_ids"], sh.token),
-            put(batch["pixel_values"], sh.image), put(batch["attention_mask"], sh.token),
-            jnp.asarray(step, jnp.int32), jnp.asarray(self.p_random_region, jnp.float32),
-            jnp.asarray(self.seed, jnp.int32), layers=self.blink.layers, region_size=self.blink.region_size,
-            num_regions=self.num_regions, lr_sharding=sh.student, region_sharding=sh.region)
+            self.backbone.graphdef, self.backbone.params, inputs.input_ids, inputs.pixel_values,
+            inputs.attention_mask, inputs.extra, jnp.asarray(step, jnp.int32),
+            jnp.asarray(self.p_random_region, jnp.float32), jnp.asarray(self.seed, jnp.int32), grid=inputs.grid,
+            layers=self.blink.layers, region_size=self.blink.region_size, lr_sharding=sh.student,
+            region_sharding=sh.region)
         regions = sharding.to_local(s.region, sh.region)
         target = self.teacher(batch["image"], batch["image_digest"], regions)
         info = {"rho": jnp.mean(s.rho), "random_region_frac": jnp.mean(s.random.astype(jnp.float32))}

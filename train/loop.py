@@ -1,4 +1,5 @@
-"""The TokenSR training loop: data -> frozen-backbone probes (student inputs, teacher targets) -> jitted train step
+"""The TokenSR training loop (LLaVA-1.5 or Qwen2.5-VL, `blink_jax.family`): data -> frozen-backbone probes
+(student inputs, teacher targets) -> jitted train step
 -> metrics, checkpoints, export.
 
 Per step: the grain batch (this host's rows) goes on the mesh; one jitted probe gives the SGS regions and the
@@ -19,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from blink_jax import distributed, rundir, sharding
-from blink_jax.config import LlavaConfig
-from blink_jax.processing import Processor
 from blink_jax.training import step as step_lib
 from blink_jax.training.optim import OptimConfig
 from train import inputs as inputs_lib, workdir as workdir_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig
+from blink_jax.family import family_of
 from train.metrics import MetricsLogger
 from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher
@@ -97,21 +97,22 @@ class Trainer:
         workdir_lib.check_resume(self.workdir, cfg, is_main=self.is_main)
         log.info("%s; global batch %d (%d per host)", sharding.describe(self.mesh), cfg.batch_size, self.local_batch)
 
-        model_cfg = LlavaConfig.from_json(cfg.model)
+        self.family = family_of(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
+                                max_pixels=cfg.max_pixels)
+        self.family.check_mesh(self.mesh)
         self.blink = cfg.blink
-        self.blink.validate_for(model_cfg.text.num_hidden_layers, model_cfg.vision.grid)  # before a long load
+        for grid in self.family.grids:  # before a long load
+            self.blink.validate_for(self.family.num_layers, grid)
         dtype = jnp.bfloat16 if cfg.backbone_dtype == "bfloat16" else jnp.float32
         self.backbone = load_backbone(cfg.model, self.mesh, dtype)
-        self.dim = model_cfg.text.hidden_size
-        self.processor = Processor.from_pretrained(cfg.model, config=model_cfg, pad_to_square=cfg.pad_to_square)
+        self.dim = self.family.hidden_size
 
-        self.loader = inputs_lib.data_loader(cfg, self.processor, local_batch=self.local_batch, is_main=self.is_main)
+        self.loader = inputs_lib.data_loader(cfg, self.family, local_batch=self.local_batch, is_main=self.is_main)
         self.iterator = iter(self.loader)
         shardings = inputs_lib.BatchShardings.on(self.mesh)
-        self.teacher = inputs_lib.make_teacher(cfg, self.backbone, self.processor, mesh=self.mesh,
+        self.teacher = inputs_lib.make_teacher(cfg, self.backbone, self.family, mesh=self.mesh,
                                                local_batch=self.local_batch, shardings=shardings)
-        self.inputs = inputs_lib.StepInputs(self.backbone, self.teacher, cfg, shardings=shardings,
-                                            num_regions=self.blink.num_regions(model_cfg.vision.grid))
+        self.inputs = inputs_lib.StepInputs(self.backbone, self.teacher, self.family, cfg, shardings=shardings)
         self.program = train_program(cfg, self.dim, shardings.student)
         self.train_step = self.program.step
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep)
@@ -198,7 +199,8 @@ def export_only(workdir: str | Path) -> Path:
     """Exports the newest checkpoint of `workdir` to `<workdir>/tokensr/` (one process, on its first device)."""
     workdir = Path(workdir).absolute()
     cfg = workdir_lib.read_config(workdir)
-    dim = LlavaConfig.from_json(cfg.model).text.hidden_size
+    dim = family_of(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
+                    max_pixels=cfg.max_pixels).hidden_size
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
     program = train_program(cfg, dim, sharding.replicated(mesh))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep)

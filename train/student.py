@@ -5,7 +5,7 @@ hidden states and the SGS region r* of the prompt's last token; a (layer, exampl
 random region instead with probability `p_random_region`. Random draws come from (seed, step) and the
 global batch shape only, so they do not depend on the mesh or on where a run was resumed.
 
-Letters: Lp participating layers, B batch, G grid side, r region side, D model dim.
+Letters: Lp participating layers, B batch, Gh x Gw the visual grid, r region side, D model dim.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flax import nnx, struct
 
 from blink_jax.blink.dtr import gather_region
 from blink_jax.blink.probe import probe_layers
+from blink_jax.family import prompt_kwargs
 
 
 @struct.dataclass
@@ -28,15 +29,19 @@ class StudentInputs:
     random: jax.Array  # [Lp, B] bool: region drawn at random instead of r*
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "num_regions", "lr_sharding",
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "layers", "region_size", "lr_sharding",
                                              "region_sharding"))
-def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, step, p_random, seed, *,
-                   layers: tuple[int, ...], region_size: int, num_regions: int, lr_sharding,
+def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, extra, step, p_random, seed, *,
+                   grid: tuple[int, int] | None, layers: tuple[int, ...], region_size: int, lr_sharding,
                    region_sharding) -> StudentInputs:
-    """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values [B, 3, S, S];
-    step, seed: int32 [], p_random: float32 [] (traced: changing them does not recompile the probe)."""
+    """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values as the backbone takes
+    them, `extra` / `grid` the rest of its prompt's inputs (`blink_jax.family.ModelInputs`); step, seed: int32 [],
+    p_random: float32 [] (traced: changing them does not recompile the probe)."""
     model = nnx.merge(graphdef, params)
-    probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size)
+    probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,
+                         **prompt_kwargs(extra, grid))
+    gh, gw = probe.visual.shape[2:4]
+    num_regions = (gh // region_size) * (gw // region_size)
     key = jax.random.fold_in(jax.random.key(seed), step)
     k_use, k_region = jax.random.split(key)
     shape = probe.region.shape  # [Lp, B]

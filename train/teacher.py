@@ -1,7 +1,8 @@
-"""Teacher targets (BLINK.md §5): h_L[visual](crop), area-pooled from G x G to (s r) x (s r), with a disk cache.
+"""Teacher targets (BLINK.md §5, §10): h_L[visual](crop), area-pooled from Gh x Gw to (s r) x (s r), with a disk cache.
 
-The crop of region (i, j) of the (G/r) x (G/r) region grid is its pixel box [i r p, (i+1) r p) x [j r p, (j+1) r p)
-(p = patch size) in the preprocessed S x S image, resized back to S x S (PIL bicubic) and CLIP-normalised.
+The crop of region (i, j) of the (Gh/r) x (Gw/r) region grid is its pixel box [i r c, (i+1) r c) x [j r c, (j+1) r c)
+(c = pixels per grid cell: LLaVA's 14 px patch, Qwen2.5-VL's 28 px merged token) in the preprocessed image,
+resized back to that image's size (PIL bicubic) and preprocessed as the model's images are (`blink_jax.family`).
 Under causal attention the visual states depend only on the image and the prompt before it, so the teacher
 runs on the prompt cut right after the image tokens, and a target is a function of (image, region, layer)
 alone: computed once, cached on disk, reused by later epochs and later runs.
@@ -9,8 +10,8 @@ alone: computed once, cached on disk, reused by later epochs and later runs.
 Targets are rounded to the cache dtype whether they come from the cache or not, so a run gives the same
 numbers with a cold cache, a warm one, or none.
 
-Letters: Lp participating layers, B batch, G grid side, O = s r pooled side, D model dim; in `area_pool`'s
-einsum G/W are the grid's rows/columns and O/Q the pooled rows/columns.
+Letters: Lp participating layers, B batch, Gh x Gw the visual grid, O = s r pooled side, D model dim; in
+`area_pool`'s einsum G/W are the grid's rows/columns and O/Q the pooled rows/columns.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from PIL import Image
 
 from blink_jax.blink.dtr import region_box
 from blink_jax.blink.probe import probe_layers
-from blink_jax.processing import IMAGE_PLACEHOLDER, Processor, build_prompt, normalize
+from blink_jax.family import prompt_kwargs
+from blink_jax.processing import normalize
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,17 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ geometry
 
 
+def crop_uint8(image: np.ndarray, region: int, grid, region_size: int, cell: int) -> np.ndarray:
+    """uint8 [H, W, 3] preprocessed image -> uint8 [H, W, 3]: region's box (`region_box` on the Gh x Gw grid of
+    `cell`-pixel cells) resized back to H x W."""
+    height, width = image.shape[:2]
+    box = region_box(region, grid, region_size, cell)
+    return np.asarray(Image.fromarray(image).crop(box).resize((width, height), resample=Image.Resampling.BICUBIC))
+
+
 def crop_pixels(image: np.ndarray, region: int, grid: int, region_size: int, patch: int) -> np.ndarray:
-    """uint8 [S, S, 3] preprocessed image -> float32 [3, S, S]: the region's box resized to S x S, normalised."""
-    size = image.shape[0]
-    box = region_box(region, grid, region_size, patch)
-    crop = Image.fromarray(image).crop(box).resize((size, size), resample=Image.Resampling.BICUBIC)
-    return normalize(np.asarray(crop))
+    """LLaVA: uint8 [S, S, 3] preprocessed image -> float32 [3, S, S]: the region's box resized to S x S, normalised."""
+    return normalize(crop_uint8(image, region, grid, region_size, patch))
 
 
 def area_weights(size_in: int, size_out: int) -> np.ndarray:  # [O, G]
@@ -58,24 +65,20 @@ def area_weights(size_in: int, size_out: int) -> np.ndarray:  # [O, G]
     return w
 
 
-def area_pool(x: jax.Array, size_out: int) -> jax.Array:  # [..., G, G, D] -> [..., O, O, D]
-    w = jnp.asarray(area_weights(x.shape[-2], size_out))
-    return jnp.einsum("...GWD,OG,QW->...OQD", x.astype(jnp.float32), w, w)
+def area_pool(x: jax.Array, size_out: int) -> jax.Array:  # [..., Gh, Gw, D] -> [..., O, O, D]
+    rows, cols = jnp.asarray(area_weights(x.shape[-3], size_out)), jnp.asarray(area_weights(x.shape[-2], size_out))
+    return jnp.einsum("...GWD,OG,QW->...OQD", x.astype(jnp.float32), rows, cols)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "sr_side", "out_sharding"))
-def teacher_states(graphdef, params, input_ids, pixel_values, attention_mask, *, layers: tuple[int, ...],
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "layers", "region_size", "sr_side", "out_sharding"))
+def teacher_states(graphdef, params, input_ids, pixel_values, attention_mask, extra, *, grid, layers: tuple[int, ...],
                    region_size: int, sr_side: int, out_sharding) -> jax.Array:  # [Lp, B, O, O, D] float32
-    """Layer outputs of the visual tokens of each (crop) image, area-pooled to sr_side x sr_side."""
+    """Layer outputs of the visual tokens of each (crop) image, area-pooled to sr_side x sr_side; `extra`, `grid`:
+    the backbone prompt's other inputs (`blink_jax.family.ModelInputs`)."""
     model = nnx.merge(graphdef, params)
-    probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size)
+    probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,
+                         **prompt_kwargs(extra, grid))
     return jax.lax.with_sharding_constraint(area_pool(probe.visual, sr_side), out_sharding)
-
-
-def image_prefix_ids(processor: Processor) -> list[int]:
-    """The eval prompt cut right after `<image>`: all the teacher's visual states depend on."""
-    prompt = build_prompt("")
-    return processor.tokenize(prompt[: prompt.index(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)])
 
 
 # --------------------------------------------------------------------------------------------------- cache
@@ -145,28 +148,23 @@ class Teacher:
     hosts all run the same number of chunks (the largest need), as the jitted teacher is one SPMD program.
     """
 
-    def __init__(self, backbone, processor: Processor, blink, *, mesh, local_batch: int, cache: TeacherCache | None,
-                 cache_dtype: str, image_sharding, token_sharding, target_sharding):
-        from blink_jax import sharding
-
-        cfg = backbone.config
-        self.backbone, self.blink, self.mesh = backbone, blink, mesh
+    def __init__(self, backbone, family, blink, *, mesh, local_batch: int, cache: TeacherCache | None,
+                 cache_dtype: str, shardings):
+        """`family`: `blink_jax.family`'s; `shardings`: `train.inputs.BatchShardings`."""
+        self.backbone, self.family, self.blink, self.mesh = backbone, family, blink, mesh
         self.cache, self.cache_dtype = cache, cache_dtype
-        self.grid, self.patch, self.size = cfg.vision.grid, cfg.vision.patch_size, cfg.vision.image_size
-        self.local_batch = local_batch
-        ids = np.asarray(image_prefix_ids(processor), np.int32)
-        self.input_ids = sharding.to_global(np.tile(ids, (local_batch, 1)), token_sharding)
-        self.attention_mask = sharding.to_global(np.ones((local_batch, ids.size), np.int32), token_sharding)
-        self.image_sharding, self.target_sharding = image_sharding, target_sharding
+        self.local_batch, self.shardings = local_batch, shardings
         self.stats = {"hits": 0, "computed": 0}
 
     def __call__(self, images: np.ndarray, digests: np.ndarray, regions: np.ndarray) -> np.ndarray:
-        """images uint8 [b, S, S, 3], digests uint8 [b, 20], regions int [Lp, b] -> float32 [Lp, b, O, O, D]."""
+        """images uint8 [b, H, W, 3] (one grid), digests uint8 [b, 20], regions int [Lp, b] -> float32
+        [Lp, b, O, O, D]."""
         from blink_jax import sharding
 
-        layers = self.blink.layers
+        layers, family = self.blink.layers, self.family
         num_layers, b = regions.shape
-        side, dim = self.blink.sr_side, self.backbone.config.text.hidden_size
+        side, dim = self.blink.sr_side, family.hidden_size
+        grid = family.grid_of(images[0])
         out = np.empty((num_layers, b, side, side, dim), np.float32)
         needed: dict[tuple[bytes, int], list[tuple[int, int]]] = {}
         for i in range(b):
@@ -181,17 +179,23 @@ class Teacher:
                     self.stats["hits"] += 1
         crops = list(needed)
         chunks = sharding.max_over_hosts(math.ceil(len(crops) / self.local_batch))
+        prefix = np.asarray(family.prefix_ids(grid), np.int32)
+        ids = np.tile(prefix, (self.local_batch, 1))
+        mask = np.ones_like(ids)
+        blank = family.pixels(np.zeros_like(images[0]))
         for c in range(chunks):
             chunk = crops[c * self.local_batch:(c + 1) * self.local_batch]
-            pixels = np.zeros((self.local_batch, 3, self.size, self.size), np.float32)
+            pixels = np.stack([blank] * self.local_batch)
             for k, (digest, region) in enumerate(chunk):
                 first_example = needed[(digest, region)][0][1]
-                pixels[k] = crop_pixels(images[first_example], region, self.grid, self.blink.region_size, self.patch)
+                crop = crop_uint8(images[first_example], region, grid, self.blink.region_size, family.cell)
+                pixels[k] = family.pixels(crop)
+            inputs = family.device_inputs(ids, pixels, mask, grid, self.shardings)
             pooled = teacher_states(
-                self.backbone.graphdef, self.backbone.params, self.input_ids,
-                sharding.to_global(pixels, self.image_sharding), self.attention_mask,
-                layers=layers, region_size=self.blink.region_size, sr_side=side, out_sharding=self.target_sharding)
-            pooled = round_to(sharding.to_local(pooled, self.target_sharding), self.cache_dtype)
+                self.backbone.graphdef, self.backbone.params, inputs.input_ids, inputs.pixel_values,
+                inputs.attention_mask, inputs.extra, grid=inputs.grid, layers=layers,
+                region_size=self.blink.region_size, sr_side=side, out_sharding=self.shardings.student)
+            pooled = round_to(sharding.to_local(pooled, self.shardings.student), self.cache_dtype)
             for k, (digest, region) in enumerate(chunk):
                 for l, layer in enumerate(layers):
                     if self.cache:
@@ -202,9 +206,8 @@ class Teacher:
         return out
 
 
-def cache_salt(fingerprint: str, processor: Processor, blink, *, pad_to_square: bool, dtype: str) -> str:
+def cache_salt(fingerprint: str, family, blink, *, dtype: str) -> str:
     """Everything besides (image, region, layer) that a target depends on."""
-    cfg = processor.config
-    parts = [fingerprint, cfg.vision.image_size, cfg.vision.patch_size, pad_to_square, blink.region_size, blink.scale,
-             dtype, ",".join(map(str, image_prefix_ids(processor)))]
+    parts = [fingerprint, *family.salt(), blink.region_size, blink.scale, dtype,
+             ",".join(map(str, family.prefix_ids(family.grids[0])))]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]

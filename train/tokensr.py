@@ -1,6 +1,8 @@
-"""Train Blink's per-layer TokenSR modules on a frozen LLaVA-1.5 (BLINK.md §5).
+"""Train Blink's per-layer TokenSR modules on a frozen LLaVA-1.5 or Qwen2.5-VL (BLINK.md §5, §10).
 
     python -m train.tokensr --model llava-1.5-7b-hf --data-dir LLaVA-Mix --workdir runs/tokensr --mesh tpu_v5e_8
+    python -m train.tokensr --model Qwen2.5-VL-7B-Instruct --data-dir LLaVA-Mix --workdir runs/qwen --mesh gpu_1 \
+        --layers 10-16 --region-size 4 --max-pixels 501760
 
 The same command runs on one CPU (`--mesh cpu`), 8 simulated CPU devices (`--mesh cpu_8`, with
 XLA_FLAGS=--xla_force_host_platform_device_count=8), GPUs, TPU slices and, with `--distributed`, pods.
@@ -32,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--model", help="(required unless --export-only) LLaVA-1.5 directory: Hugging Face (llava-hf/llava-1.5-7b-hf) or converted "
-                    "by checkpoints_conversion.hf_to_orbax")
+                    "by checkpoints_conversion.hf_to_orbax; or a Hugging Face Qwen2.5-VL directory (one device)")
     io.add_argument("--data-dir", help="(required unless --export-only) LLaVA-1.5 mix directory: llava_v1_5_mix665k.json and the image folders "
                     "(coco/train2017, gqa/images, ocr_vqa/images, textvqa/train_images, vg/VG_100K{,_2})")
     io.add_argument("--tfds-dir", default=d.tfds_dir, help="where the prepared array_record dataset goes (built on "
@@ -84,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-pad-to-square", dest="pad_to_square", action="store_false",
                      help="use llava-hf's preprocessing instead of LLaVA-1.5's padding to square (expand2square, "
                      "the default)%(default).0s")
+    run.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                     help="Qwen2.5-VL: pixel budget of the grid buckets images are resized to (0: the model's "
+                     "preprocessor_config.json); each batch holds one grid shape")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress bar%(default).0s")  # (%(default).0s: no misleading "(default: True)")
     return p
@@ -102,6 +107,7 @@ def main(argv=None) -> int:
     from blink_jax.rundir import DirectoryBusy
     from train.config import TrainConfigError
     from train.data.pipeline import DataError
+    from blink_jax.processing import ProcessorError
     from blink_jax.sharding import MeshError
 
     if args.export_only:
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
                 rundir.check_writable(place, flag=flag)
         result = loop.train(cfg, progress=args.progress)
     except (TrainConfigError, MeshError, ConfigError, CheckpointError, DataError, distributed.DistributedError,
+            ProcessorError,
             FileNotFoundError, DirectoryBusy, rundir.NotWritable) as e:
         print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2

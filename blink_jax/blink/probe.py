@@ -41,9 +41,10 @@ def probe_hook(prompt: Prompt, grid: tuple[int, int], region_size: int) -> Hook:
 
 
 def probe_layers(model: Backbone, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array, *,
-                 layers: tuple[int, ...], region_size: int) -> Probe:
-    """Runs layers 0..max(layers) of the vanilla model. The saliency is that of the prompt's last token."""
-    prompt = model.prompt(input_ids, pixel_values, attention_mask)
+                 layers: tuple[int, ...], region_size: int, **inputs) -> Probe:
+    """Runs layers 0..max(layers) of the vanilla model. The saliency is that of the prompt's last token.
+    `inputs`: what the backbone's `prompt` takes besides the three arrays (Qwen2.5-VL: layout, positions, grid)."""
+    prompt = model.prompt(input_ids, pixel_values, attention_mask, **inputs)
     hook = probe_hook(prompt, visual_grid(prompt), region_size)
     _, _, records = walk(model.decoder_layers, prompt.stream, hooks={layer: hook for layer in layers},
                          stop=max(layers) + 1)

@@ -27,15 +27,20 @@ def bucket_length(length: int, bucket: int) -> int:
 class Batch:
     length: int  # the bucket: padded prompt length T
     items: tuple  # the batch's real entries (up to batch_size)
+    key: Any = None  # what else the batch's rows share (Qwen2.5-VL: the grid shape), None if nothing
 
 
-def plan_batches(items: Sequence[Any], lengths: Sequence[int], *, bucket: int, batch_size: int) -> list[Batch]:
-    """Groups items by bucket (shortest bucket first, release order inside) into batches of <= batch_size."""
-    by_bucket: dict[int, list] = collections.defaultdict(list)
-    for item, length in zip(items, lengths):
-        by_bucket[bucket_length(length, bucket)].append(item)
-    return [Batch(length, tuple(group[i:i + batch_size]))
-            for length, group in sorted(by_bucket.items()) for i in range(0, len(group), batch_size)]
+def plan_batches(items: Sequence[Any], lengths: Sequence[int], *, bucket: int, batch_size: int,
+                 keys: Sequence[Any] | None = None) -> list[Batch]:
+    """Groups items by (key, bucket) (keys in first-seen order, shortest bucket first, release order inside) into
+    batches of <= batch_size. `keys`: per item, what its batch must share besides the bucket (a grid shape)."""
+    keys = [None] * len(items) if keys is None else list(keys)
+    order = {key: i for i, key in reversed(list(enumerate(keys)))}
+    by_bucket: dict[tuple, list] = collections.defaultdict(list)
+    for item, length, key in zip(items, lengths, keys):
+        by_bucket[(order[key], bucket_length(length, bucket))].append((item, key))
+    return [Batch(length, tuple(item for item, _ in group[i:i + batch_size]), group[0][1])
+            for (_, length), group in sorted(by_bucket.items()) for i in range(0, len(group), batch_size)]
 
 
 def pad_batch(ids: Sequence[Sequence[int]], pixels: Sequence[np.ndarray], *, length: int, batch_size: int,

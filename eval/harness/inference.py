@@ -23,6 +23,7 @@ import numpy as np
 
 from blink_jax import flops as model_flops
 from blink_jax.blink import NO_REGION, crop_generate
+from blink_jax.config import LlavaConfig
 from eval.harness.batching import pad_batch
 from eval.harness.modes import ModeSpec
 
@@ -48,19 +49,27 @@ class Answerer:
         self.eos_id = text.eos_token_id
         self.programs: dict[str, set[tuple[int, int, int]]] = {}  # mode -> (B, T, new tokens) compiled
         self.costs: list[dict] = []  # the last call's cost per real row: {"seconds", "flops", "compiled"}
-        self.dims = model_flops.Dims.from_config(model.config)
+        # FLOPs are counted for LLaVA-1.5 (`blink_jax.flops`); not yet for Qwen2.5-VL (its cost records None)
+        self.dims = model_flops.Dims.from_config(model.config) if isinstance(model.config, LlavaConfig) else None
 
     def __call__(self, mode: ModeSpec, length: int, ids: Sequence[Sequence[int]], pixels: Sequence[np.ndarray],
                  question_ids: Sequence[str], *, originals: Sequence | None = None,
-                 both_ids: Sequence[Sequence[int]] | None = None):
+                 both_ids: Sequence[Sequence[int]] | None = None, grid: tuple[int, int] | None = None):
         """n prompts (token ids, each <= length) and their pixels [3, H, W] -> (n answers, the batch's HostTrace
         (Blink), CropTrace (crop) or None); `costs` then holds each answer's cost. The crop mode also needs the n
-        original images and (crop_input "both") the two-image prompts."""
+        original images and (crop_input "both") the two-image prompts. Qwen2.5-VL: pixels [P, patch_dim] of images
+        of one `grid` (Gh, Gw); one program per (grid, bucket)."""
         start = time.perf_counter()
-        shape = (self.batch_size, length, self.max_new_tokens)
+        shape = (self.batch_size, length, self.max_new_tokens) + (() if grid is None else tuple(grid))
         compiled = shape not in self.programs.setdefault(mode.name, set())
         self.programs[mode.name].add(shape)
         inputs = pad_batch(ids, pixels, length=length, batch_size=self.batch_size, pad_id=self.pad_id)
+        if grid is not None:  # Qwen2.5-VL: packed patches and their grid
+            m = self.model.config.vision.spatial_merge_size
+            px = inputs["pixel_values"]
+            inputs = {**inputs, "pixel_values": px.reshape(-1, px.shape[-1]),
+                      "image_grid_thw": np.tile(np.asarray([[1, grid[0] * m, grid[1] * m]], np.int64),
+                                                (self.batch_size, 1))}
         if mode.crop is not None:
             tokens, trace = self._crop(mode, length, inputs, ids, originals, both_ids)
         else:
@@ -93,8 +102,10 @@ class Answerer:
                           sizes=[img.size for img in rows])
         return result.tokens, trace
 
-    def flops(self, mode: ModeSpec, ids, both_ids, tokens: np.ndarray, trace, row: int) -> float:
+    def flops(self, mode: ModeSpec, ids, both_ids, tokens: np.ndarray, trace, row: int) -> float | None:
         """Model FLOPs of one question: its prompt, its images and its answer's tokens (EOS included)."""
+        if self.dims is None:
+            return None
         tokens = [int(t) for t in tokens]
         new = tokens.index(self.eos_id) + 1 if self.eos_id is not None and self.eos_id in tokens else len(tokens)
         feature = self.model.config.vision_layers_needed

@@ -1,6 +1,10 @@
 """A benchmark's questions on their way to the model: prompt ids (tokenized once per run), images (read per batch in
 background threads while the model answers the batch before), and each question's samples-file record.
 
+Qwen2.5-VL (`blink_jax.family.QwenFamily`): the prompt is the model's chat template around the benchmark's text
+(suffix included, as for LLaVA), its image run as long as the image's grid bucket (`Prepared.grid`, read from the
+image's header), and batches hold one (grid shape, length bucket).
+
 A question that cannot be asked (a prompt that does not tokenize, an empty question, a prompt past the model's
 context, an unreadable image) becomes a record with an `error` instead of stopping the run: counted wrong, listed
 beside the metrics, retried with --retry-errors.
@@ -27,6 +31,7 @@ class Prepared:
     ids: list[int] | None
     error: str | None = None
     both_ids: list[int] | None = None  # the prompt with two images (the crop mode's pass 2: image, then crop)
+    grid: tuple[int, int] | None = None  # Qwen2.5-VL: the image's grid bucket (Gh, Gw); None: the model's one grid
 
     @property
     def question_id(self) -> str:
@@ -34,9 +39,12 @@ class Prepared:
 
 
 def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int,
-            two_images: bool = False) -> Prepared:
-    """`two_images`: a mode of the run asks with the image and a crop (the crop mode's second pass)."""
+            two_images: bool = False, family=None, data_dir: Path | None = None) -> Prepared:
+    """`two_images`: a mode of the run asks with the image and a crop (the crop mode's second pass). `family`: a
+    `blink_jax.family.QwenFamily` for Qwen2.5-VL (then `data_dir` is where the images are); None: LLaVA."""
     prompt = bench.doc_to_text(doc)
+    if family is not None:
+        return _prepare_grid(bench, doc, prompt, family, data_dir)
     try:
         ids, both = (tokenize_with_image(tokenizer, build_prompt(prompt, suffix=None, images=n),
                                          model_config.image_token_index, model_config.num_image_tokens, images=n)
@@ -57,7 +65,34 @@ def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tok
     return Prepared(doc, prompt, ids, both_ids=both)
 
 
-def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int, max_new_tokens: int) -> str | None:
+def _prepare_grid(bench: Benchmark, doc: dict, prompt: str, family, data_dir: Path) -> Prepared:
+    """A Qwen2.5-VL question: its image's grid bucket from the image's size (header only), then the prompt ids."""
+    try:
+        width, height = image_size(bench, doc, data_dir)
+    except Exception as e:  # noqa: BLE001 - one bad example is recorded, the run goes on
+        return Prepared(doc, prompt, None, f"{type(e).__name__}: {e}")
+    grid = family.grid_of_size(width, height)
+    try:
+        ids = family.prompt_ids(prompt, grid)
+    except ValueError as e:
+        return Prepared(doc, prompt, None, f"cannot tokenize the prompt: {e}", grid=grid)
+    error = question_error(doc, ids, max_positions=None, max_new_tokens=0)
+    return Prepared(doc, prompt, None if error else ids, error, grid=grid)
+
+
+def image_size(bench: Benchmark, doc: Mapping, data_dir: Path) -> tuple[int, int]:
+    """(width, height) of the doc's image, from its header."""
+    from PIL import Image
+
+    path = bench.image_path(doc, data_dir)
+    if path is None:
+        return bench.load_image(doc, data_dir).size
+    with Image.open(path) as img:
+        return img.size
+
+
+def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int | None,
+                   max_new_tokens: int) -> str | None:
     """Why the question of `doc`, tokenised to `ids` [T] (image tokens included), cannot be asked, or None.
 
     The prompt and every token generated after it need a position below `max_positions` (the model's
@@ -65,7 +100,7 @@ def question_error(doc: Mapping, ids: Sequence[int], *, max_positions: int, max_
     if not str(doc.get("question") or "").strip():
         return "the question is empty: correct that row of the benchmark's data"
     needed = len(ids) + max_new_tokens
-    if needed > max_positions:
+    if max_positions is not None and needed > max_positions:
         return (f"the prompt is {len(ids)} tokens (the image's included) and the answer up to {max_new_tokens} more: "
                 f"{needed} positions, past the model's context of {max_positions} (max_position_embeddings); shorten "
                 f"the question, or lower --max-new-tokens if the prompt alone fits")
@@ -91,6 +126,7 @@ class LoadedBatch:
     originals: list = dataclasses.field(default_factory=list)  # the ready questions' PIL images (crop mode)
     filler: list[int] | None = None  # prompt ids of the global batch's first question: what a host with no row of
     # its own to ask runs (in a multi-process run every host takes part in every batch's program)
+    grid: tuple[int, int] | None = None  # Qwen2.5-VL: the batch's one grid shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,33 +137,43 @@ class ImageLoader:
     image_size: int
     pad_to_square: bool
     keep_originals: bool = False  # the crop mode cuts its crops from the original images
+    family: object = None  # Qwen2.5-VL's `blink_jax.family.QwenFamily`: pixels [P, patch_dim] of the grid bucket
 
-    def __call__(self, length: int, items: Sequence[Prepared]) -> LoadedBatch:
+    def pixels(self, image):
+        if self.family is not None:
+            return self.family.pixels(self.family.image_uint8(image))
+        return preprocess_image(image, image_size=self.image_size, pad_to_square=self.pad_to_square)
+
+    def __call__(self, length: int, items: Sequence[Prepared], grid: tuple[int, int] | None = None) -> LoadedBatch:
         ready, failed, originals = [], [], []
         for item in items:
             try:
                 image = self.bench.load_image(item.doc, self.data_dir)
-                ready.append((item, preprocess_image(image, image_size=self.image_size,
-                                                     pad_to_square=self.pad_to_square)))
+                pixels = self.pixels(image)
+                if self.family is not None and self.family.grid_of_size(*image.size) != item.grid:
+                    raise ValueError(f"the image is {image.size[0]}x{image.size[1]} px, not the size its header gave")
+                ready.append((item, pixels))
                 if self.keep_originals:
                     originals.append(image)
             except Exception as e:  # noqa: BLE001 - one bad example is recorded, the run goes on
                 failed.append((item, f"{type(e).__name__}: {e}"))
-        return LoadedBatch(length, ready, failed, originals)
+        return LoadedBatch(length, ready, failed, originals, grid=grid)
 
 
 def loaded_batches(questions: Sequence[Prepared], load: ImageLoader, *, bucket: int, batch_size: int,
                    hosts: int = 1, host: int = 0) -> Iterator[LoadedBatch]:
-    """The tokenized `questions` in length buckets of <= batch_size, their images read two batches ahead.
+    """The tokenized `questions` in (grid shape, length) buckets of <= batch_size, their images read two batches
+    ahead.
 
     With several hosts, every host plans the same global batches and loads its own contiguous share of each
     (batch_size / hosts rows; host 0 first), so that each question is asked once and all hosts run every batch.
     """
-    batches = plan_batches(questions, [len(q.ids) for q in questions], bucket=bucket, batch_size=batch_size)
+    batches = plan_batches(questions, [len(q.ids) for q in questions], bucket=bucket, batch_size=batch_size,
+                           keys=[q.grid for q in questions])
     local = batch_size // hosts
 
     def share(batch) -> LoadedBatch:
-        loaded = load(batch.length, batch.items[host * local:(host + 1) * local])
+        loaded = load(batch.length, batch.items[host * local:(host + 1) * local], batch.key)
         return dataclasses.replace(loaded, filler=batch.items[0].ids)
 
     return prefetch(share, batches, lookahead=2)

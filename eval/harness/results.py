@@ -94,7 +94,8 @@ def cost_summary(records: Iterable[dict]) -> dict | None:
         return None
     warm = [c for c in costs if not c.get("compiled")]
     timed = warm or costs
-    return {"questions": len(costs), "flops": sum(c["flops"] for c in costs) / len(costs),
+    counted = all(c.get("flops") is not None for c in costs)  # (not counted for Qwen2.5-VL yet)
+    return {"questions": len(costs), "flops": sum(c["flops"] for c in costs) / len(costs) if counted else None,
             "seconds": sum(c["seconds"] for c in timed) / len(timed), "seconds_questions": len(timed),
             "seconds_include_compile": not warm}
 
@@ -253,8 +254,9 @@ def cost_lines(doc: Mapping) -> list[str]:
     for n in names:
         c = modes[n]["cost"]
         seconds = f"{c['seconds']:.4f}" + (" (incl. compile)" if c["seconds_include_compile"] else "")
-        lines.append(f"| {modes[n]['label']} | {seconds} | {c['flops'] / 1e9:.3f} | {c['flops'] / base:.3f}x "
-                     f"| {c['questions']} |")
+        counted = c["flops"] is not None and base is not None
+        gflops, ratio = (f"{c['flops'] / 1e9:.3f}", f"{c['flops'] / base:.3f}x") if counted else ("n/a", "n/a")
+        lines.append(f"| {modes[n]['label']} | {seconds} | {gflops} | {ratio} | {c['questions']} |")
     return lines
 
 

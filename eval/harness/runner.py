@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from blink_jax import distributed, load_pretrained, sharding
-from blink_jax.loading import inference_mesh
+from blink_jax.blink import BlinkConfig
+from blink_jax.family import family_of
+from blink_jax.loading import inference_mesh, model_type
 from blink_jax.processing import Processor
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark
@@ -79,6 +82,7 @@ class EvalConfig:
     pad_to_square: bool = True
     progress: bool = True
     mesh: str | None = None  # `--mesh`; None: every device on the data axis when the model fits one device
+    max_pixels: int | None = None  # Qwen2.5-VL: pixel budget of the grid buckets; None: preprocessor_config.json's
 
     def __post_init__(self):
         if self.batch_size < 1 or self.bucket < 1:
@@ -89,20 +93,25 @@ class EvalConfig:
             raise ValueError(f"--limit {self.limit} must be positive")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be positive")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"--max-pixels {self.max_pixels} must be positive")
 
 
 class Runner:
     """The model, tokenizer and questions of one `run_eval`; `run_mode` answers every question of a mode that the
     output directory does not hold yet."""
 
-    def __init__(self, cfg: EvalConfig, bench: Benchmark, docs: list[dict], model, tokenizer):
-        self.cfg, self.bench, self.docs, self.model = cfg, bench, docs, model
+    def __init__(self, cfg: EvalConfig, bench: Benchmark, docs: list[dict], model, tokenizer, family=None):
+        """`family`: Qwen2.5-VL's `blink_jax.family.QwenFamily` (its grid buckets and chat template); None: LLaVA."""
+        self.cfg, self.bench, self.docs, self.model, self.family = cfg, bench, docs, model, family
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir)
         self.max_new_tokens = cfg.max_new_tokens or bench.max_new_tokens
         self.prepared = [prepare(bench, doc, tokenizer, model.config, max_new_tokens=self.max_new_tokens,
-                                 two_images="crop" in cfg.modes) for doc in docs]
-        self.images = ImageLoader(bench, self.data_dir, model.config.vision.image_size, cfg.pad_to_square)
+                                 two_images="crop" in cfg.modes, family=family, data_dir=self.data_dir)
+                         for doc in docs]
+        image_size = None if family is not None else model.config.vision.image_size
+        self.images = ImageLoader(bench, self.data_dir, image_size, cfg.pad_to_square, family=family)
         self.hosts, self.host = jax.process_count(), jax.process_index()
         self.answerer = Answerer(model, tokenizer, batch_size=cfg.batch_size // self.hosts,
                                  max_new_tokens=self.max_new_tokens, seed=cfg.seed, pad_to_square=cfg.pad_to_square)
@@ -155,11 +164,18 @@ class Runner:
         records = [record(q, None, error, None) for q, error in batch.failed]
         if batch.ready or self.hosts > 1:  # several hosts: each runs every batch's program, with or without rows
             questions = [q for q, _ in batch.ready]
-            size = self.model.config.vision.image_size
             ids = [q.ids for q in questions] or [batch.filler]  # the filler's answer is thrown away
-            pixels = [px for _, px in batch.ready] or [np.zeros((3, size, size), np.float32)]
+            if self.family is None:
+                size = self.model.config.vision.image_size
+                pixels = [px for _, px in batch.ready] or [np.zeros((3, size, size), np.float32)]
+            else:  # (one process: every batch has rows)
+                pixels = [px for _, px in batch.ready]
+                cell = self.family.cell
+                traces.geometry = {**traces.geometry, "grid": list(batch.grid),
+                                   "image_size": [batch.grid[0] * cell, batch.grid[1] * cell]}
             answers, trace = self.answerer(mode, batch.length, ids, pixels, [q.question_id for q in questions],
-                                           originals=batch.originals, both_ids=[q.both_ids for q in questions])
+                                           originals=batch.originals, both_ids=[q.both_ids for q in questions],
+                                           grid=batch.grid)
             traces.write(trace, [(q.question_id, self.bench.image_path(q.doc, self.data_dir)) for q in questions])
             records += [record(q, answer, None, trace_io.summary(trace, i), cost)
                         for i, (q, answer, cost) in enumerate(zip(questions, answers, self.answerer.costs))]
@@ -167,6 +183,9 @@ class Runner:
 
     def _geometry(self, mode: ModeSpec) -> dict:
         vision = self.model.config.vision
+        if self.family is not None:  # grid and image size per batch (`_answer`), in (height, width) order
+            return {"grid": None, "image_size": None, "cell": self.family.cell,
+                    "region_size": mode.blink.region_size if mode.blink else None, "pad_to_square": False}
         return {"grid": vision.grid, "image_size": vision.image_size,
                 "region_size": (mode.blink or mode.crop).region_size if (mode.blink or mode.crop) else None,
                 "pad_to_square": self.cfg.pad_to_square}
@@ -178,9 +197,15 @@ def config_document(cfg: EvalConfig, runner: Runner, modes: Sequence[ModeSpec]) 
         if doc[key] is not None:
             doc[key] = os.fspath(Path(doc[key]).absolute())
     mcfg = runner.model.config
-    doc.update(max_new_tokens=runner.max_new_tokens, conv_mode=runner.bench.conv_mode,
+    if runner.family is None:
+        images = {"image_size": mcfg.vision.image_size, "grid": mcfg.vision.grid}
+    else:
+        images = {"family": runner.family.name, "grid_shapes": [list(g) for g in runner.family.grids],
+                  "max_pixels": runner.family.max_pixels}
+    doc.update(max_new_tokens=runner.max_new_tokens,
+               conv_mode=runner.bench.conv_mode if runner.family is None else "chat_template",
                model_config={"text_layers": mcfg.text.num_hidden_layers, "hidden_size": mcfg.text.hidden_size,
-                             "image_size": mcfg.vision.image_size, "grid": mcfg.vision.grid},
+                             **images},
                mode_settings={m.name: m.settings() for m in modes},
                programs={name: sorted(list(p) for p in shapes) for name, shapes in runner.programs.items()})
     return doc
@@ -234,6 +259,25 @@ def eval_mesh(cfg: EvalConfig) -> jax.sharding.Mesh | None:
     return None if mesh.devices.size == 1 else mesh
 
 
+def model_family(cfg: EvalConfig, modes: Sequence[ModeSpec]):
+    """None for a LLaVA model; for a Qwen2.5-VL directory its `QwenFamily`, whose grid buckets (BLINK.md §10) have
+    sides that are multiples of every Blink mode's region size (else --region-size or BlinkConfig's)."""
+    if model_type(cfg.model) != "qwen2_5_vl":
+        if cfg.max_pixels is not None:
+            raise ModeError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")
+        return None
+    if any(m.crop is not None for m in modes):
+        raise ModeError("mode 'crop' is not available for Qwen2.5-VL: its second pass asks with the image and a crop "
+                        "of another grid shape in one prompt, which the grid-bucketed programs do not run yet; leave "
+                        "it out of --modes")
+    if cfg.mesh is not None or jax.process_count() > 1:
+        raise ModeError("Qwen2.5-VL evaluates on one device in one process for now: leave out --mesh and "
+                        "--num-processes")
+    sizes = {m.blink.region_size for m in modes if m.blink is not None}
+    multiple = math.lcm(*sizes) if sizes else (cfg.region_size or BlinkConfig().region_size)
+    return family_of(cfg.model, region_size=multiple, max_pixels=cfg.max_pixels or 0)
+
+
 def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
              on_written: Callable[[int], None] | None = None) -> dict | None:
     """Runs every mode of `cfg` (resuming what the output directory already holds) and writes the results.
@@ -246,27 +290,34 @@ def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
     if jax.process_count() > 1 and any(m.crop is not None for m in modes):
         raise ModeError("mode 'crop' runs in one process (its two passes are not split across hosts yet): run it "
                         "without --num-processes, or leave it out of --modes")
+    family = model_family(cfg, modes)
     processor = None
-    if model_and_tokenizer is None:  # config and tokenizer now: a wrong --model fails before the data is prepared
+    if model_and_tokenizer is None and family is None:  # config and tokenizer now: a wrong --model fails early
         processor = Processor.from_pretrained(cfg.model)
-    mcfg = processor.config if processor is not None else model_and_tokenizer[0].config
-    check_fit(modes, num_layers=mcfg.text.num_hidden_layers, grid=mcfg.vision.grid,
-              hidden_size=mcfg.text.hidden_size, tokensr_dir=cfg.tokensr)
-    mesh = eval_mesh(cfg) if model_and_tokenizer is None else None
+    mcfg = family.config if family is not None else (
+        processor.config if processor is not None else model_and_tokenizer[0].config)
+    for grid in (family.grids if family is not None else (mcfg.vision.grid,)):
+        check_fit(modes, num_layers=mcfg.text.num_hidden_layers, grid=grid, hidden_size=mcfg.text.hidden_size,
+                  tokensr_dir=cfg.tokensr)
+    mesh = eval_mesh(cfg) if model_and_tokenizer is None and family is None else None
     main = distributed.is_main()
     if not main:  # process 0 prepares the data set (once, into the shared tfds folder); the others then read it
         distributed.barrier("eval: data prepared")
     docs = bench.limit(benchmarks.load_docs(bench, cfg.data_dir, cfg.tfds_dir), cfg.limit)
     if main:
         distributed.barrier("eval: data prepared")
+    if model_and_tokenizer is None and family is not None:
+        model_and_tokenizer = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype)), family.processor.tokenizer
     model, tokenizer = model_and_tokenizer or load_model(cfg, processor, mesh)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(cfg, bench, docs, model, tokenizer)
+    runner = Runner(cfg, bench, docs, model, tokenizer, family=family)
     fixed = {"bench": bench.name, "task_version": bench.version, "model": os.fspath(Path(cfg.model).absolute()),
              "data_dir": os.fspath(Path(cfg.data_dir).absolute()), "dtype": cfg.dtype,
              "max_new_tokens": runner.max_new_tokens, "pad_to_square": cfg.pad_to_square, "seed": cfg.seed,
              "limit": cfg.limit}  # results are rescored for every mode of the folder: one question set
+    if family is not None:  # the images' grids decide every answer
+        fixed["grid_shapes"] = [list(g) for g in family.grids]
     check_manifest(out, fixed, modes, save_traces=cfg.save_traces, write=main)
     document: dict | None = None
     for mode in modes:

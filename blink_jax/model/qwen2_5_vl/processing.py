@@ -139,12 +139,24 @@ def resized_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[in
     return gh * cfg.factor, gw * cfg.factor
 
 
-def preprocess_image(img: Image.Image, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """One image -> (patches float32 [h * w, patch_dim], grid (1, h, w) in patches)."""
+def resize_uint8(img: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One image -> uint8 [H, W, 3], resized as the model sees it (before normalisation; what crops are cut from)."""
     img = img.convert("RGB")
     height, width = resized_size(img.height, img.width, cfg)
-    resized = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
+    return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
+
+
+def uint8_patches(resized: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 [H, W, 3] (sides multiples of patch x merge) -> (patches float32 [h * w, patch_dim], grid (1, h, w))."""
+    height, width = resized.shape[:2]
+    if height % cfg.factor or width % cfg.factor:
+        raise ProcessorError(f"image of {width}x{height} px: both sides must be multiples of {cfg.factor}")
     return patchify(normalize(resized), cfg), (1, height // cfg.patch_size, width // cfg.patch_size)
+
+
+def preprocess_image(img: Image.Image, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One image -> (patches float32 [h * w, patch_dim], grid (1, h, w) in patches)."""
+    return uint8_patches(resize_uint8(img, cfg), cfg)
 
 
 def preprocess_images(images: Sequence[Image.Image], cfg: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +226,12 @@ class QwenProcessor:
             raise ProcessorError(f"the chat template renders {text.count(IMAGE_PAD)} {IMAGE_PAD} for one image: "
                                  f"use the checkpoint's Qwen2.5-VL template")
         return text
+
+    def image_prefix(self) -> str:
+        """The chat-template text up to and including the image placeholder: all a visual token's hidden states
+        depend on under causal attention (the TokenSR teacher's prompt)."""
+        text = self.prompt("")
+        return text[:text.index(IMAGE_PAD) + len(IMAGE_PAD)]
 
     def tokenize(self, text: str, grid_thw) -> list[int]:
         """Templated text with one `<|image_pad|>` -> ids with it repeated once per merged token."""

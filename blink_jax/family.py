@@ -23,7 +23,7 @@ from PIL import Image
 
 from blink_jax import sharding
 from blink_jax.config import ConfigError
-from blink_jax.loading import model_type
+from blink_jax.families import model_type
 
 
 class FamilyError(ConfigError):

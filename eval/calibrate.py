@@ -343,7 +343,7 @@ def load_model_and_processor(model_dir, *, dtype: str, mesh: str | None, region_
     `batch_size`: checked against the mesh's batch axes (None: not batched, e.g. eval.predict's one question);
     `load`: the loader (default `blink_jax.load_pretrained`)."""
     from blink_jax.family import QwenFamily
-    from blink_jax.loading import model_type
+    from blink_jax.families import model_type
 
     load = load or load_pretrained
 

@@ -18,7 +18,8 @@ from flax import nnx
 
 from blink_jax import sharding
 from blink_jax.hub import resolve_model_dir
-from blink_jax.loading import load_model, model_type
+from blink_jax.families import model_type
+from blink_jax.loading import load_model
 from train.config import TrainConfigError
 
 

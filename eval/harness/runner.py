@@ -35,7 +35,8 @@ import numpy as np
 from blink_jax import distributed, load_pretrained, sharding
 from blink_jax.blink import BlinkConfig
 from blink_jax.family import family_of
-from blink_jax.loading import inference_mesh, model_type
+from blink_jax.families import model_type
+from blink_jax.loading import inference_mesh
 from blink_jax.processing import Processor
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark

@@ -35,7 +35,7 @@ from blink_jax import CheckpointError, ConfigError, load_pretrained, rundir, sha
 from blink_jax.blink import BlinkConfig
 from blink_jax.blink.config import in_flag_terms, layers_argument
 from blink_jax.blink.probe import probe_layers
-from blink_jax.family import prompt_kwargs
+from blink_jax.model_inputs import prompt_kwargs
 from blink_jax.loading import inference_mesh
 from blink_jax.processing import (SHORT_ANSWER_SUFFIX, ImageError, Processor, ProcessorError, build_prompt,
                                   left_pad, load_image)
@@ -342,15 +342,15 @@ def load_model_and_processor(model_dir, *, dtype: str, mesh: str | None, region_
     Qwen2.5-VL on one device with grid buckets whose sides are multiples of `region_size` (BLINK.md §10).
     `batch_size`: checked against the mesh's batch axes (None: not batched, e.g. eval.predict's one question);
     `load`: the loader (default `blink_jax.load_pretrained`)."""
-    from blink_jax.family import QwenFamily
     from blink_jax.families import model_type
+    from blink_jax.model_inputs import QwenInputs
 
     load = load or load_pretrained
 
     if model_type(model_dir) == "qwen2_5_vl":
         if mesh is not None:
             raise ConfigError("--mesh: Qwen2.5-VL runs on one device for now; leave --mesh out")
-        family = QwenFamily(model_dir, region_size=region_size, max_pixels=max_pixels or 0)
+        family = QwenInputs(model_dir, region_size=region_size, max_pixels=max_pixels or 0)
         return load(model_dir, dtype=getattr(jnp, dtype)), family.processor
     if max_pixels is not None:
         raise ConfigError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")

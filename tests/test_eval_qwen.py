@@ -58,10 +58,10 @@ def samples(out, mode):
 
 
 def test_prompt_is_the_chat_template_with_the_llava_suffix(env):
-    from blink_jax.family import family_of
+    from blink_jax.model_inputs import inputs_for
     from transformers import AutoTokenizer
 
-    family = family_of(env.model, region_size=2, max_pixels=MAX_PIXELS)
+    family = inputs_for(env.model, region_size=2, max_pixels=MAX_PIXELS)
     assert family.grids == ((6, 4), (4, 4), (4, 6), (2, 4))
     assert family.grid_of_size(47, 35) == (4, 6)
     want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -159,10 +159,10 @@ def test_predict_plot_and_calibrate(env, tmp_path, capsys):
     rho = {e["image"].rsplit("/", 1)[-1]: e["rho"] for e in payload["examples"]}
     assert all(1 / 6 - 1e-6 <= r <= 1 for e in rho.values() for r in e.values())
 
-    from blink_jax.family import QwenFamily
+    from blink_jax.model_inputs import QwenInputs
     from blink_jax import load_pretrained
 
-    family = QwenFamily(env.model, region_size=2, max_pixels=MAX_PIXELS)
+    family = QwenInputs(env.model, region_size=2, max_pixels=MAX_PIXELS)
     model = load_pretrained(env.model)
     blink, _ = predict.blink_settings("interp", layers=(1, 2), region_size=2, tau_exp=0.0, tau_drop=0.0)  # the CLI's
     for name in ("a.png", "c.png"):

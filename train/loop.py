@@ -1,4 +1,4 @@
-"""The TokenSR training loop (LLaVA-1.5 or Qwen2.5-VL, `blink_jax.family`): data -> frozen-backbone probes
+"""The TokenSR training loop (LLaVA-1.5 or Qwen2.5-VL, `blink_jax.model_inputs`): data -> frozen-backbone probes
 (student inputs, teacher targets) -> jitted train step
 -> metrics, checkpoints, export.
 
@@ -26,7 +26,7 @@ from train import inputs as inputs_lib, workdir as workdir_lib
 from train.backbone import load_backbone
 from train.checkpointing import Checkpointer, export_tokensr
 from train.config import TrainConfig
-from blink_jax.family import family_of
+from blink_jax.model_inputs import inputs_for
 from train.metrics import MetricsLogger
 from train.stopping import StopAtStepBoundary, TrainingInterrupted, check_finite
 from train.teacher import Teacher
@@ -97,7 +97,7 @@ class Trainer:
         workdir_lib.check_resume(self.workdir, cfg, is_main=self.is_main)
         log.info("%s; global batch %d (%d per host)", sharding.describe(self.mesh), cfg.batch_size, self.local_batch)
 
-        self.family = family_of(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
+        self.family = inputs_for(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
                                 max_pixels=cfg.max_pixels)
         self.family.check_mesh(self.mesh)
         self.blink = cfg.blink
@@ -199,7 +199,7 @@ def export_only(workdir: str | Path) -> Path:
     """Exports the newest checkpoint of `workdir` to `<workdir>/tokensr/` (one process, on its first device)."""
     workdir = Path(workdir).absolute()
     cfg = workdir_lib.read_config(workdir)
-    dim = family_of(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
+    dim = inputs_for(cfg.model, pad_to_square=cfg.pad_to_square, region_size=cfg.region_size,
                     max_pixels=cfg.max_pixels).hidden_size
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
     program = train_program(cfg, dim, sharding.replicated(mesh))

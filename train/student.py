@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from blink_jax.blink.dtr import gather_region
 from blink_jax.blink.probe import probe_layers
-from blink_jax.family import prompt_kwargs
+from blink_jax.model_inputs import prompt_kwargs
 
 
 @struct.dataclass
@@ -35,7 +35,7 @@ def student_inputs(graphdef, params, input_ids, pixel_values, attention_mask, ex
                    grid: tuple[int, int] | None, layers: tuple[int, ...], region_size: int, lr_sharding,
                    region_sharding) -> StudentInputs:
     """input_ids / attention_mask [B, T] (left-padded prompt with the question), pixel_values as the backbone takes
-    them, `extra` / `grid` the rest of its prompt's inputs (`blink_jax.family.ModelInputs`); step, seed: int32 [],
+    them, `extra` / `grid` the rest of its prompt's inputs (`blink_jax.model_inputs.ModelInputs`); step, seed: int32 [],
     p_random: float32 [] (traced: changing them does not recompile the probe)."""
     model = nnx.merge(graphdef, params)
     probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,

@@ -2,7 +2,7 @@
 
 The crop of region (i, j) of the (Gh/r) x (Gw/r) region grid is its pixel box [i r c, (i+1) r c) x [j r c, (j+1) r c)
 (c = pixels per grid cell: LLaVA's 14 px patch, Qwen2.5-VL's 28 px merged token) in the preprocessed image,
-resized back to that image's size (PIL bicubic) and preprocessed as the model's images are (`blink_jax.family`).
+resized back to that image's size (PIL bicubic) and preprocessed as the model's images are (`blink_jax.model_inputs`).
 Under causal attention the visual states depend only on the image and the prompt before it, so the teacher
 runs on the prompt cut right after the image tokens, and a target is a function of (image, region, layer)
 alone: computed once, cached on disk, reused by later epochs and later runs.
@@ -33,7 +33,7 @@ from PIL import Image
 
 from blink_jax.blink.dtr import region_box
 from blink_jax.blink.probe import probe_layers
-from blink_jax.family import prompt_kwargs
+from blink_jax.model_inputs import prompt_kwargs
 from blink_jax.processing import normalize
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def area_pool(x: jax.Array, size_out: int) -> jax.Array:  # [..., Gh, Gw, D] -> 
 def teacher_states(graphdef, params, input_ids, pixel_values, attention_mask, extra, *, grid, layers: tuple[int, ...],
                    region_size: int, sr_side: int, out_sharding) -> jax.Array:  # [Lp, B, O, O, D] float32
     """Layer outputs of the visual tokens of each (crop) image, area-pooled to sr_side x sr_side; `extra`, `grid`:
-    the backbone prompt's other inputs (`blink_jax.family.ModelInputs`)."""
+    the backbone prompt's other inputs (`blink_jax.model_inputs.ModelInputs`)."""
     model = nnx.merge(graphdef, params)
     probe = probe_layers(model, input_ids, pixel_values, attention_mask, layers=layers, region_size=region_size,
                          **prompt_kwargs(extra, grid))
@@ -150,7 +150,7 @@ class Teacher:
 
     def __init__(self, backbone, family, blink, *, mesh, local_batch: int, cache: TeacherCache | None,
                  cache_dtype: str, shardings):
-        """`family`: `blink_jax.family`'s; `shardings`: `train.inputs.BatchShardings`."""
+        """`family`: `blink_jax.model_inputs`'s; `shardings`: `train.inputs.BatchShardings`."""
         self.backbone, self.family, self.blink, self.mesh = backbone, family, blink, mesh
         self.cache, self.cache_dtype = cache, cache_dtype
         self.local_batch, self.shardings = local_batch, shardings

@@ -1,7 +1,7 @@
 """A benchmark's questions on their way to the model: prompt ids (tokenized once per run), images (read per batch in
 background threads while the model answers the batch before), and each question's samples-file record.
 
-Qwen2.5-VL (`blink_jax.family.QwenFamily`): the prompt is the model's chat template around the benchmark's text
+Qwen2.5-VL (`blink_jax.model_inputs.QwenInputs`): the prompt is the model's chat template around the benchmark's text
 (suffix included, as for LLaVA), its image run as long as the image's grid bucket (`Prepared.grid`, read from the
 image's header), and batches hold one (grid shape, length bucket).
 
@@ -41,7 +41,7 @@ class Prepared:
 def prepare(bench: Benchmark, doc: dict, tokenizer, model_config, *, max_new_tokens: int,
             two_images: bool = False, family=None, data_dir: Path | None = None) -> Prepared:
     """`two_images`: a mode of the run asks with the image and a crop (the crop mode's second pass). `family`: a
-    `blink_jax.family.QwenFamily` for Qwen2.5-VL (then `data_dir` is where the images are); None: LLaVA."""
+    `blink_jax.model_inputs.QwenInputs` for Qwen2.5-VL (then `data_dir` is where the images are); None: LLaVA."""
     prompt = bench.doc_to_text(doc)
     if family is not None:
         return _prepare_grid(bench, doc, prompt, family, data_dir)
@@ -137,7 +137,7 @@ class ImageLoader:
     image_size: int
     pad_to_square: bool
     keep_originals: bool = False  # the crop mode cuts its crops from the original images
-    family: object = None  # Qwen2.5-VL's `blink_jax.family.QwenFamily`: pixels [P, patch_dim] of the grid bucket
+    family: object = None  # Qwen2.5-VL's `blink_jax.model_inputs.QwenInputs`: pixels [P, patch_dim] of the grid bucket
 
     def pixels(self, image):
         if self.family is not None:

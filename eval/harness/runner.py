@@ -34,9 +34,9 @@ import numpy as np
 
 from blink_jax import distributed, load_pretrained, sharding
 from blink_jax.blink import BlinkConfig
-from blink_jax.family import family_of
 from blink_jax.families import model_type
 from blink_jax.loading import inference_mesh
+from blink_jax.model_inputs import inputs_for
 from blink_jax.processing import Processor
 from eval import benchmarks
 from eval.benchmarks.base import Benchmark
@@ -103,7 +103,7 @@ class Runner:
     output directory does not hold yet."""
 
     def __init__(self, cfg: EvalConfig, bench: Benchmark, docs: list[dict], model, tokenizer, family=None):
-        """`family`: Qwen2.5-VL's `blink_jax.family.QwenFamily` (its grid buckets and chat template); None: LLaVA."""
+        """`family`: Qwen2.5-VL's `blink_jax.model_inputs.QwenInputs` (its grid buckets and chat template); None: LLaVA."""
         self.cfg, self.bench, self.docs, self.model, self.family = cfg, bench, docs, model, family
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir)
@@ -261,7 +261,7 @@ def eval_mesh(cfg: EvalConfig) -> jax.sharding.Mesh | None:
 
 
 def model_family(cfg: EvalConfig, modes: Sequence[ModeSpec]):
-    """None for a LLaVA model; for a Qwen2.5-VL directory its `QwenFamily`, whose grid buckets (BLINK.md §10) have
+    """None for a LLaVA model; for a Qwen2.5-VL directory its `QwenInputs`, whose grid buckets (BLINK.md §10) have
     sides that are multiples of every Blink mode's region size (else --region-size or BlinkConfig's)."""
     if model_type(cfg.model) != "qwen2_5_vl":
         if cfg.max_pixels is not None:
@@ -276,7 +276,7 @@ def model_family(cfg: EvalConfig, modes: Sequence[ModeSpec]):
                         "--num-processes")
     sizes = {m.blink.region_size for m in modes if m.blink is not None}
     multiple = math.lcm(*sizes) if sizes else (cfg.region_size or BlinkConfig().region_size)
-    return family_of(cfg.model, region_size=multiple, max_pixels=cfg.max_pixels or 0)
+    return inputs_for(cfg.model, region_size=multiple, max_pixels=cfg.max_pixels or 0)
 
 
 def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,

@@ -52,7 +52,7 @@ class Encode(grain.transforms.Map):
     """A tfds record -> the arrays of one example, or None (logged) when it cannot be used."""
 
     def __init__(self, family, max_prompt_len: int, max_skips_in_a_row: int = 1000, strict: bool = False):
-        """`family`: `blink_jax.family.LlavaFamily` or `QwenFamily`; `strict`: an unusable record is an error."""
+        """`family`: `blink_jax.model_inputs.LlavaInputs` or `QwenInputs`; `strict`: an unusable record is an error."""
         self.family = family
         self.max_prompt_len = max_prompt_len
         self.max_skips_in_a_row = max_skips_in_a_row
@@ -227,11 +227,11 @@ def grid_keys(source, family, sizes: np.ndarray, *, max_prompt_len: int) -> np.n
 def make_loader(source, family, *, local_batch: int, seed: int, max_prompt_len: int, limit: int = 0,
                 workers: int = 0, sizes_cache: str | os.PathLike | None = None) -> grain.DataLoader:
     """An endless DataLoader over `source` of this host's `local_batch` rows of each global batch (`HostRows`:
-    the global batch is `local_batch` x the number of hosts). `family`: `blink_jax.family`'s (a LLaVA `Processor` is
-    taken as `LlavaFamily` of its config); one with several grids batches by grid (`GridBatches`)."""
+    the global batch is `local_batch` x the number of hosts). `family`: `blink_jax.model_inputs`'s (a LLaVA `Processor` is
+    taken as `LlavaInputs` of its config); one with several grids batches by grid (`GridBatches`)."""
     if isinstance(family, Processor):
-        from blink_jax.family import LlavaFamily
-        family = LlavaFamily(family)
+        from blink_jax.model_inputs import LlavaInputs
+        family = LlavaInputs(family)
     if limit:
         source = Limited(source, limit)
     if len(source) == 0:

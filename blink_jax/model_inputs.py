@@ -1,5 +1,6 @@
-"""What TokenSR training and the evals need from a model family beyond the backbone protocol: how an image and a
-question become that model's inputs, where a region's crop lies, and the TokenSR teacher's prompt.
+"""A model's inputs: what TokenSR training and the evals need from a model family beyond the backbone protocol:
+how an image and a question become that model's inputs, where a region's crop lies, and the TokenSR teacher's
+prompt. (Its checkpoint side, key maps and layouts, is `blink_jax.families`.)
 
 - LLaVA-1.5 (BLINK.md §5): one G x G grid; images padded to square (or not) and resized to S x S; the vicuna_v1
   prompt; a grid cell is one 14 px patch.
@@ -26,7 +27,7 @@ from blink_jax.config import ConfigError
 from blink_jax.families import model_type
 
 
-class FamilyError(ConfigError):
+class InputsError(ConfigError):
     """An option this model family cannot take (training or eval), naming the option and the fix."""
 
 
@@ -41,7 +42,7 @@ class ModelInputs:
     grid: tuple[int, int] | None  # Qwen2.5-VL's (Gh, Gw); None: the model's one grid
 
 
-class LlavaFamily:
+class LlavaInputs:
     name = "llava"
 
     def __init__(self, processor):
@@ -55,7 +56,7 @@ class LlavaFamily:
         self.grids = ((grid, grid),)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, *, pad_to_square: bool = True) -> "LlavaFamily":
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, pad_to_square: bool = True) -> "LlavaInputs":
         from blink_jax.processing import Processor
         return cls(Processor.from_pretrained(model_dir, pad_to_square=pad_to_square))
 
@@ -95,7 +96,7 @@ class LlavaFamily:
                            put(attention_mask, shardings.token), {}, None)
 
 
-class QwenFamily:
+class QwenInputs:
     name = "qwen2_5_vl"
 
     def __init__(self, model_dir: str | os.PathLike, *, region_size: int, max_pixels: int = 0):
@@ -116,7 +117,7 @@ class QwenFamily:
 
     def check_mesh(self, mesh) -> None:
         if mesh.devices.size > 1:
-            raise FamilyError(f"--mesh gives {mesh.devices.size} devices, but Qwen2.5-VL trains on one device for now: "
+            raise InputsError(f"--mesh gives {mesh.devices.size} devices, but Qwen2.5-VL trains on one device for now: "
                               f"use --mesh cpu or gpu_1")
 
     def image_uint8(self, img: Image.Image) -> np.ndarray:  # [Gh 28, Gw 28, 3]
@@ -160,16 +161,17 @@ class QwenFamily:
                            {"layout": q.layout, "positions": q.positions}, (gh, gw))
 
 
-def family_of(model_dir: str | os.PathLike, *, pad_to_square: bool = True, region_size: int = 6,
-              max_pixels: int = 0):
-    """The family of the model at `model_dir`, by its config.json `model_type`."""
+def inputs_for(model_dir: str | os.PathLike, *, pad_to_square: bool = True, region_size: int = 6,
+               max_pixels: int = 0):
+    """The inputs adapter of the model at `model_dir` (LlavaInputs or QwenInputs), by its config.json `model_type`
+    (`blink_jax.families`, which names the supported ones)."""
     if model_type(model_dir) == "qwen2_5_vl":
         if max_pixels < 0:
-            raise FamilyError(f"--max-pixels={max_pixels} must be >= 0 (0: the model's preprocessor_config.json)")
-        return QwenFamily(model_dir, region_size=region_size, max_pixels=max_pixels)
+            raise InputsError(f"--max-pixels={max_pixels} must be >= 0 (0: the model's preprocessor_config.json)")
+        return QwenInputs(model_dir, region_size=region_size, max_pixels=max_pixels)
     if max_pixels:
-        raise FamilyError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")
-    return LlavaFamily.from_pretrained(model_dir, pad_to_square=pad_to_square)
+        raise InputsError("--max-pixels is for Qwen2.5-VL models; LLaVA-1.5 has one image size: leave it out")
+    return LlavaInputs.from_pretrained(model_dir, pad_to_square=pad_to_square)
 
 
 def prompt_kwargs(extra: dict, grid: tuple[int, int] | None) -> dict:

@@ -45,7 +45,7 @@ python -m train.demo.breakdown --run "$WORK/eval"
 python -m demo.shapes --out "$WORK/calib" --images 150 --seed 1
 python -m eval.calibrate --model demo/model --data "$WORK/calib/coco_pope_random.json" \
   --image-folder "$WORK/calib/val2014" --layers 1-3 --region-size 3 --out "$WORK/calib.json" --no-progress
-read -r TAU_EXP TAU_DROP < <(python -c "import json,sys; s=json.load(open(sys.argv[1]))['suggested']; \
+read -r TAU_EXP TAU_DROP < <(python -c "import json,sys; s=json.load(open(sys.argv[1]))['statistics']['suggested']; \
 print(round(s['tau_exp'], 2), round(s['tau_drop'], 2))" "$WORK/calib.json")
 python -m eval.run --bench pope --out "$WORK/eval_calibrated" --modes interp,blink --tau-exp "$TAU_EXP" \
   --tau-drop "$TAU_DROP" --save-traces --no-progress

@@ -186,7 +186,7 @@ def test_pope_files_have_popes_format_and_labels(pope_dir):
         assert len(set((r["image"], r["text"]) for r in rows)) == len(rows)  # no question twice
     assert positives["random"] == positives["popular"] == positives["adversarial"]
     with Image.open(pope_dir / "val2014" / shapes.pope_image_name(0)) as img:
-        assert img.size == (168, 168) and img.format == "PNG"
+        assert img.size == (shapes.SCENE_SIZE,) * 2 == (336, 336) and img.format == "PNG"
 
 
 def test_pope_popular_and_adversarial_negatives_follow_popes_sampling(pope_dir):

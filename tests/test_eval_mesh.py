@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(bool(DEMO.missing()), reason="the demo/ folder i
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("vanilla", "interp", "blink")
-RUN = ["--bench", "pope", "--limit", "2", "--batch-size", "8", "--no-progress"]
+RUN = ["--bench", "pope", "--limit", "2", "--batch-size", "8", "--no-progress", "--modes", ",".join(MODES)]
 QUESTION = "Is there a circle in the image?"
 
 

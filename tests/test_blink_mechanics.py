@@ -527,3 +527,29 @@ def test_unknown_size_needs_explicit_layers_and_region():
         BlinkConfig.for_model(big, layers=(20, 21))
     cfg = BlinkConfig.for_model(big, layers=(16, 17, 18, 19, 20, 21, 22), region_size=4)
     assert (cfg.layers, cfg.region_size) == ((16, 17, 18, 19, 20, 21, 22), 4)
+
+
+def test_default_for_is_the_preset_or_the_papers_defaults_and_eval_run_starts_from_it(tmp_path):
+    from blink_jax.config import LlavaConfig
+    from eval.harness.modes import build_modes
+    from eval.harness.runner import blink_defaults
+
+    qwen_7b = _qwen_hub_config(3584, 28, 28, 4, 18944, 152064, False)
+    assert BlinkConfig.default_for(qwen_7b).layers == tuple(range(10, 17))
+    assert BlinkConfig.default_for(LlavaConfig.llava_1_5_13b()) == BlinkConfig()  # no preset: the paper's
+    # eval.run reads it from the model directory's config.json; interp and crop start from it, flags on top
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                intermediate_size=18944, vocab_size=152064, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    Qwen2_5_VLConfig(text_config=text, vision_config=dict(out_hidden_size=3584)).save_pretrained(tmp_path)
+    default = blink_defaults(str(tmp_path))
+    assert (default.layers, default.region_size) == (tuple(range(10, 17)), 6)
+    assert blink_defaults(str(tmp_path / "missing")) is None
+    interp, crop = build_modes(["interp", "crop"], default=default)
+    assert interp.blink.layers == tuple(range(10, 17)) and crop.crop.crop_layer == 13
+    [flagged] = build_modes(["interp"], default=default, layers=(4, 5), region_size=3)
+    assert (flagged.blink.layers, flagged.blink.region_size) == ((4, 5), 3)
+    [plain] = build_modes(["interp"])
+    assert plain.blink.layers == BlinkConfig().layers

@@ -232,6 +232,15 @@ class BlinkConfig(_Derived):
             return cls(**overrides)
         return cls(**{"layers": preset.layers, "region_size": preset.region_size, **overrides})
 
+    @classmethod
+    def default_for(cls, model_config) -> "BlinkConfig":
+        """The defaults for this backbone: its size's preset (`for_model`) when `PRESETS` has one, else the
+        paper's (`BlinkConfig()`: LLaVA-1.5-7B's layers 12-18, r = 6)."""
+        try:
+            return cls.for_model(model_config)
+        except ConfigError:
+            return cls()
+
 
 THRESHOLD_FIELDS = Thresholds._fields  # the traced fields: BlinkConfig's, left out of BlinkStatic
 

@@ -66,8 +66,10 @@ class ModeSpec:
 def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablation: str | None = None,
                 layers: tuple[int, ...] | None = None, region_size: int | None = None,
                 tau_exp: float | None = None, tau_drop: float | None = None, crop_layer: int | None = None,
-                crop_context: float | None = None, crop_input: str | None = None) -> list[ModeSpec]:
-    """ModeSpecs for `kinds` (in the order given)."""
+                crop_context: float | None = None, crop_input: str | None = None,
+                default: BlinkConfig | None = None) -> list[ModeSpec]:
+    """ModeSpecs for `kinds` (in the order given). Without trained TokenSR, interp and crop start from `default`
+    (the model's `BlinkConfig.default_for`; None: `BlinkConfig()`), then the flags."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ModeError(f"mode {unknown[0]!r} is unknown; use any of {', '.join(KINDS)} (comma-separated)")
@@ -77,6 +79,7 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
         raise ModeError("mode 'blink' needs trained TokenSR: pass --tokensr DIR (the directory `python -m "
                         "train.tokensr` exports), or run --modes vanilla,interp")
     bank, trained = None, None
+    default = default if default is not None else BlinkConfig()
     if tokensr_dir is not None and {"blink", "interp", "crop"} & set(kinds):
         from blink_jax.blink.checkpoint import fingerprint, load_tokensr
 
@@ -93,14 +96,14 @@ def build_modes(kinds: Sequence[str], *, tokensr_dir: str | None = None, ablatio
         if kind == "vanilla":
             specs.append(ModeSpec("vanilla"))
         elif kind == "crop":
-            base = dataclasses.replace(trained if trained is not None else BlinkConfig(), **geometry)
+            base = dataclasses.replace(trained if trained is not None else default, **geometry)
             try:
                 crop = CropConfig.like(base, crop_layer=crop_layer, crop_context=crop_context, crop_input=crop_input)
             except ConfigError as e:
                 raise ModeError(f"mode 'crop': {e} (set by --crop-layer / --crop-context / --crop-input)") from None
             specs.append(ModeSpec("crop", crop=crop))
         elif kind == "interp":
-            base = trained if trained is not None else BlinkConfig()
+            base = trained if trained is not None else default
             specs.append(ModeSpec("interp", finish(dataclasses.replace(base, tokensr_kind="interp", **geometry)),
                                   ablation=ablation))
         else:

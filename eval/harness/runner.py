@@ -34,7 +34,8 @@ import numpy as np
 
 from blink_jax import distributed, load_pretrained, sharding
 from blink_jax.blink import BlinkConfig
-from blink_jax.families import model_type
+from blink_jax.config import ConfigError
+from blink_jax.families import family_of, model_type
 from blink_jax.loading import inference_mesh
 from blink_jax.model_inputs import inputs_for
 from blink_jax.processing import Processor
@@ -279,6 +280,15 @@ def model_family(cfg: EvalConfig, modes: Sequence[ModeSpec]):
     return inputs_for(cfg.model, region_size=multiple, max_pixels=cfg.max_pixels or 0)
 
 
+def blink_defaults(model_dir: str) -> BlinkConfig | None:
+    """The model's per-size Blink defaults (`BlinkConfig.default_for`, e.g. Qwen2.5-VL-7B's layers 10-16), read
+    from its config.json; None when that cannot be read (the model's loading then says why)."""
+    try:
+        return BlinkConfig.default_for(family_of(model_dir).config(model_dir))
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
 def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
              on_written: Callable[[int], None] | None = None) -> dict | None:
     """Runs every mode of `cfg` (resuming what the output directory already holds) and writes the results.
@@ -287,7 +297,8 @@ def run_eval(cfg: EvalConfig, *, model_and_tokenizer: Any = None,
     bench = benchmarks.get(cfg.bench)
     modes = build_modes(cfg.modes, tokensr_dir=cfg.tokensr, ablation=cfg.ablation, layers=cfg.layers,
                         region_size=cfg.region_size, tau_exp=cfg.tau_exp, tau_drop=cfg.tau_drop,
-                        crop_layer=cfg.crop_layer, crop_context=cfg.crop_context, crop_input=cfg.crop_input)
+                        crop_layer=cfg.crop_layer, crop_context=cfg.crop_context, crop_input=cfg.crop_input,
+                        default=blink_defaults(cfg.model))
     if jax.process_count() > 1 and any(m.crop is not None for m in modes):
         raise ModeError("mode 'crop' runs in one process (its two passes are not split across hosts yet): run it "
                         "without --num-processes, or leave it out of --modes")

@@ -83,7 +83,7 @@ def size_bucket(size: float) -> str:
 class Shape:
     colour: str
     shape: str
-    cx: float  # centre, pixels of the 168 px image
+    cx: float  # centre, pixels of the scene (SCENE_SIZE px)
     cy: float
     size: float  # side of the bounding box, pixels
     rgb: tuple[int, int, int]

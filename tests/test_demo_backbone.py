@@ -5,7 +5,6 @@ One tiny model (56 px images, 2-layer decoder) is trained for a few steps once p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blink_jax.processing import Processor, build_prompt, preprocess_image, tokenize_with_image
+from blink_jax.processing import Processor, build_prompt, tokenize_with_image
 from demo import shapes
 from train.demo import backbone
 from train.demo.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, build_tokenizer
@@ -279,8 +278,6 @@ def test_packed_rows_compute_what_plain_prompts_compute():
 def test_image_attention_maps_are_the_answering_rows_attention_over_image_tokens():
     """packed_forward's grounding maps against the slow way: the plain prompt through the decoder layers one by
     one, the answering row's softmax over the image keys per head, then the mean over heads."""
-    from flax import nnx
-
     from blink_jax.model.forward import causal_mask, position_ids
 
     cfg = TINY.llava_config()

@@ -56,6 +56,18 @@ def _saliency(layer, x, pos, rotary, visual_idx):
     return probs[:, visual_idx].mean(0)
 
 
+def decide(regions: np.ndarray, blink, expanded: bool) -> tuple[str, float, int]:
+    """BLINK.md §2-3 written out for one layer: region sums -> (action, rho, r*)."""
+    rho, r_star = float(regions.max() / regions.sum()), int(regions.argmax())
+    if blink.expansion == "fixed" or (rho > blink.tau_exp and not (expanded and blink.reexpand == "hold")):
+        action = "expand"
+    elif expanded and rho < blink.tau_drop and blink.drop:
+        action = "drop"
+    else:
+        action = "keep" if expanded else "none"
+    return action, rho, r_star
+
+
 def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, mlp_params=None):
     """-> (logits [T, V] numpy, trace list of dicts per participating layer, generated token list).
 
@@ -79,7 +91,7 @@ def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, 
         vis_end = start + n_img - 1
         visual_idx = list(range(start + n_img - grid * grid, start + n_img))  # grid tokens (not CLS)
         seq, pos = emb[0], list(range(len(ids)))
-        sr, sr_pos, expanded, cur_region = None, None, False, -1
+        sr, sr_pos, expanded = None, None, False
         trace, contexts = [], []
         for index, layer in enumerate(lm.layers):
             if sr is not None:
@@ -100,16 +112,9 @@ def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, 
                 seq = out
             if index not in blink.layers:
                 continue
-            regions = s_v.reshape(per_row, r, per_row, r).sum((1, 3)).reshape(-1)
-            rho, r_star = float(regions.max() / regions.sum()), int(regions.argmax())
-            if blink.expansion == "fixed" or (rho > blink.tau_exp and not (expanded and blink.reexpand == "hold")):
-                action = "expand"
-            elif expanded and rho < blink.tau_drop and blink.drop:
-                action = "drop"
-            else:
-                action = "keep" if expanded else "none"
+            action, rho, r_star = decide(s_v.reshape(per_row, r, per_row, r).sum((1, 3)).reshape(-1), blink, expanded)
             if action == "expand":
-                expanded, cur_region = True, r_star
+                expanded = True
                 r0, c0 = (r_star // per_row) * r, (r_star % per_row) * r
                 grid_h = seq[visual_idx].reshape(grid, grid, -1)
                 up = tokensr_torch(grid_h[r0:r0 + r, c0:c0 + r], s, None if conv_params is None else conv_params[index],
@@ -117,7 +122,7 @@ def reference_blink(hf, ids, pixels, blink, conv_params=None, max_new_tokens=0, 
                 sr = up.reshape(-1, up.shape[-1])
                 sr_pos = [pos[visual_idx[(r0 + i // s) * grid + c0 + j // s]] for i in range(s * r) for j in range(s * r)]
             elif action == "drop":
-                expanded, cur_region, sr, sr_pos = False, -1, None, None
+                expanded, sr, sr_pos = False, None, None
             trace.append(dict(layer=index, rho=rho, region=r_star, action=action))
         logits = hf.lm_head(lm.norm(seq))
 

@@ -19,7 +19,7 @@ from blink_jax.model.qwen2_5_vl import runtime as qwen_runtime
 from blink_jax.model.qwen2_5_vl.loading import load_pretrained
 from blink_jax.model.qwen2_5_vl.processing import (ImageProcessorConfig, grid_buckets, nearest_grid,
                                                    preprocess_images)
-from blink_reference import threshold_cases, tokensr_torch
+from blink_reference import decide, threshold_cases, tokensr_torch
 from test_qwen2_5_vl import IMAGE_CFG, VOCAB, hf_processor, make_tokenizer
 from tiny_llava import photo
 
@@ -146,14 +146,7 @@ def reference_qwen_blink(hf, ids, pixels, thw, blink, max_new_tokens=0):
                 seq = out
             if index not in blink.layers:
                 continue
-            regions = s_v.reshape(gh // r, r, gw // r, r).sum((1, 3)).reshape(-1)
-            rho, r_star = float(regions.max() / regions.sum()), int(regions.argmax())
-            if rho > blink.tau_exp and not (expanded and blink.reexpand == "hold"):
-                action = "expand"
-            elif expanded and rho < blink.tau_drop and blink.drop:
-                action = "drop"
-            else:
-                action = "keep" if expanded else "none"
+            action, rho, r_star = decide(s_v.reshape(gh // r, r, gw // r, r).sum((1, 3)).reshape(-1), blink, expanded)
             if action == "expand":
                 expanded = True
                 r0, c0 = (r_star // per_row) * r, (r_star % per_row) * r

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone and its POPE-format eval
 # set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the four-way eval
-# (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated thresholds and the per-size
-# breakdown. Deterministic from the seeds below on the same software. WORK holds the intermediate files (default
-# a temporary directory); demo/ receives what ships.
+# (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated thresholds, the per-size
+# breakdown and the oracle TokenSR. Deterministic from the seeds below on the same software. WORK holds the
+# intermediate files (default a temporary directory); demo/ receives what ships.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
@@ -12,7 +12,7 @@ echo "intermediate files in $WORK"
 
 # 1. Backbone from scratch (both stages), written as a Hugging Face directory, plus the POPE-format shapes set
 #    and the zoom measurement (full scene vs a zoomed crop of the right region, per object size).
-python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --steps 2000 --no-progress
+python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --steps 3000 --no-progress
 
 # 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
 python -m demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
@@ -53,3 +53,6 @@ python -m train.demo.breakdown --run "$WORK/eval_calibrated"
 
 # 6. Blink with the mlp TokenSR.
 python -m eval.run --bench pope --tokensr demo/tokensr_mlp --modes blink --out "$WORK/eval_mlp" --no-progress
+
+# 7. The oracle TokenSR: Blink with the teacher's own states as its SR tokens (what TokenSR's training aims at).
+python -m train.demo.oracle --out "$WORK/oracle.json"

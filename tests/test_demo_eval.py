@@ -114,3 +114,29 @@ def test_demo_tokensr_matches_the_demo_model(folder, kind):
     blink.validate_for(cfg.text.num_hidden_layers, cfg.vision.grid)  # layers exist, regions tile the grid
     check_geometry(blink, cfg.text.hidden_size, bank)
     assert bank.layers == blink.layers and blink.tokensr_kind == kind
+
+
+def test_oracle_tool_asks_as_eval_run_does(demo_run):
+    """`train.demo.oracle` (the oracle-TokenSR measurement of demo/MODEL_CARD.md) answers with its own forward; its
+    vanilla and Blink rows must be eval.run's answers on the same questions, else its oracle row means nothing."""
+    from train.demo import oracle
+
+    out, _ = demo_run
+    data = DEMO.data_dir("pope")
+    result = oracle.evaluate(DEMO.model, DEMO.tokensr, data, images=3, log=lambda m: None)
+    rows = {}
+    for split in ("random", "popular", "adversarial"):
+        for line in open(data / f"coco_pope_{split}.json"):
+            row = json.loads(line)
+            rows[f"{split}/{row['question_id']}"] = (row["image"], row["text"])
+    compared = 0
+    for mode in ("vanilla", "blink"):
+        said_yes = {(image, text): yes for image, text, yes in result["said_yes"][mode]}
+        for line in open(out / f"samples_pope_{mode}.jsonl"):
+            sample = json.loads(line)
+            key = rows[sample["question_id"]]
+            if key in said_yes:
+                assert said_yes[key] == (not sample["prediction"].lower().startswith("no")), (mode, key)
+                compared += 1
+    assert compared >= 12
+    assert result["unsettled"]["oracle"] <= len(result["said_yes"]["oracle"])

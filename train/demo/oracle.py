@@ -107,7 +107,7 @@ def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: 
     bank_def, bank_state = nnx.split(bank)
     inputs = LlavaInputs.from_pretrained(model_dir)
     static, thresholds = blink.split()
-    never = dataclass_thresholds(thresholds, tau_exp=2.0)
+    never = thresholds._replace(tau_exp=jnp.asarray(2.0, jnp.float32))  # tau_exp > 1 never expands: vanilla
     layers, r, side = tuple(blink.layers), blink.region_size, blink.sr_side
     num_regions = static.num_regions(shapes.GRID)
     no_id = inputs.processor.tokenizer.convert_tokens_to_ids("No")
@@ -163,10 +163,6 @@ def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: 
         if (n_done + 1) % 25 == 0:
             log(f"{n_done + 1}/{len(by_image)} images, {time.time() - start:.0f} s")
     return summarize(said_yes, rows, scenes, unsettled)
-
-
-def dataclass_thresholds(thresholds, **changes):
-    return thresholds._replace(**{k: jnp.asarray(v, jnp.float32) for k, v in changes.items()})
 
 
 def record(table: dict, image: str, texts: list[str], answer, no_id: int) -> None:

@@ -12,7 +12,7 @@ echo "intermediate files in $WORK"
 
 # 1. Backbone from scratch (both stages), written as a Hugging Face directory, plus the POPE-format shapes set
 #    and the zoom measurement (full scene vs a zoomed crop of the right region, per object size).
-python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --steps 3000 --no-progress
+python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --steps 2000 --no-progress
 
 # 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
 python -m demo.shapes --format llava-mix --out "$WORK/mix" --images 1024 --seed 0

@@ -153,12 +153,12 @@ def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: 
                     picked = np.where(supplied >= 0, supplied, 0)
                     tokens = states[np.arange(len(layers))[:, None], picked]  # [Lp, B, O, O, D]
                     answer, expanded = run_oracle(graphdef, state, tokens, ids, pixels, mask, thresholds, static=static)
-                    expanded = np.asarray(expanded)
-                    if np.array_equal(expanded, supplied):
+                    moved = np.any(np.asarray(expanded) != supplied, axis=0)[:len(chunk)]  # [b]
+                    if not moved.any():
                         break
-                    supplied = expanded
+                    supplied = np.asarray(expanded)
                 else:
-                    unsettled[variant] += int(np.any(expanded != supplied, axis=0)[:len(chunk)].sum())
+                    unsettled[variant] += int(moved.sum())
                 record(said_yes[variant], image_name, chunk, answer, no_id)
         if (n_done + 1) % 25 == 0:
             log(f"{n_done + 1}/{len(by_image)} images, {time.time() - start:.0f} s")

@@ -277,12 +277,16 @@ def upsampled_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Im
                       ambiguous, box)
 
 
+def region_scene_box(scene: Scene, region: int, region_size: int) -> tuple[int, int, int, int]:
+    """Region `region`'s box of the model's grid (`blink_jax.blink.dtr.region_box`) in the scene's pixels."""
+    k = scene.size / IMAGE_SIZE
+    return tuple(int(round(v * k)) for v in region_box(region, GRID, region_size, PATCH))
+
+
 def teacher_view(scene: Scene, region: int, region_size: int, image: Image.Image | None = None) -> View:
     """What TokenSR's teacher sees (BLINK.md §5, `train.teacher.crop_pixels`): region `region`'s box in the
     model's input, resized back to the input size: no detail the input lacks."""
-    k = scene.size / IMAGE_SIZE
-    return upsampled_view(scene, tuple(int(round(v * k)) for v in region_box(region, GRID, region_size, PATCH)),
-                          image)
+    return upsampled_view(scene, region_scene_box(scene, region, region_size), image)
 
 
 def region_of(cx: float, cy: float, region_size: int, size: int = SCENE_SIZE) -> int:

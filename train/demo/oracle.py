@@ -37,12 +37,11 @@ from flax import nnx
 from PIL import Image
 
 import blink_jax
-from blink_jax.blink import dtr
 from blink_jax.blink.checkpoint import load_tokensr
 from blink_jax.blink.forward import blink_prefill
 from blink_jax.blink.probe import probe_layers
 from blink_jax.model_inputs import LlavaInputs
-from blink_jax.processing import SHORT_ANSWER_SUFFIX
+from blink_jax.processing import build_prompt
 from demo import shapes
 from demo.pope import confusion_metrics
 from train.teacher import area_pool, crop_uint8
@@ -61,24 +60,24 @@ class OracleBank:
         return lambda low_res: self.tokens[self.layers.index(layer)]
 
 
-def _first_token(logits: jax.Array) -> jax.Array:  # [B, 1, V] -> [B]
-    return jnp.argmax(logits[:, -1], axis=-1)
+def _answer(model, bank, input_ids, pixel_values, mask, thresholds, static):
+    """-> (first answer token [B], expanded region [Lp, B]) of Blink with `bank` as its TokenSR."""
+    logits, _, trace = blink_prefill(model, bank, input_ids, pixel_values, mask, static, thresholds,
+                                     jax.random.key(0), all_logits=False)
+    return jnp.argmax(logits[:, -1], axis=-1), trace.expanded_region
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bank_def", "static"))
 def run_blink(graphdef, state, bank_def, bank_state, input_ids, pixel_values, mask, thresholds, *, static):
-    """-> (first answer token [B], expanded region [Lp, B]) of Blink with the given TokenSR bank."""
-    logits, _, trace = blink_prefill(nnx.merge(graphdef, state), nnx.merge(bank_def, bank_state), input_ids,
-                                     pixel_values, mask, static, thresholds, jax.random.key(0), all_logits=False)
-    return _first_token(logits), trace.expanded_region
+    return _answer(nnx.merge(graphdef, state), nnx.merge(bank_def, bank_state), input_ids, pixel_values, mask,
+                   thresholds, static)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"))
 def run_oracle(graphdef, state, tokens, input_ids, pixel_values, mask, thresholds, *, static):
-    """The same with `OracleBank(tokens)` ([Lp, B, O, O, D]) as the TokenSR."""
-    logits, _, trace = blink_prefill(nnx.merge(graphdef, state), OracleBank(tuple(static.layers), tokens), input_ids,
-                                     pixel_values, mask, static, thresholds, jax.random.key(0), all_logits=False)
-    return _first_token(logits), trace.expanded_region
+    """`run_blink` with `OracleBank(tokens)` ([Lp, B, O, O, D]) as the TokenSR."""
+    return _answer(nnx.merge(graphdef, state), OracleBank(tuple(static.layers), tokens), input_ids, pixel_values,
+                   mask, thresholds, static)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers", "region_size", "side"))
@@ -88,15 +87,15 @@ def region_states(graphdef, state, input_ids, pixel_values, mask, *, layers, reg
                                   region_size=region_size).visual, side)
 
 
-def crops(photo: Image.Image, image: np.ndarray, regions: int, region_size: int, source: str) -> list[np.ndarray]:
+def crops(scene: shapes.Scene, photo: Image.Image, image: np.ndarray, regions: int, region_size: int,
+          source: str) -> list[np.ndarray]:
     """uint8 [S, S, 3] for each region: its box cut from the model's input `image` and resized back, exactly as the
-    teacher's (`train.teacher.crop_uint8`), or the same box of the photo (`source="photo"`), resized likewise."""
+    teacher's (`train.teacher.crop_uint8`), or the same box of the photo shown to the model (`source="photo"`,
+    `shapes.zoom_view`)."""
     if source == "input":
         return [crop_uint8(image, region, shapes.GRID, region_size, shapes.PATCH) for region in range(regions)]
-    size, k = image.shape[0], photo.width / image.shape[0]
-    return [np.asarray(photo.crop(tuple(int(round(v * k)) for v in dtr.region_box(region, shapes.GRID, region_size,
-                                                                                  shapes.PATCH)))
-                       .resize((size, size), resample=Image.Resampling.BICUBIC)) for region in range(regions)]
+    return [np.asarray(shapes.zoom_view(scene, shapes.region_scene_box(scene, region, region_size), photo).image)
+            for region in range(regions)]
 
 
 def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: int = 16, rounds: int = 4,
@@ -131,7 +130,7 @@ def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: 
         image = inputs.image_uint8(photo)
         teacher = {}
         for source in ("input", "photo"):
-            views = np.stack([inputs.pixels(c) for c in crops(photo, image, num_regions, r, source)])
+            views = np.stack([inputs.pixels(c) for c in crops(scenes[image_name], photo, image, num_regions, r, source)])
             ids = np.tile(prefix, (len(views), 1))
             states = region_states(graphdef, state, ids, views, np.ones_like(ids), layers=layers, region_size=r,
                                    side=side)  # [Lp, R, O, O, D]
@@ -139,7 +138,7 @@ def evaluate(model_dir: Path, tokensr_dir: Path, data_dir: Path, *, batch_size: 
         for at in range(0, len(texts), batch_size):
             chunk = texts[at:at + batch_size]
             padded = chunk + chunk[-1:] * (batch_size - len(chunk))  # one batch shape: one program
-            ids = np.asarray([inputs.prompt_ids(f"{t}\n{SHORT_ANSWER_SUFFIX}", None) for t in padded], np.int32)
+            ids = np.asarray([inputs.processor.tokenize(build_prompt(t)) for t in padded], np.int32)
             mask = np.ones_like(ids)
             pixels = np.stack([inputs.pixels(image)] * batch_size)
             answer, _ = run_blink(graphdef, state, bank_def, bank_state, ids, pixels, mask, never, static=static)

@@ -19,4 +19,5 @@ python -m pip install -q -e ".[test]"
 # extra holds what its evaluator and POPE task import.
 python -m pip install -q --no-deps "$(grep -o 'lmms-eval==[0-9.]*' pyproject.toml)"
 export JAX_PLATFORMS=cpu
-python -m pytest tests -q -p no:cacheprovider "$@"
+# Two workers, a test file each at a time (files share module fixtures); `-n 0` in the arguments runs in one process.
+python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile "$@"

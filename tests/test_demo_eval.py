@@ -140,3 +140,71 @@ def test_oracle_tool_asks_as_eval_run_does(demo_run):
                 assert said_yes[key] == (parse_yes_no(sample["prediction"]) != "no"), (mode, key)
                 compared += 1
     assert compared >= 12
+
+
+def _region_crop_by_hand(photo, cx: float, cy: float, r: int, context: float):
+    """The crop of the r x r region of the 12 x 12 grid holding (cx, cy), grown by `context` about its centre
+    and clamped to the model's 168 px input, cut from the 336 px photo: written out, not through blink_jax."""
+    side = 168 / (12 // r)  # the region's side, input pixels
+    col, row = min(int(cx / 2 // side), 12 // r - 1), min(int(cy / 2 // side), 12 // r - 1)
+    centre_x, centre_y, half = (col + 0.5) * side, (row + 0.5) * side, side * context / 2
+    box = [max(0.0, centre_x - half), max(0.0, centre_y - half), min(168.0, centre_x + half), min(168.0, centre_y + half)]
+    return photo.crop(tuple(int(round(2 * v)) for v in box))
+
+
+def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
+    """`train.demo.zoom` (the premise measurement of demo/MODEL_CARD.md): its accuracies and paired gain per
+    geometry equal those of the model's normal path (Processor, build_prompt, Llava) on the full photos and on
+    crops cut by hand around the object asked about (or its smallest look-alike), on a fresh 4-scene set."""
+    import numpy as np
+    from PIL import Image
+
+    from blink_jax import load_pretrained
+    from blink_jax.processing import Processor, build_prompt
+    from demo import shapes
+    from train.demo import zoom
+
+    data = tmp_path / "pope"
+    shapes.write_pope(data, 4, seed=7)
+    out = tmp_path / "zoom.json"
+    assert zoom.main(["--data-dir", str(data), "--geometries", "3:2,2:1", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+
+    scenes = shapes.read_annotations(data)
+    questions = {}
+    for split in ("random", "popular", "adversarial"):
+        for line in open(data / f"coco_pope_{split}.json"):
+            row = json.loads(line)
+            questions[(row["image"], row["text"])] = row["label"]
+    llava = load_pretrained(DEMO.model, dtype="float32")
+    processor = Processor.from_pretrained(DEMO.model, config=llava.config)
+
+    def right(images, texts, labels):
+        batch = processor([build_prompt(t) for t in texts], images)
+        said = np.asarray(llava(**batch).logits)[:, -1].argmax(-1)
+        return np.array([parse_yes_no(processor.decode([t])) == label for t, label in zip(said, labels)])
+
+    items = []  # (image, text, label, bucket, target object)
+    for (image, text), label in sorted(questions.items()):
+        name = text.removeprefix("Is there a ").removesuffix(" in the image?")
+        objects = scenes[image].objects
+        same = [o for o in objects if o.name == name]
+        alike = [o for o in objects if set(name.split()) & set(o.name.split())]
+        if not same and not alike:
+            continue  # nothing to zoom on
+        target = max(same, key=lambda o: o.size) if same else min(alike, key=lambda o: o.size)
+        items.append((image, text, label, target.bucket, target))
+    photos = {image: Image.open(data / "val2014" / image).convert("RGB") for image in scenes}
+    texts, labels = [i[1] for i in items], [i[2] for i in items]
+    sub = np.array([i[3] in ("tiny", "small") for i in items])
+    full = right([photos[i[0]] for i in items], texts, labels)
+    assert result["questions"] == len(items) and result["full"]["full/n_sub_patch"] == sub.sum() > 0
+    assert result["full"]["full/accuracy"] == pytest.approx(full.mean())
+    for g in result["geometries"]:
+        zoomed = right([_region_crop_by_hand(photos[i[0]], i[4].cx, i[4].cy, g["region_size"], g["context"])
+                        for i in items], texts, labels)
+        assert g["views"]["zoom"]["zoom/accuracy"] == pytest.approx(zoomed.mean()), g["region_size"]
+        s = g["sub_patch"]
+        assert (s["only_zoomed"], s["only_full"]) == ((zoomed & ~full)[sub].sum(), (~zoomed & full)[sub].sum())
+        assert s["gain"] == pytest.approx(100 * (zoomed[sub].mean() - full[sub].mean()))
+        assert s["ci95"][0] <= s["gain"] <= s["ci95"][1]

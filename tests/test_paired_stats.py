@@ -1,4 +1,4 @@
-"""Paired comparison statistics (`eval.harness.paired`) against slow, obvious references."""
+"""Paired comparison statistics (`blink_jax.stats`, `eval.harness.paired`) against slow, obvious references."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from blink_jax import stats
 from eval.harness import paired
 
 
@@ -23,26 +24,26 @@ def _mcnemar_by_enumeration(wins: int, losses: int) -> float:
 
 @pytest.mark.parametrize("wins,losses", [(w, l) for w in range(8) for l in range(8) if w + l <= 12])
 def test_mcnemar_exact_matches_enumeration(wins, losses):
-    assert paired.mcnemar_exact_p(wins, losses) == pytest.approx(_mcnemar_by_enumeration(wins, losses), abs=1e-12)
+    assert stats.mcnemar_exact_p(wins, losses) == pytest.approx(_mcnemar_by_enumeration(wins, losses), abs=1e-12)
 
 
 def test_mcnemar_large_counts_are_finite_and_ordered():
-    assert paired.mcnemar_exact_p(600, 600) == 1.0
-    assert 0 < paired.mcnemar_exact_p(560, 640) < 0.05 < paired.mcnemar_exact_p(590, 610)
+    assert stats.mcnemar_exact_p(600, 600) == 1.0
+    assert 0 < stats.mcnemar_exact_p(560, 640) < 0.05 < stats.mcnemar_exact_p(590, 610)
     with pytest.raises(ValueError, match="non-negative"):
-        paired.mcnemar_exact_p(-1, 3)
+        stats.mcnemar_exact_p(-1, 3)
 
 
 def test_bootstrap_interval_matches_resampling_units():
     rng = np.random.default_rng(3)
     diff = rng.choice([-1, 0, 0, 0, 1, 1], size=400).astype(np.int8)
-    low, high = paired.bootstrap_interval(diff, samples=20_000, seed=1)
+    low, high = stats.bootstrap_interval(diff, samples=20_000, seed=1)
     # The obvious bootstrap: resample the units themselves.
     means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(4000)])
     ref_low, ref_high = np.quantile(means, [0.025, 0.975])
     assert low == pytest.approx(ref_low, abs=0.006) and high == pytest.approx(ref_high, abs=0.006)
     assert low < diff.mean() < high
-    assert paired.bootstrap_interval(diff, seed=1) == paired.bootstrap_interval(diff, seed=1)  # reproducible
+    assert stats.bootstrap_interval(diff, seed=1) == stats.bootstrap_interval(diff, seed=1)  # reproducible
 
 
 def test_compare_counts_and_skips_units_one_side_lacks():

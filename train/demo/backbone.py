@@ -736,10 +736,21 @@ def evaluate_pope(model: LlavaModel, data_dir: str | os.PathLike, *, batch_size:
     return out
 
 
-def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
-                  batch_size: int = 32) -> dict:
-    """Does zooming help this backbone, and is it the pixels or the magnification? Every distinct POPE question
-    (image, class) answered from
+ZOOM_VIEWS = ("full", "zoom", "upsampled", "teacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZoomAnswers:
+    """Each distinct POPE question with an object to zoom on, answered from each view (`evaluate_zoom`)."""
+    questions: list[tuple[str, str, bool]]  # (image, class, label is yes), sorted
+    buckets: np.ndarray  # [Q] the question's size bucket (`shapes.question_bucket`)
+    correct: dict[str, np.ndarray]  # view -> [Q] bool
+
+
+def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
+                 views: Sequence[str] = ZOOM_VIEWS, batch_size: int = 32,
+                 progress: Callable[[int], None] = lambda n: None) -> ZoomAnswers:
+    """Every distinct POPE question (image, class) of a shapes set answered from
       full       the full scene;
       zoom       the crop of the right region (`shapes.crop_view`: the r x r region holding the object asked
                  about, or for an absent class the look-alike `shapes.question_bucket` names, grown by
@@ -747,9 +758,12 @@ def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size
       upsampled  the same box cut from the model's input instead (`shapes.upsampled_view`): magnified, no new
                  pixels;
       teacher    the region alone upsampled from the model's input, as TokenSR's teacher sees it (BLINK.md §5).
-    -> {view: accuracy per size bucket}; questions with no object to zoom on ("none") are left out."""
+    Questions with no object to zoom on ("none") are left out. `progress(n)` after each batch of n questions."""
     from PIL import Image
 
+    unknown = [v for v in views if v not in ZOOM_VIEWS]
+    if unknown:
+        raise ValueError(f"view {unknown[0]!r} is unknown; use any of {', '.join(ZOOM_VIEWS)}")
     data_dir = Path(data_dir)
     scenes = shapes.read_annotations(data_dir)
     labels: dict[tuple[str, str], bool] = {}
@@ -773,19 +787,33 @@ def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size
             (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
         buckets.append(bucket)
-    correct = {"full": [], "zoom": [], "upsampled": [], "teacher": []}
+    correct = {view: [] for view in views}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         originals = [Image.open(data_dir / "val2014" / image).convert("RGB") for image, *_ in chunk]
-        zoomed = [shapes.crop_view(scenes[c[0]], c[3], region_size, context, img) for c, img in zip(chunk, originals)]
-        views = {"full": [shapes.full_view(scenes[c[0]], img) for c, img in zip(chunk, originals)], "zoom": zoomed,
-                 "upsampled": [shapes.upsampled_view(scenes[c[0]], z.box, img) for c, z, img in zip(chunk, zoomed, originals)],
-                 "teacher": [shapes.teacher_view(scenes[c[0]], c[3], region_size, img) for c, img in zip(chunk, originals)]}
+        scene = [scenes[c[0]] for c in chunk]
+        make = {
+            "full": lambda s, c, img: shapes.full_view(s, img),
+            "zoom": lambda s, c, img: shapes.crop_view(s, c[3], region_size, context, img),
+            "upsampled": lambda s, c, img: shapes.upsampled_view(
+                s, shapes.crop_view(s, c[3], region_size, context, img).box, img),
+            "teacher": lambda s, c, img: shapes.teacher_view(s, c[3], region_size, img),
+        }
         ids = layout.pack([[(*name.split(), label)] for _, name, label, _ in chunk])["input_ids"]
-        for kind, vs in views.items():
-            pixels = np.stack([preprocess_image(v.resized(cfg.vision.image_size).image,
-                                                image_size=cfg.vision.image_size) for v in vs])
+        for view in views:
+            pixels = np.stack([preprocess_image(make[view](s, c, img).resized(cfg.vision.image_size).image,
+                                                image_size=cfg.vision.image_size)
+                               for s, c, img in zip(scene, chunk, originals)])
             said_yes = np.asarray(answer(state, ids, pixels))[:, 0] != no_id
-            correct[kind] += [bool(y) == c[2] for y, c in zip(said_yes, chunk)]
-    buckets = np.asarray(buckets)
-    return {kind: accuracy_by_bucket(np.asarray(c), buckets, prefix=kind) for kind, c in correct.items()}
+            correct[view] += [bool(y) == c[2] for y, c in zip(said_yes, chunk)]
+        progress(len(chunk))
+    return ZoomAnswers([(image, name, label) for image, name, label, _ in items], np.asarray(buckets),
+                       {view: np.asarray(c, dtype=bool) for view, c in correct.items()})
+
+
+def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
+                  batch_size: int = 32) -> dict:
+    """Does zooming help this backbone, and is it the pixels or the magnification? `zoom_answers`' four views.
+    -> {view: accuracy per size bucket}; `python -m train.demo.zoom` adds other geometries and paired intervals."""
+    answers = zoom_answers(model, data_dir, region_size=region_size, context=context, batch_size=batch_size)
+    return {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()}

@@ -1,0 +1,143 @@
+"""Does zooming help the demo backbone, by how much, and at which magnification? The premise of the crop baseline
+and of Blink (GitHub issue 16), measured on any shapes POPE set with a paired interval:
+
+    python -m train.demo.zoom [--model demo/model] [--data-dir demo/data/pope] [--geometries 3:2,2:2,3:1,2:1]
+                              [--out zoom.json]
+
+Each distinct question with an object to zoom on is answered from the full scene and, for each crop geometry
+r:context (the crop mode's `--region-size` and `--crop-context`, BLINK.md §9), from the crop of the right
+region cut from the photo, the same box cut from the model's input and upsampled, and the region alone
+upsampled (TokenSR's teacher's view); `train.demo.backbone.zoom_answers` has the details. The zoom factor is the
+model's grid over the crop's side in patches: 12 / (r * context) for the demo, 2x for the crop mode's default
+3:2. The gain on the sub-patch questions (tiny + small objects) is paired: its bootstrap interval and McNemar's
+test are `blink_jax.stats`', as eval.run's paired comparisons. A larger, fresh set tells the gain from the draw of
+150 scenes: `python -m demo.shapes --out DIR --images 1000 --seed 2` (the seeds 0 and 1 are the eval and the
+calibration sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import blink_jax
+from blink_jax.rundir import atomic_write_text
+from blink_jax.stats import bootstrap_interval, mcnemar_exact_p
+from demo import shapes
+from train.demo.backbone import accuracy_by_bucket, zoom_answers
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUPS = ("tiny", "small", "sub_patch", "medium", "large")
+
+
+def parse_geometries(text: str) -> list[tuple[int, float]]:
+    """'3:2,2:1' -> [(3, 2.0), (2, 1.0)]; each r must divide the demo's 12 x 12 grid and context be >= 1."""
+    out = []
+    for item in text.split(","):
+        try:
+            r, context = item.split(":")
+            r, context = int(r), float(context)
+        except ValueError:
+            raise ValueError(f"--geometries item {item!r}: write region_size:context, e.g. 3:2") from None
+        if shapes.GRID % r or context < 1:
+            raise ValueError(f"--geometries item {item!r}: the region side must divide the {shapes.GRID}-patch grid "
+                             f"and the context be at least 1 (the crop grows the region)")
+        out.append((r, context))
+    return out
+
+
+def paired(zoomed: np.ndarray, full: np.ndarray) -> dict:
+    """Zoomed against full on the same questions: accuracies, the difference in points with its 95% bootstrap
+    interval, the discordant counts and McNemar's exact p."""
+    wins, losses = int((zoomed & ~full).sum()), int((~zoomed & full).sum())
+    diff = zoomed.astype(np.int8) - full.astype(np.int8)
+    low, high = bootstrap_interval(diff)
+    return {"n": int(full.size), "full": float(full.mean()), "zoomed": float(zoomed.mean()),
+            "gain": 100 * float(diff.mean()), "ci95": [100 * low, 100 * high], "only_zoomed": wins,
+            "only_full": losses, "mcnemar_p": mcnemar_exact_p(wins, losses)}
+
+
+def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]], *, batch_size: int = 32,
+            progress: bool = True) -> dict:
+    """-> {"questions", "full": accuracy by bucket, "geometries": [{"region_size", "context", "zoom",
+    "views": {view: accuracy by bucket}, "sub_patch": paired gain, "by_bucket": {bucket: paired gain}}]}."""
+    model = blink_jax.load_pretrained(model_dir, dtype="float32").module
+    bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
+    full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
+    bar.close()
+    n_questions = len(full.questions)
+    out = {"questions": n_questions, "full": accuracy_by_bucket(full.correct["full"], full.buckets, prefix="full"),
+           "geometries": []}
+    sub = np.isin(full.buckets, shapes.SUB_PATCH)
+    for r, context in geometries:
+        bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
+        answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
+                               batch_size=batch_size, progress=bar.update)
+        bar.close()
+        if [q[:2] for q in answers.questions] != [q[:2] for q in full.questions]:
+            raise AssertionError("the questions differ between geometries")  # both come from the same sorted labels
+        zoomed = answers.correct["zoom"]
+        out["geometries"].append({
+            "region_size": r, "context": context, "zoom": shapes.GRID / (r * context),
+            "views": {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()},
+            "sub_patch": paired(zoomed[sub], full.correct["full"][sub]),
+            "by_bucket": {b: paired(zoomed[full.buckets == b], full.correct["full"][full.buckets == b])
+                          for b in ("tiny", "small", "medium", "large") if (full.buckets == b).any()},
+        })
+    return out
+
+
+def markdown(result: dict) -> str:
+    full = result["full"]
+    lines = [f"{result['questions']} questions; sub-patch (tiny + small objects): {full['full/n_sub_patch']}, "
+             f"full scene accuracy {full['full/acc_sub_patch']:.3f}", "",
+             "| crop r:context | zoom | crop of the photo | gain (points) | 95% interval | right only zoomed / only full "
+             "| McNemar p | upsampled | teacher's view | tiny gain | small gain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in result["geometries"]:
+        s, views, by = g["sub_patch"], g["views"], g["by_bucket"]
+        lines.append(
+            f"| {g['region_size']}:{g['context']:g} | {g['zoom']:g}x | {s['zoomed']:.3f} | {s['gain']:+.1f} "
+            f"| [{s['ci95'][0]:+.1f}, {s['ci95'][1]:+.1f}] | {s['only_zoomed']} / {s['only_full']} "
+            f"| {s['mcnemar_p']:.2g} | {views['upsampled']['upsampled/acc_sub_patch']:.3f} "
+            f"| {views['teacher']['teacher/acc_sub_patch']:.3f} | "
+            + " | ".join(f"{by[b]['gain']:+.1f}" if b in by else "" for b in ("tiny", "small")) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.demo.zoom", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p.add_argument("--model", default=str(ROOT / "demo" / "model"), help="the demo backbone (default: bundled)")
+    p.add_argument("--data-dir", default=str(ROOT / "demo" / "data" / "pope"),
+                   help="a shapes POPE set (default: the bundled eval set)")
+    p.add_argument("--geometries", default="3:2,2:2,3:1,2:1",
+                   help="crop geometries region_size:context, comma-separated (default %(default)s: 2x, 3x, 4x, 6x)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default %(default)s)")
+    p.add_argument("--out", help="also write the result here as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        geometries = parse_geometries(args.geometries)
+    except ValueError as e:
+        p.error(str(e))
+    data = Path(args.data_dir)
+    if not (data / "shapes_annotations.json").is_file():
+        print(f"'{data}' has no shapes_annotations.json: give a shapes POPE set (python -m demo.shapes --out DIR)",
+              file=sys.stderr)
+        return 2
+    result = measure(Path(args.model), data, geometries, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,8 @@
 # Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone and its POPE-format eval
 # set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the four-way eval
 # (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated thresholds, the per-size
-# breakdown and the oracle TokenSR. Deterministic from the seeds below on the same software. WORK holds the
-# intermediate files (default a temporary directory); demo/ receives what ships.
+# breakdown, the zoom measurement and the oracle TokenSR. Deterministic from the seeds below on the same
+# software. WORK holds the intermediate files (default a temporary directory); demo/ receives what ships.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
@@ -50,6 +50,13 @@ print(round(s['tau_exp'], 2), round(s['tau_drop'], 2))" "$WORK/calib.json")
 python -m eval.run --bench pope --out "$WORK/eval_calibrated" --modes interp,blink --tau-exp "$TAU_EXP" \
   --tau-drop "$TAU_DROP" --save-traces --no-progress
 python -m train.demo.breakdown --run "$WORK/eval_calibrated"
+
+# 5b. The premise at four zooms (2x to 6x) on 1000 fresh scenes, and the crop mode at 6x on the eval set.
+python -m demo.shapes --out "$WORK/zoom" --images 1000 --seed 2
+python -m train.demo.zoom --data-dir "$WORK/zoom" --out "$WORK/zoom.json" --no-progress
+python -m eval.run --bench pope --modes vanilla,crop --region-size 2 --crop-context 1 --out "$WORK/eval_crop6" \
+  --no-progress
+python -m train.demo.breakdown --run "$WORK/eval_crop6"
 
 # 6. Blink with the mlp TokenSR.
 python -m eval.run --bench pope --tokensr demo/tokensr_mlp --modes blink --out "$WORK/eval_mlp" --no-progress

@@ -148,7 +148,8 @@ def _region_crop_by_hand(photo, cx: float, cy: float, r: int, context: float):
     side = 168 / (12 // r)  # the region's side, input pixels
     col, row = min(int(cx / 2 // side), 12 // r - 1), min(int(cy / 2 // side), 12 // r - 1)
     centre_x, centre_y, half = (col + 0.5) * side, (row + 0.5) * side, side * context / 2
-    box = [max(0.0, centre_x - half), max(0.0, centre_y - half), min(168.0, centre_x + half), min(168.0, centre_y + half)]
+    box = [max(0.0, centre_x - half), max(0.0, centre_y - half),
+           min(168.0, centre_x + half), min(168.0, centre_y + half)]
     return photo.crop(tuple(int(round(2 * v)) for v in box))
 
 

@@ -96,8 +96,8 @@ def markdown(result: dict) -> str:
     full = result["full"]
     lines = [f"{result['questions']} questions; sub-patch (tiny + small objects): {full['full/n_sub_patch']}, "
              f"full scene accuracy {full['full/acc_sub_patch']:.3f}", "",
-             "| crop r:context | zoom | crop of the photo | gain (points) | 95% interval | right only zoomed / only full "
-             "| McNemar p | upsampled | teacher's view | tiny gain | small gain |",
+             "| crop r:context | zoom | crop of the photo | gain (points) | 95% interval "
+             "| right only zoomed / only full | McNemar p | upsampled | teacher's view | tiny gain | small gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["geometries"]:
         s, views, by = g["sub_patch"], g["views"], g["by_bucket"]
@@ -111,7 +111,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.demo.zoom", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m train.demo.zoom",
+                                description=__doc__.split("\n\n")[0].rstrip(":") + ".",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--model", default=str(ROOT / "demo" / "model"), help="the demo backbone (default: bundled)")

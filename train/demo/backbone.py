@@ -787,23 +787,23 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
             (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
         buckets.append(bucket)
+    def show(scene: shapes.Scene, region: int, image) -> dict[str, shapes.View]:
+        crop = (shapes.crop_view(scene, region, region_size, context, image)
+                if {"zoom", "upsampled"} & set(views) else None)
+        make = {"full": lambda: shapes.full_view(scene, image), "zoom": lambda: crop,
+                "upsampled": lambda: shapes.upsampled_view(scene, crop.box, image),
+                "teacher": lambda: shapes.teacher_view(scene, region, region_size, image)}
+        return {view: make[view]() for view in views}
+
     correct = {view: [] for view in views}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        originals = [Image.open(data_dir / "val2014" / image).convert("RGB") for image, *_ in chunk]
-        scene = [scenes[c[0]] for c in chunk]
-        make = {
-            "full": lambda s, c, img: shapes.full_view(s, img),
-            "zoom": lambda s, c, img: shapes.crop_view(s, c[3], region_size, context, img),
-            "upsampled": lambda s, c, img: shapes.upsampled_view(
-                s, shapes.crop_view(s, c[3], region_size, context, img).box, img),
-            "teacher": lambda s, c, img: shapes.teacher_view(s, c[3], region_size, img),
-        }
+        shown = [show(scenes[image], region, Image.open(data_dir / "val2014" / image).convert("RGB"))
+                 for image, _, _, region in chunk]
         ids = layout.pack([[(*name.split(), label)] for _, name, label, _ in chunk])["input_ids"]
         for view in views:
-            pixels = np.stack([preprocess_image(make[view](s, c, img).resized(cfg.vision.image_size).image,
-                                                image_size=cfg.vision.image_size)
-                               for s, c, img in zip(scene, chunk, originals)])
+            pixels = np.stack([preprocess_image(s[view].resized(cfg.vision.image_size).image,
+                                                image_size=cfg.vision.image_size) for s in shown])
             said_yes = np.asarray(answer(state, ids, pixels))[:, 0] != no_id
             correct[view] += [bool(y) == c[2] for y, c in zip(said_yes, chunk)]
         progress(len(chunk))

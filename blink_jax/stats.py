@@ -1,10 +1,11 @@
-"""Paired statistics of two answerers on the same questions (pure numpy): McNemar's exact test and a bootstrap
-interval of the accuracy difference. `eval.harness.paired` builds its comparisons on these; so does the demo's
-zoom measurement (`train.demo.zoom`)."""
+"""Paired statistics of two answerers on the same questions (pure numpy): McNemar's exact test, a bootstrap
+interval of the accuracy difference, and `compare`, which reports both. `eval.harness.paired` builds its
+comparisons of modes on it; so does the demo's zoom measurement (`train.demo.zoom`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -41,3 +42,22 @@ def bootstrap_interval(diff: np.ndarray, *, samples: int = BOOTSTRAP_SAMPLES, co
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def compare(mode: Mapping[str, bool], reference: Mapping[str, bool], *, seed: int = 0) -> dict:
+    """`mode` vs `reference` (unit -> correct) over the units both answered."""
+    units = sorted(set(mode) & set(reference))
+    a = np.array([bool(mode[u]) for u in units], dtype=bool)
+    b = np.array([bool(reference[u]) for u in units], dtype=bool)
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    diff = a.astype(np.int8) - b.astype(np.int8)
+    low, high = bootstrap_interval(diff, seed=seed)
+    n = len(units)
+    return {
+        "units": n,
+        "both_right": int((a & b).sum()), "only_this": wins, "only_reference": losses, "both_wrong": int((~a & ~b).sum()),
+        "accuracy": float(a.mean()) if n else None, "reference_accuracy": float(b.mean()) if n else None,
+        "difference": float(diff.mean()) if n else None,
+        "ci95": [low, high] if n else None,
+        "mcnemar_p": mcnemar_exact_p(wins, losses),
+    }

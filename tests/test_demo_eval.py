@@ -206,6 +206,6 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
                         for i in items], texts, labels)
         assert g["views"]["zoom"]["zoom/accuracy"] == pytest.approx(zoomed.mean()), g["region_size"]
         s = g["sub_patch"]
-        assert (s["only_zoomed"], s["only_full"]) == ((zoomed & ~full)[sub].sum(), (~zoomed & full)[sub].sum())
-        assert s["gain"] == pytest.approx(100 * (zoomed[sub].mean() - full[sub].mean()))
-        assert s["ci95"][0] <= s["gain"] <= s["ci95"][1]
+        assert (s["only_this"], s["only_reference"]) == ((zoomed & ~full)[sub].sum(), (~zoomed & full)[sub].sum())
+        assert s["difference"] == pytest.approx(zoomed[sub].mean() - full[sub].mean())
+        assert s["ci95"][0] <= s["difference"] <= s["ci95"][1]

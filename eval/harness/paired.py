@@ -19,28 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
-from blink_jax.stats import bootstrap_interval, mcnemar_exact_p
-
-
-def compare(mode: Mapping[str, bool], reference: Mapping[str, bool], *, seed: int = 0) -> dict:
-    """`mode` vs `reference` (unit -> correct) over the units both answered."""
-    units = sorted(set(mode) & set(reference))
-    a = np.array([bool(mode[u]) for u in units], dtype=bool)
-    b = np.array([bool(reference[u]) for u in units], dtype=bool)
-    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
-    diff = a.astype(np.int8) - b.astype(np.int8)
-    low, high = bootstrap_interval(diff, seed=seed)
-    n = len(units)
-    return {
-        "units": n,
-        "both_right": int((a & b).sum()), "only_this": wins, "only_reference": losses, "both_wrong": int((~a & ~b).sum()),
-        "accuracy": float(a.mean()) if n else None, "reference_accuracy": float(b.mean()) if n else None,
-        "difference": float(diff.mean()) if n else None,
-        "ci95": [low, high] if n else None,
-        "mcnemar_p": mcnemar_exact_p(wins, losses),
-    }
+from blink_jax.stats import compare
 
 
 def against(correct_by_mode: Mapping[str, Mapping[str, bool] | None], reference: str, *, seed: int = 0) -> dict:

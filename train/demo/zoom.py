@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 import blink_jax
 from blink_jax.rundir import atomic_write_text
-from blink_jax.stats import bootstrap_interval, mcnemar_exact_p
+from blink_jax.stats import compare
 from demo import shapes
 from train.demo.backbone import accuracy_by_bucket, zoom_answers
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ("tiny", "small", "sub_patch", "medium", "large")
 
 
 def parse_geometries(text: str) -> list[tuple[int, float]]:
@@ -51,21 +50,16 @@ def parse_geometries(text: str) -> list[tuple[int, float]]:
     return out
 
 
-def paired(zoomed: np.ndarray, full: np.ndarray) -> dict:
-    """Zoomed against full on the same questions: accuracies, the difference in points with its 95% bootstrap
-    interval, the discordant counts and McNemar's exact p."""
-    wins, losses = int((zoomed & ~full).sum()), int((~zoomed & full).sum())
-    diff = zoomed.astype(np.int8) - full.astype(np.int8)
-    low, high = bootstrap_interval(diff)
-    return {"n": int(full.size), "full": float(full.mean()), "zoomed": float(zoomed.mean()),
-            "gain": 100 * float(diff.mean()), "ci95": [100 * low, 100 * high], "only_zoomed": wins,
-            "only_full": losses, "mcnemar_p": mcnemar_exact_p(wins, losses)}
+def paired(zoomed: np.ndarray, full: np.ndarray, questions: list[str]) -> dict:
+    """Zoomed against full on the same questions (`blink_jax.stats.compare`: accuracies, the difference with its
+    95% bootstrap interval, the discordant counts, McNemar's exact p)."""
+    return compare(dict(zip(questions, zoomed)), dict(zip(questions, full)))
 
 
 def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]], *, batch_size: int = 32,
             progress: bool = True) -> dict:
     """-> {"questions", "full": accuracy by bucket, "geometries": [{"region_size", "context", "zoom",
-    "views": {view: accuracy by bucket}, "sub_patch": paired gain, "by_bucket": {bucket: paired gain}}]}."""
+    "views": {view: accuracy by bucket}, "sub_patch": zoomed vs full (`paired`), "by_bucket": {bucket: the same}}]}."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
     full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
@@ -74,6 +68,7 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     out = {"questions": n_questions, "full": accuracy_by_bucket(full.correct["full"], full.buckets, prefix="full"),
            "geometries": []}
     sub = np.isin(full.buckets, shapes.SUB_PATCH)
+    names = np.array([f"{image}: {name}" for image, name, _ in full.questions])
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
@@ -85,8 +80,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
         out["geometries"].append({
             "region_size": r, "context": context, "zoom": shapes.GRID / (r * context),
             "views": {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()},
-            "sub_patch": paired(zoomed[sub], full.correct["full"][sub]),
-            "by_bucket": {b: paired(zoomed[full.buckets == b], full.correct["full"][full.buckets == b])
+            "sub_patch": paired(zoomed[sub], full.correct["full"][sub], list(names[sub])),
+            "by_bucket": {b: paired(zoomed[full.buckets == b], full.correct["full"][full.buckets == b],
+                                    list(names[full.buckets == b]))
                           for b in ("tiny", "small", "medium", "large") if (full.buckets == b).any()},
         })
     return out
@@ -102,11 +98,12 @@ def markdown(result: dict) -> str:
     for g in result["geometries"]:
         s, views, by = g["sub_patch"], g["views"], g["by_bucket"]
         lines.append(
-            f"| {g['region_size']}:{g['context']:g} | {g['zoom']:g}x | {s['zoomed']:.3f} | {s['gain']:+.1f} "
-            f"| [{s['ci95'][0]:+.1f}, {s['ci95'][1]:+.1f}] | {s['only_zoomed']} / {s['only_full']} "
+            f"| {g['region_size']}:{g['context']:g} | {g['zoom']:g}x | {s['accuracy']:.3f} "
+            f"| {100 * s['difference']:+.1f} "
+            f"| [{100 * s['ci95'][0]:+.1f}, {100 * s['ci95'][1]:+.1f}] | {s['only_this']} / {s['only_reference']} "
             f"| {s['mcnemar_p']:.2g} | {views['upsampled']['upsampled/acc_sub_patch']:.3f} "
             f"| {views['teacher']['teacher/acc_sub_patch']:.3f} | "
-            + " | ".join(f"{by[b]['gain']:+.1f}" if b in by else "" for b in ("tiny", "small")) + " |")
+            + " | ".join(f"{100 * by[b]['difference']:+.1f}" if b in by else "" for b in ("tiny", "small")) + " |")
     return "\n".join(lines)
 
 

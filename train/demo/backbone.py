@@ -787,6 +787,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
             (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
         buckets.append(bucket)
+
     def show(scene: shapes.Scene, region: int, image) -> dict[str, shapes.View]:
         crop = (shapes.crop_view(scene, region, region_size, context, image)
                 if {"zoom", "upsampled"} & set(views) else None)

@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench import common
 from blink_jax.blink.config import parse_layers

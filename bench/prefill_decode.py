@@ -10,7 +10,6 @@ import argparse
 import os
 
 import jax
-import numpy as np
 
 from bench import common
 

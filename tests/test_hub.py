@@ -138,7 +138,6 @@ def test_converter_reads_a_hub_id_with_the_environment_offline(hub, tmp_path):
     """The real environment variables, read by huggingface_hub at import in a fresh process."""
     cache, dirs = hub
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / "converted"
     convert = lambda model, out: subprocess.run(
         [sys.executable, "-m", "checkpoints_conversion.hf_to_orbax", "--hf-dir", model, "--out", str(out),
          "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True)

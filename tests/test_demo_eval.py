@@ -205,7 +205,7 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
         zoomed = right([_region_crop_by_hand(photos[i[0]], i[4].cx, i[4].cy, g["region_size"], g["context"])
                         for i in items], texts, labels)
         assert g["views"]["zoom"]["zoom/accuracy"] == pytest.approx(zoomed.mean()), g["region_size"]
-        s = g["sub_patch"]
+        s = g["paired"]["sub_patch"]
         assert (s["only_this"], s["only_reference"]) == ((zoomed & ~full)[sub].sum(), (~zoomed & full)[sub].sum())
         assert s["difference"] == pytest.approx(zoomed[sub].mean() - full[sub].mean())
         assert s["ci95"][0] <= s["difference"] <= s["ci95"][1]

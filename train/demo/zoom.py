@@ -9,10 +9,10 @@ r:context (the crop mode's `--region-size` and `--crop-context`, BLINK.md §9), 
 region cut from the photo, the same box cut from the model's input and upsampled, and the region alone
 upsampled (TokenSR's teacher's view); `train.demo.backbone.zoom_answers` has the details. The zoom factor is the
 model's grid over the crop's side in patches: 12 / (r * context) for the demo, 2x for the crop mode's default
-3:2. The gain on the sub-patch questions (tiny + small objects) is paired: its bootstrap interval and McNemar's
-test are `blink_jax.stats`', as eval.run's paired comparisons. A larger, fresh set tells the gain from the draw of
-150 scenes: `python -m demo.shapes --out DIR --images 1000 --seed 2` (the seeds 0 and 1 are the eval and the
-calibration sets).
+3:2. The gain on the sub-patch questions (tiny + small objects) and per size is paired: its bootstrap interval
+and McNemar's test come from `blink_jax.stats.compare`, as eval.run's paired comparisons do. A larger, fresh
+set tells the gain from the draw of 150 scenes: `python -m demo.shapes --out DIR --images 1000 --seed 2` (the
+seeds 0 and 1 are the eval and the calibration sets).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def paired(zoomed: np.ndarray, full: np.ndarray, questions: list[str]) -> dict:
 def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]], *, batch_size: int = 32,
             progress: bool = True) -> dict:
     """-> {"questions", "full": accuracy by bucket, "geometries": [{"region_size", "context", "zoom",
-    "views": {view: accuracy by bucket}, "sub_patch": zoomed vs full (`paired`), "by_bucket": {bucket: the same}}]}."""
+    "views": {view: accuracy by bucket}, "paired": {"sub_patch" or a size bucket: zoomed vs full (`paired`)}}]}."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
     full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
@@ -67,23 +67,19 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     n_questions = len(full.questions)
     out = {"questions": n_questions, "full": accuracy_by_bucket(full.correct["full"], full.buckets, prefix="full"),
            "geometries": []}
-    sub = np.isin(full.buckets, shapes.SUB_PATCH)
     names = np.array([f"{image}: {name}" for image, name, _ in full.questions])
+    groups = {"sub_patch": np.isin(full.buckets, shapes.SUB_PATCH),
+              **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
                                batch_size=batch_size, progress=bar.update)
         bar.close()
-        if [q[:2] for q in answers.questions] != [q[:2] for q in full.questions]:
-            raise AssertionError("the questions differ between geometries")  # both come from the same sorted labels
-        zoomed = answers.correct["zoom"]
+        zoomed = answers.correct["zoom"]  # the same questions in the same order as `full` (sorted labels)
         out["geometries"].append({
             "region_size": r, "context": context, "zoom": shapes.GRID / (r * context),
             "views": {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()},
-            "sub_patch": paired(zoomed[sub], full.correct["full"][sub], list(names[sub])),
-            "by_bucket": {b: paired(zoomed[full.buckets == b], full.correct["full"][full.buckets == b],
-                                    list(names[full.buckets == b]))
-                          for b in ("tiny", "small", "medium", "large") if (full.buckets == b).any()},
+            "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m])) for g, m in groups.items()},
         })
     return out
 
@@ -96,7 +92,7 @@ def markdown(result: dict) -> str:
              "| right only zoomed / only full | McNemar p | upsampled | teacher's view | tiny gain | small gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["geometries"]:
-        s, views, by = g["sub_patch"], g["views"], g["by_bucket"]
+        s, views, by = g["paired"]["sub_patch"], g["views"], g["paired"]
         lines.append(
             f"| {g['region_size']}:{g['context']:g} | {g['zoom']:g}x | {s['accuracy']:.3f} "
             f"| {100 * s['difference']:+.1f} "

@@ -355,18 +355,25 @@ def class_patches(view: View, name: str, grid: int) -> np.ndarray:  # [grid * gr
     return out.reshape(-1)
 
 
-def sample_questions(rng: np.random.Generator, view: View, n: int) -> list[tuple[str, str, bool]]:
+def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: float = 0.0
+                     ) -> list[tuple[str, str, bool]]:
     """Up to n (colour, shape, answer) questions, half about present classes and half about absent ones;
-    half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do."""
+    half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do.
+    With `p_shape`, that share of the negatives first is an absent class in a present colour (a red square
+    when a red circle is there): only the shape tells them apart."""
     present = sorted(view.present)
     absent = [c for c in CLASSES if c not in view.present and c not in view.ambiguous]
     hard = [c for c in absent if any(set(c.split()) & set(p.split()) for p in present)]
+    colour_mates = [c for c in absent if c.split()[0] in {p.split()[0] for p in present}]
     n_pos = n // 2 if present else 0
     positives = [present[i] for i in rng.choice(len(present), size=n_pos, replace=n_pos > len(present))] \
         if n_pos else []
     negatives = []
     for _ in range(n // 2):
-        pool = hard if hard and rng.random() < 0.5 else absent
+        if p_shape and colour_mates and rng.random() < p_shape:
+            pool = colour_mates
+        else:
+            pool = hard if hard and rng.random() < 0.5 else absent
         negatives.append(pool[rng.integers(len(pool))])
     out = [(name, True) for name in positives] + [(name, False) for name in negatives]
     order = rng.permutation(len(out))
@@ -383,6 +390,23 @@ def question_bucket(objects: Sequence[tuple], name: str) -> str:
     words = set(name.split())
     confusers = [size for n, size, *_ in objects if words & set(n.split())]
     return size_bucket(min(confusers)) if confusers else "none"
+
+
+LOOKALIKE_KINDS = ("yes", "same colour", "same shape")
+
+
+def question_kind(objects: Sequence[tuple], name: str) -> str:
+    """What a question about class `name` needs read, given the (class, size, ...) of what is in view: "yes"
+    when the class is there; for an absent one, of its smallest look-alike (`question_bucket`'s), "same colour"
+    (a red square when asked for a red circle: only the shape tells them apart) or "same shape" (only the
+    colour does); "none" without a look-alike."""
+    if any(n == name for n, *_ in objects):
+        return "yes"
+    colour, shape = name.split()
+    alike = [(size, n) for n, size, *_ in objects if colour in n.split() or shape in n.split()]
+    if not alike:
+        return "none"
+    return "same colour" if min(alike, key=lambda a: a[0])[1].split()[0] == colour else "same shape"
 
 
 # ---------------------------------------------------------------------------------------------------- POPE

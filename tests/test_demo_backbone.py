@@ -137,6 +137,33 @@ def test_training_questions_are_balanced_and_true():
     assert answers[True] > 100 and abs(answers[True] - answers[False]) <= 0.1 * sum(answers.values())
 
 
+def test_shape_negatives_are_absent_classes_in_a_present_colour_at_the_asked_share():
+    view = shapes.View(Image.new("RGB", (168, 168)), (("red circle", 20.0, (0, 0, 20, 20)),
+                                                      ("blue cross", 20.0, (40, 40, 60, 60))), frozenset(), None)
+    mates = {f"{c} {s}" for c in ("red", "blue") for s in shapes.SHAPES} - view.present
+    rng = np.random.default_rng(0)
+    negatives = [f"{c} {s}" for _ in range(400) for c, s, a in shapes.sample_questions(rng, view, 4, p_shape=0.5)
+                 if not a]
+    share = np.mean([n in mates for n in negatives])
+    # half drawn from the 8 mates, the other half as before: half of those from the 16 absent classes sharing a
+    # colour or a shape (the 8 mates and the 8 circles and crosses in other colours), half from all 28 absent
+    assert len(mates) == 8 and len(negatives) == 800
+    assert share == pytest.approx(0.5 + 0.5 * (0.5 * 8 / 16 + 0.5 * 8 / 28), abs=0.04)
+    rng0, rng1 = np.random.default_rng(3), np.random.default_rng(3)
+    assert shapes.sample_questions(rng0, view, 8) == shapes.sample_questions(rng1, view, 8, p_shape=0.0)
+
+
+def test_question_kind_names_what_the_smallest_lookalike_shares():
+    objects = [("red square", 30.0), ("blue circle", 10.0), ("green cross", 12.0)]
+    assert shapes.question_kind(objects, "red square") == "yes"
+    assert shapes.question_kind(objects, "red circle") == "same shape"  # the 10 px blue circle, not the red square
+    assert shapes.question_kind(objects, "red triangle") == "same colour"
+    assert shapes.question_kind(objects, "green diamond") == "same colour"
+    assert shapes.question_kind(objects, "yellow cross") == "same shape"
+    assert shapes.question_kind(objects, "yellow diamond") == "none"
+    assert shapes.question_bucket(objects, "red circle") == "tiny"  # the same look-alike sets the size
+
+
 def test_patch_targets_name_each_shape_at_its_centre_patch_and_ignore_the_rest_it_covers():
     img = Image.new("RGB", (168, 168))
     # a 6 px shape inside patch (row 1, col 2); a 30 px one centred in patch (6, 4), touching rows 5-7 x cols 3-5
@@ -474,8 +501,14 @@ def test_breakdown_counts_each_question_once_in_its_bucket_and_label(pope_dir, t
     result = breakdown.breakdown(run, pope_dir)
     n = len(rows)
     assert result["blink"]["sr_hit"] == [1, 2]
-    assert result["vanilla"]["by_label"] == {"yes": [n // 2, n // 2], "no": [0, n // 2]}
-    assert result["blink"]["by_label"] == {"yes": [n // 2, n // 2], "no": [n // 2, n // 2]}
+    # the "no" questions whose colour is in the scene, by hand from the annotations
+    coloured = sum(r["label"] == "no" and r["text"].split()[3] in {o["name"].split()[0] for o in objects[r["image"]]}
+                   for _, r in rows)
+    assert 0 < coloured < n // 2
+    assert result["vanilla"]["by_label"] == {"yes": [n // 2, n // 2], "no": [0, n // 2],
+                                             "no, colour in scene": [0, coloured],
+                                             "no, colour not in scene": [0, n // 2 - coloured]}
+    assert result["blink"]["by_label"]["no, colour in scene"] == [coloured, coloured]
     assert sum(c[1] for c in result["blink"]["by_bucket"].values()) == n
     assert result["blink"]["expanded"] == [n // 2, n]
     assert result["blink"]["expanded_at"] == {1: [n // 2, n], 2: [0, n]}

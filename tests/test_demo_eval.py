@@ -145,12 +145,17 @@ def test_oracle_tool_asks_as_eval_run_does(demo_run):
 def _region_crop_by_hand(photo, cx: float, cy: float, r: int, context: float):
     """The crop of the r x r region of the 12 x 12 grid holding (cx, cy), grown by `context` about its centre
     and clamped to the model's 168 px input, cut from the 336 px photo: written out, not through blink_jax."""
+    return photo.crop(_region_box_by_hand(cx, cy, r, context))
+
+
+def _region_box_by_hand(cx: float, cy: float, r: int, context: float) -> tuple[int, int, int, int]:
+    """`_region_crop_by_hand`'s box in the photo's pixels."""
     side = 168 / (12 // r)  # the region's side, input pixels
     col, row = min(int(cx / 2 // side), 12 // r - 1), min(int(cy / 2 // side), 12 // r - 1)
     centre_x, centre_y, half = (col + 0.5) * side, (row + 0.5) * side, side * context / 2
     box = [max(0.0, centre_x - half), max(0.0, centre_y - half),
            min(168.0, centre_x + half), min(168.0, centre_y + half)]
-    return photo.crop(tuple(int(round(2 * v)) for v in box))
+    return tuple(int(round(2 * v)) for v in box)
 
 
 def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
@@ -201,6 +206,13 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
     full = right([photos[i[0]] for i in items], texts, labels)
     assert result["questions"] == len(items) and result["full"]["full/n_sub_patch"] == sub.sum() > 0
     assert result["full"]["full/accuracy"] == pytest.approx(full.mean())
+    kinds = np.array(["yes" if i[2] == "yes" else "same colour" if i[4].name.split()[0] in i[1].split()
+                      else "same shape" for i in items])
+    for kind, by_size in result["full_by_kind"].items():
+        for size, counts in by_size.items():
+            m = (kinds == kind) & np.array([i[3] == size for i in items])
+            assert counts == [full[m].sum(), m.sum()], (kind, size)
+    assert sum(c[1] for by_size in result["full_by_kind"].values() for c in by_size.values()) == len(items)
     for g in result["geometries"]:
         zoomed = right([_region_crop_by_hand(photos[i[0]], i[4].cx, i[4].cy, g["region_size"], g["context"])
                         for i in items], texts, labels)
@@ -209,3 +221,19 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
         assert (s["only_this"], s["only_reference"]) == ((zoomed & ~full)[sub].sum(), (~zoomed & full)[sub].sum())
         assert s["difference"] == pytest.approx(zoomed[sub].mean() - full[sub].mean())
         assert s["ci95"][0] <= s["difference"] <= s["ci95"][1]
+        for kind in ("yes", "same colour", "same shape"):  # by hand: the answer, else what the look-alike shares
+            m = sub & (kinds == kind)
+            k = g["paired"].get(f"sub_patch/{kind}", {"only_this": 0, "only_reference": 0})
+            assert (k["only_this"], k["only_reference"]) == ((zoomed & ~full)[m].sum(), (~zoomed & full)[m].sum())
+        # sub-patch "no" questions whose colour is in the scene, and whether a shape of it overlaps the crop
+        colour = lambda i: i[1].split()[3]
+        asked = sub & np.array([i[2] == "no" and any(o.name.split()[0] == colour(i) for o in scenes[i[0]].objects)
+                                for i in items])
+        boxes = [_region_box_by_hand(i[4].cx, i[4].cy, g["region_size"], g["context"]) for i in items]
+        kept = np.array([any(o.name.split()[0] == colour(i) and min(o.box[2], b[2]) > max(o.box[0], b[0])
+                             and min(o.box[3], b[3]) > max(o.box[1], b[1]) for o in scenes[i[0]].objects)
+                         for i, b in zip(items, boxes)])
+        c = g["colour_in_scene"]
+        assert (c["n"], c["kept"], c["left_out"]) == (asked.sum(), (asked & kept).sum(), (asked & ~kept).sum())
+        if (asked & ~kept).any():
+            assert c["zoom_accuracy_left_out"] == pytest.approx(zoomed[asked & ~kept].mean())

@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--p-teacher", type=float, default=t.p_teacher,
                    help="share of training images that are regions of the downsampled scene upsampled, as "
                         "TokenSR's teacher sees them (default %(default)s)")
+    g.add_argument("--p-shape", type=float, default=t.p_shape,
+                   help="share of 'no' questions about an absent class in a colour the image has (a red square "
+                        "when a red circle is there), answerable only by reading shape (default %(default)s)")
     g.add_argument("--eval-every", type=int, default=t.eval_every, help="validation every N steps (default %(default)s)")
     g.add_argument("--val-images", type=int, default=t.val_images,
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         ground_background=args.ground_background,
         ground_layers=tuple(int(x) for x in args.ground_layers.split(",") if x.strip()), steps=args.steps, batch_size=args.batch_size,
         questions_per_image=args.questions_per_image, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher, seed=args.seed,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher,
+        p_shape=args.p_shape, seed=args.seed,
         eval_every=args.eval_every, val_images=args.val_images, log_every=args.log_every)
     out = Path(args.out)
     log_path = out.parent / f"{out.name}.log.jsonl"

@@ -128,6 +128,7 @@ class TrainSettings:
     clip_norm: float = 1.0
     p_zoom: float = 0.45  # crops of the original (shapes.CROP_GEOMETRIES)
     p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
+    p_shape: float = 0.0  # negatives in a present colour, told apart by shape only (shapes.sample_questions)
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128
@@ -412,7 +413,8 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
     indices = range(step * b, (step + 1) * b)
     views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
-                                         settings.questions_per_image) for i, v in zip(indices, views)]
+                                         settings.questions_per_image, settings.p_shape)
+                 for i, v in zip(indices, views)]
     return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
                      background=settings.ground_background)
 
@@ -744,7 +746,9 @@ class ZoomAnswers:
     """Each distinct POPE question with an object to zoom on, answered from each view (`evaluate_zoom`)."""
     questions: list[tuple[str, str, bool]]  # (image, class, label is yes), sorted
     buckets: np.ndarray  # [Q] the question's size bucket (`shapes.question_bucket`)
+    kinds: np.ndarray  # [Q] "yes", "same colour" or "same shape" (`shapes.question_kind`)
     correct: dict[str, np.ndarray]  # view -> [Q] bool
+    colour_in_view: dict[str, np.ndarray]  # view -> [Q] bool: a shape of the asked colour is (partly) in view
 
 
 def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
@@ -776,7 +780,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
     graphdef, state = nnx.split(model)
     answer = answer_fn(graphdef, layout)
     no_id = layout.answer_ids[1]
-    items, buckets = [], []
+    items, buckets, kinds = [], [], []
     for (image, name), label in sorted(labels.items()):
         objects = scenes[image].objects
         bucket = shapes.question_bucket([(o.name, o.size) for o in objects], name)
@@ -787,6 +791,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
             (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
         buckets.append(bucket)
+        kinds.append(shapes.question_kind([(o.name, o.size) for o in objects], name))
 
     def show(scene: shapes.Scene, region: int, image) -> dict[str, shapes.View]:
         crop = (shapes.crop_view(scene, region, region_size, context, image)
@@ -797,6 +802,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
         return {view: make[view]() for view in views}
 
     correct = {view: [] for view in views}
+    coloured = {view: [] for view in views}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         shown = [show(scenes[image], region, Image.open(data_dir / "val2014" / image).convert("RGB"))
@@ -807,9 +813,12 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
                                                 image_size=cfg.vision.image_size) for s in shown])
             said_yes = np.asarray(answer(state, ids, pixels))[:, 0] != no_id
             correct[view] += [bool(y) == c[2] for y, c in zip(said_yes, chunk)]
+            coloured[view] += [c[1].split()[0] in {n.split()[0] for n in s[view].present | s[view].ambiguous}
+                               for s, c in zip(shown, chunk)]
         progress(len(chunk))
     return ZoomAnswers([(image, name, label) for image, name, label, _ in items], np.asarray(buckets),
-                       {view: np.asarray(c, dtype=bool) for view, c in correct.items()})
+                       np.asarray(kinds), {view: np.asarray(c, dtype=bool) for view, c in correct.items()},
+                       {view: np.asarray(c, dtype=bool) for view, c in coloured.items()})
 
 
 def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,

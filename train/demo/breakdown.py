@@ -5,7 +5,9 @@ and by whether the crop held the object asked about (from the samples' trace sum
     python -m train.demo.breakdown --run eval_out/pope_demo [--data-dir demo/data/pope]
 
 Size buckets come from `shapes_annotations.json` (`shapes.question_bucket`: for a "yes" the object's size, for
-a "no" the smallest object in view sharing its colour or shape, i.e. what it could be mistaken for).
+a "no" the smallest object in view sharing its colour or shape, i.e. what it could be mistaken for). The "no"
+questions are also split by whether the asked colour is somewhere in the scene: if it is, only shapes say no (a
+model that answers from colour alone says yes there and is right everywhere else).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from demo import shapes
 from demo.pope import parse_yes_no
 
 BUCKETS = tuple(name for name, _, _ in shapes.SIZE_BUCKETS) + ("none",)
+LABEL_ROWS = {"yes": 'answer "yes"', "no": 'answer "no"',
+              "no, colour in scene": '"no", its colour in the scene (only shape says no)',
+              "no, colour not in scene": '"no", its colour not in the scene'}
 
 
 def _said_yes(prediction: str | None) -> bool:
@@ -27,7 +32,8 @@ def _said_yes(prediction: str | None) -> bool:
 
 
 def breakdown(run: Path, data_dir: Path) -> dict:
-    """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": ..., "expanded": (n_expanded_any, n),
+    """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": {"yes", "no" and the "no" split by whether the
+    asked colour is in the scene (`LABEL_ROWS`): (correct, n)}, "expanded": (n_expanded_any, n),
     "expanded_at": {layer: (n_expand, n)}, "crop_hit": (n "yes" questions whose crop holds the object, n),
     "sr_hit": (n "yes" questions Blink expanded whose expanded region holds the object, n)}}; sr_hit needs
     the run's traces_pope_<mode>.jsonl (--save-traces)."""
@@ -57,7 +63,11 @@ def breakdown(run: Path, data_dir: Path) -> dict:
             name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
             bucket = shapes.question_bucket([(o.name, o.size) for o in scenes[r["image"]].objects], name)
             correct = _said_yes(s["prediction"]) == (r["label"] == "yes")
-            for table, key in ((by_bucket, bucket), (by_label, r["label"])):
+            colour_in_scene = name.split()[0] in {o.name.split()[0] for o in scenes[r["image"]].objects}
+            keys = [(by_bucket, bucket), (by_label, r["label"])]
+            if r["label"] == "no":
+                keys.append((by_label, "no, colour in scene" if colour_in_scene else "no, colour not in scene"))
+            for table, key in keys:
                 table[key][0] += correct
                 table[key][1] += 1
             trace = s.get("trace") or {}
@@ -87,13 +97,13 @@ def markdown(result: dict) -> str:
     order = ["vanilla", "crop", "interp", "blink"]
     modes = sorted(result, key=lambda m: (order.index(m) if m in order else len(order), m))
     lines = ["| questions about | n | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
-    keys = [("bucket", b) for b in BUCKETS] + [("label", "yes"), ("label", "no")]
+    keys = [("bucket", b) for b in BUCKETS] + [("label", k) for k in LABEL_ROWS]
     for kind, key in keys:
         cells = [result[m][f"by_{kind}"].get(key) for m in modes]
         if not any(cells):
             continue
         n = next(c[1] for c in cells if c)
-        label = {"bucket": f"{key} objects", "label": f'answer "{key}"'}[kind]
+        label = {"bucket": f"{key} objects", "label": LABEL_ROWS.get(key)}[kind]
         if key == "none":
             label = "no look-alike in view"
         lines.append(f"| {label} | {n} | " + " | ".join(f"{c[0] / c[1]:.3f}" if c else "-" for c in cells) + " |")

@@ -32,6 +32,8 @@ from demo import shapes
 from train.demo.backbone import accuracy_by_bucket, zoom_answers
 
 ROOT = Path(__file__).resolve().parents[2]
+KIND_LABELS = {"yes": '"yes"', "same colour": '"no", look-alike of the asked colour',
+               "same shape": '"no", look-alike of the asked shape'}
 
 
 def parse_geometries(text: str) -> list[tuple[int, float]]:
@@ -56,38 +58,69 @@ def paired(zoomed: np.ndarray, full: np.ndarray, questions: list[str]) -> dict:
     return compare(dict(zip(questions, zoomed)), dict(zip(questions, full)))
 
 
+def _mean(x: np.ndarray) -> float | None:
+    return float(x.mean()) if x.size else None
+
+
 def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]], *, batch_size: int = 32,
             progress: bool = True) -> dict:
-    """-> {"questions", "full": accuracy by bucket, "geometries": [{"region_size", "context", "zoom",
-    "views": {view: accuracy by bucket}, "paired": {"sub_patch" or a size bucket: zoomed vs full (`paired`)}}]}."""
+    """-> {"questions", "full": accuracy by bucket, "full_by_kind": {`shapes.question_kind`: {bucket: [correct,
+    n]}}, "geometries": [{"region_size", "context", "zoom",
+    "views": {view: accuracy by bucket}, "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
+    The groups: "sub_patch", each size bucket, and "sub_patch/KIND" for the sub-patch questions by
+    `shapes.question_kind`. "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene,
+    how many crops keep it in view or leave it out, and the zoomed accuracy of each."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
     full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
     bar.close()
     n_questions = len(full.questions)
     out = {"questions": n_questions, "full": accuracy_by_bucket(full.correct["full"], full.buckets, prefix="full"),
+           "full_by_kind": {k: {b: [int(full.correct["full"][m].sum()), int(m.sum())]
+                                for b, _, _ in shapes.SIZE_BUCKETS
+                                for m in [(full.kinds == k) & (full.buckets == b)] if m.any()}
+                            for k in shapes.LOOKALIKE_KINDS},
            "geometries": []}
     names = np.array([f"{image}: {name}" for image, name, _ in full.questions])
-    groups = {"sub_patch": np.isin(full.buckets, shapes.SUB_PATCH),
-              **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()}}
+    sub_patch = np.isin(full.buckets, shapes.SUB_PATCH)
+    groups = {"sub_patch": sub_patch,
+              **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()},
+              **{f"sub_patch/{k}": sub_patch & (full.kinds == k) for k in shapes.LOOKALIKE_KINDS
+                 if (sub_patch & (full.kinds == k)).any()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
                                batch_size=batch_size, progress=bar.update)
         bar.close()
         zoomed = answers.correct["zoom"]  # the same questions in the same order as `full` (sorted labels)
+        # sub-patch "no" questions whose colour is in the scene: does the crop keep that colour in view?
+        asked = sub_patch & ~np.array([label for _, _, label in full.questions]) & full.colour_in_view["full"]
+        kept = answers.colour_in_view["zoom"]
+        colour = {"n": int(asked.sum()), "full_accuracy": _mean(full.correct["full"][asked]),
+                  "kept": int((asked & kept).sum()), "zoom_accuracy_kept": _mean(zoomed[asked & kept]),
+                  "left_out": int((asked & ~kept).sum()), "zoom_accuracy_left_out": _mean(zoomed[asked & ~kept])}
         out["geometries"].append({
             "region_size": r, "context": context, "zoom": shapes.GRID / (r * context),
             "views": {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()},
             "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m])) for g, m in groups.items()},
+            "colour_in_scene": colour,
         })
     return out
 
 
 def markdown(result: dict) -> str:
-    full = result["full"]
+    full, sizes = result["full"], [b for b, _, _ in shapes.SIZE_BUCKETS]
+
+    def cell(kind: str, size: str) -> str:
+        c = result["full_by_kind"][kind].get(size)
+        return f"{c[0] / c[1]:.3f} ({c[1]})" if c else "-"
+
     lines = [f"{result['questions']} questions; sub-patch (tiny + small objects): {full['full/n_sub_patch']}, "
              f"full scene accuracy {full['full/acc_sub_patch']:.3f}", "",
+             "Full scene accuracy by what the question needs read (`shapes.question_kind`) and size:", "",
+             "| | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes),
+             *[f"| {KIND_LABELS[k]} | " + " | ".join(cell(k, b) for b in sizes) + " |"
+               for k in shapes.LOOKALIKE_KINDS if result["full_by_kind"].get(k)], "",
              "| crop r:context | zoom | crop of the photo | gain (points) | 95% interval "
              "| right only zoomed / only full | McNemar p | upsampled | teacher's view | tiny gain | small gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -100,6 +133,31 @@ def markdown(result: dict) -> str:
             f"| {s['mcnemar_p']:.2g} | {views['upsampled']['upsampled/acc_sub_patch']:.3f} "
             f"| {views['teacher']['teacher/acc_sub_patch']:.3f} | "
             + " | ".join(f"{100 * by[b]['difference']:+.1f}" if b in by else "" for b in ("tiny", "small")) + " |")
+    kinds = [k for k in shapes.LOOKALIKE_KINDS if f"sub_patch/{k}" in result["geometries"][0]["paired"]] \
+        if result["geometries"] else []
+    if kinds:
+        first = result["geometries"][0]["paired"]
+        lines += ["", "Sub-patch questions by what they need read (`shapes.question_kind`): the answer is yes; no, "
+                  "and the look-alike has the asked colour (only its shape differs) or the asked shape (only its "
+                  "colour differs). Full scene / zoomed accuracy and the gain (points):", "",
+                  "| crop r:context | " + " | ".join(f"{k} ({first[f'sub_patch/{k}']['units']})" for k in kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for g in result["geometries"]:
+            cells = [g["paired"][f"sub_patch/{k}"] for k in kinds]
+            lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(
+                f"{c['reference_accuracy']:.3f} → {c['accuracy']:.3f} ({100 * c['difference']:+.1f})" for c in cells)
+                + " |")
+    if result["geometries"] and "colour_in_scene" in result["geometries"][0]:
+        c0 = result["geometries"][0]["colour_in_scene"]
+        f = lambda x: "-" if x is None else f"{x:.3f}"
+        lines += ["", f"Sub-patch \"no\" questions whose asked colour is somewhere in the scene ({c0['n']}; "
+                  f"full scene accuracy {f(c0['full_accuracy'])}): the crop keeps that colour in view, or leaves "
+                  "it out.", "", "| crop r:context | kept: n | zoomed accuracy | left out: n | zoomed accuracy |",
+                  "|---|---|---|---|---|"]
+        for g in result["geometries"]:
+            c = g["colour_in_scene"]
+            lines.append(f"| {g['region_size']}:{g['context']:g} | {c['kept']} | {f(c['zoom_accuracy_kept'])} "
+                         f"| {c['left_out']} | {f(c['zoom_accuracy_left_out'])} |")
     return "\n".join(lines)
 
 

@@ -356,6 +356,24 @@ def test_question_patches_mark_the_asked_objects_patches():
     assert (rows * 14 < y1).all() and ((rows + 1) * 14 > y0).all() and (cols * 14 < x1).all() and ((cols + 1) * 14 > x0).all()
 
 
+def test_lookalike_grounding_points_a_no_at_the_shapes_of_its_colour_else_of_its_shape():
+    # a red circle in patch (1, 2) and a red square and a blue cross each filling one patch, drawn by hand
+    view = shapes.View(Image.new("RGB", (168, 168)), (("red circle", 6.0, (30.0, 16.0, 36.0, 22.0)),
+                                                      ("red square", 10.0, (88.0, 60.0, 98.0, 70.0)),
+                                                      ("blue cross", 10.0, (4.0, 144.0, 14.0, 154.0))),
+                       frozenset(), None)
+    layout = backbone.PackedLayout.build(build_tokenizer(), TINY.llava_config(), k=4)
+    questions = [[("red", "triangle", False), ("green", "cross", False), ("green", "diamond", False),
+                  ("red", "circle", True)]]
+    patches = layout.question_patches([view], questions, grid=12, lookalikes=True).reshape(4, 12, 12)
+    assert set(zip(*np.nonzero(patches[0]))) == {(1, 2), (4, 6)}  # both red shapes
+    assert set(zip(*np.nonzero(patches[1]))) == {(10, 0)}  # no green in view: the cross
+    assert not patches[2].any()  # nothing shares green or diamond
+    assert set(zip(*np.nonzero(patches[3]))) == {(1, 2)}  # a "yes" as before
+    plain = layout.question_patches([view], questions, grid=12).reshape(4, 12, 12)
+    assert not plain[:3].any() and (plain[3] == patches[3]).all()
+
+
 def test_ground_loss_is_minus_log_mass_on_the_object():
     maps = jnp.asarray([[[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]])  # [A=1, B=1, K=2, P=3]
     patches = jnp.asarray([[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # the second question is a "no"

@@ -123,6 +123,7 @@ class TrainSettings:
     ground_weight: float = 1.0
     ground_layers: tuple[int, ...] = (1, 2, 3)
     ground_background: bool = False  # also ground the "no" questions, on the empty patches
+    ground_lookalikes: bool = False  # ground the "no" questions on the shapes they could be mistaken for
     warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
@@ -253,15 +254,25 @@ class PackedLayout:
         return {"input_ids": ids, "targets": targets, "block_targets": block_targets, "weights": weights}
 
     def question_patches(self, views: Sequence[shapes.View], questions: Sequence[Sequence[tuple[str, str, bool]]],
-                         grid: int, background: bool = False) -> np.ndarray:  # [B, K, P]
+                         grid: int, background: bool = False, lookalikes: bool = False) -> np.ndarray:  # [B, K, P]
         """Per question, where the answering row should look among the image tokens: the patches of the object
         asked about when it is in view; for a "no", nothing (all zero), or with `background` the empty patches
-        (no shape touches them), so that what attention brings back says yes (that object) or no (background)."""
+        (no shape touches them), so that what attention brings back says yes (that object) or no (background).
+        With `lookalikes`, a "no" looks at the shapes in view of the asked colour (else of the asked shape):
+        what it could be mistaken for, so that the answer has to come from what that shape is."""
         out = np.zeros((len(views), self.k, grid * grid), np.float32)
         for row, (view, qs) in enumerate(zip(views, questions)):
             empty = shapes.patch_targets(view, grid)[:, -1] if background else np.zeros(grid * grid, np.float32)
             for j, (colour, shape, answer) in enumerate(qs):
-                out[row, j] = shapes.class_patches(view, f"{colour} {shape}", grid) if answer else empty
+                if answer:
+                    out[row, j] = shapes.class_patches(view, f"{colour} {shape}", grid)
+                    continue
+                out[row, j] = empty
+                if lookalikes:
+                    names = {n for n in view.present if n.split()[0] == colour} or {
+                        n for n in view.present if n.split()[1] == shape}
+                    if names:
+                        out[row, j] = np.clip(sum(shapes.class_patches(view, n, grid) for n in names), 0, 1)
         return out
 
 
@@ -383,11 +394,11 @@ def qa_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[
 
 def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_size: int, grid: int,
               questions: Sequence[Sequence[tuple[str, str, bool]]] | None = None, *,
-              background: bool = False) -> dict[str, np.ndarray]:
+              background: bool = False, lookalikes: bool = False) -> dict[str, np.ndarray]:
     """Views (+ questions) -> the model's arrays: pixel_values, patch_targets (+ the packed ids)."""
     batch = layout.pack(questions) if layout is not None else {}
     if layout is not None:
-        batch["question_patches"] = layout.question_patches(views, questions, grid, background)
+        batch["question_patches"] = layout.question_patches(views, questions, grid, background, lookalikes)
     batch["pixel_values"] = np.stack([preprocess_image(v.image, image_size=image_size) for v in views])
     batch["patch_targets"] = np.stack([shapes.patch_targets(v, grid) for v in views])
     return batch
@@ -416,7 +427,7 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
                                          settings.questions_per_image, settings.p_shape)
                  for i, v in zip(indices, views)]
     return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
-                     background=settings.ground_background)
+                     background=settings.ground_background, lookalikes=settings.ground_lookalikes)
 
 
 @dataclasses.dataclass

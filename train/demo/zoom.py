@@ -13,6 +13,12 @@ model's grid over the crop's side in patches: 12 / (r * context) for the demo, 2
 and McNemar's test come from `blink_jax.stats.compare`, as eval.run's paired comparisons do. A larger, fresh
 set tells the gain from the draw of 150 scenes: `python -m demo.shapes --out DIR --images 1000 --seed 2` (the
 seeds 0 and 1 are the eval and the calibration sets).
+
+What a gain is made of: the questions split by what they need read (`shapes.question_kind`: a "yes"; a "no"
+whose look-alike has the asked colour, told apart by shape only; or the asked shape, told apart by colour),
+and the sub-patch "no" questions whose asked colour is in the scene by whether the crop keeps that colour in
+view. A model that answers from colour alone gains exactly where the crop leaves the colour out: field of
+view, not detail (demo/MODEL_CARD.md, "Does zooming help this backbone?").
 """
 
 from __future__ import annotations
@@ -64,9 +70,9 @@ def _mean(x: np.ndarray) -> float | None:
 
 def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]], *, batch_size: int = 32,
             progress: bool = True) -> dict:
-    """-> {"questions", "full": accuracy by bucket, "full_by_kind": {`shapes.question_kind`: {bucket: [correct,
-    n]}}, "geometries": [{"region_size", "context", "zoom",
-    "views": {view: accuracy by bucket}, "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
+    """-> {"questions", "full": accuracy by bucket, "full_by_kind": {kind: {bucket: [correct, n]}},
+    "geometries": [{"region_size", "context", "zoom", "views": {view: accuracy by bucket},
+    "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
     The groups: "sub_patch", each size bucket, and "sub_patch/KIND" for the sub-patch questions by
     `shapes.question_kind`. "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene,
     how many crops keep it in view or leave it out, and the zoomed accuracy of each."""

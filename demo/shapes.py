@@ -380,16 +380,22 @@ def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: floa
     return [(*out[i][0].split(), out[i][1]) for i in order]
 
 
+def smallest_lookalike(objects: Sequence[tuple], name: str) -> tuple | None:
+    """Of the (class, size, ...) in view, the smallest that shares class `name`'s colour or its shape (the one a
+    model could mistake for it; the first of equal sizes), or None."""
+    words = set(name.split())
+    alike = [o for o in objects if words & set(o[0].split())]
+    return min(alike, key=lambda o: o[1]) if alike else None
+
+
 def question_bucket(objects: Sequence[tuple], name: str) -> str:
     """The size bucket a question about class `name` is about, given the (class, size, ...) of what is in view: for
-    a present class its largest instance; for an absent one the smallest shape in view that shares its colour
-    or its shape (the one a model could mistake for it), or "none"."""
+    a present class its largest instance; for an absent one its `smallest_lookalike`'s, or "none"."""
     same = [size for n, size, *_ in objects if n == name]
     if same:
         return size_bucket(max(same))
-    words = set(name.split())
-    confusers = [size for n, size, *_ in objects if words & set(n.split())]
-    return size_bucket(min(confusers)) if confusers else "none"
+    alike = smallest_lookalike(objects, name)
+    return size_bucket(alike[1]) if alike else "none"
 
 
 LOOKALIKE_KINDS = ("yes", "same colour", "same shape")
@@ -397,16 +403,15 @@ LOOKALIKE_KINDS = ("yes", "same colour", "same shape")
 
 def question_kind(objects: Sequence[tuple], name: str) -> str:
     """What a question about class `name` needs read, given the (class, size, ...) of what is in view: "yes"
-    when the class is there; for an absent one, of its smallest look-alike (`question_bucket`'s), "same colour"
+    when the class is there; for an absent one, of its `smallest_lookalike` (`question_bucket`'s), "same colour"
     (a red square when asked for a red circle: only the shape tells them apart) or "same shape" (only the
     colour does); "none" without a look-alike."""
     if any(n == name for n, *_ in objects):
         return "yes"
-    colour, shape = name.split()
-    alike = [(size, n) for n, size, *_ in objects if colour in n.split() or shape in n.split()]
-    if not alike:
+    alike = smallest_lookalike(objects, name)
+    if alike is None:
         return "none"
-    return "same colour" if min(alike, key=lambda a: a[0])[1].split()[0] == colour else "same shape"
+    return "same colour" if alike[0].split()[0] == name.split()[0] else "same shape"
 
 
 # ---------------------------------------------------------------------------------------------------- POPE

@@ -798,8 +798,8 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
         if bucket == "none":
             continue
         same = [o for o in objects if o.name == name]
-        target = max(same, key=lambda o: o.size) if same else min(
-            (o for o in objects if set(name.split()) & set(o.name.split())), key=lambda o: o.size)
+        target = max(same, key=lambda o: o.size) if same else shapes.smallest_lookalike(
+            [(o.name, o.size, o) for o in objects], name)[2]
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
         buckets.append(bucket)
         kinds.append(shapes.question_kind([(o.name, o.size) for o in objects], name))

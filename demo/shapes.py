@@ -12,6 +12,11 @@ The "world" is not uniform, so POPE's popular and adversarial negatives mean som
 have fixed popularity weights, and each scene favours a palette of two colours and one shape, so classes
 that share a colour or a shape co-occur more often than chance.
 
+`one_colour` (every generator below takes it) paints each scene in one colour instead (its palette's first), so
+that within a scene only shape tells objects apart: no question whose colour is in view can be answered from
+colour alone. It is an experiment of issue 16 (demo/MODEL_CARD.md, "Does zooming help this backbone?"): the
+bundled demo uses the default world.
+
 Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
 `blink_jax.processing.preprocess_uint8`): the full scene, a crop of the original with the crop mode's geometry
 (`crop_view`), or a region of the full view upsampled, as TokenSR's teacher crops (`teacher_view`).
@@ -141,11 +146,11 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
 
 
 def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = (3, 7),
-                 min_classes: int = 1, align: float | None = ALIGN) -> Scene:
+                 min_classes: int = 1, align: float | None = ALIGN, one_colour: bool = False) -> Scene:
     """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
 
     With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches, moved by up to
-    `align` px each way; with None, anywhere."""
+    `align` px each way; with None, anywhere. With `one_colour`, every shape has the palette's first colour."""
     colours, shapes = list(COLOURS), list(SHAPES)
     while True:
         palette = rng.choice(len(colours), size=2, replace=False, p=COLOUR_WEIGHTS)
@@ -153,7 +158,10 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
         n = int(rng.integers(n_objects[0], n_objects[1] + 1))
         specs = []
         for _ in range(n):
-            c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.choice(len(colours), p=COLOUR_WEIGHTS)
+            if one_colour:
+                c = palette[0]
+            else:
+                c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.choice(len(colours), p=COLOUR_WEIGHTS)
             s = favourite if rng.random() < 0.35 else rng.choice(len(shapes), p=SHAPE_WEIGHTS)
             name, lo, hi = SIZE_BUCKETS[rng.choice(len(SIZE_BUCKETS), p=SIZE_BUCKET_PROBS)]
             specs.append((colours[c], shapes[s], float(rng.uniform(lo, hi))))
@@ -301,12 +309,13 @@ CROP_GEOMETRIES = ((3, 2.0), (3, 2.0), (2, 2.0), (4, 2.0), (3, 1.0), (4, 1.5), (
 TEACHER_REGIONS = (3, 4, 6)
 
 
-def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.45, p_teacher: float = 0.1) -> View:
+def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.45, p_teacher: float = 0.1,
+                  one_colour: bool = False) -> View:
     """Item `index` of a stream: the full scene; with probability p_zoom a crop of the original around a region
     (usually one holding a shape, so the crop is rarely empty) with one of CROP_GEOMETRIES; with probability
-    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it."""
+    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it. `one_colour`: `random_scene`'s."""
     rng = item_rng(seed, stream, index)
-    scene = random_scene(rng)
+    scene = random_scene(rng, one_colour=one_colour)
     u = rng.random()
     if u >= p_zoom + p_teacher:
         return full_view(scene)
@@ -421,8 +430,9 @@ def pope_image_name(index: int) -> str:
     return f"COCO_val2014_{index + 1:012d}.png"
 
 
-def pope_scenes(n_images: int, seed: int, positives: int) -> list[Scene]:
-    return [random_scene(item_rng(seed, POPE, i), min_classes=positives) for i in range(n_images)]
+def pope_scenes(n_images: int, seed: int, positives: int, one_colour: bool = False) -> list[Scene]:
+    return [random_scene(item_rng(seed, POPE, i), min_classes=positives, one_colour=one_colour)
+            for i in range(n_images)]
 
 
 def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int = 2) -> dict[str, list[dict]]:
@@ -463,11 +473,12 @@ def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int 
     return splits
 
 
-def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_per_image: int = 2) -> dict:
+def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_per_image: int = 2,
+               one_colour: bool = False) -> dict:
     """Writes a POPE-format eval set of `n_images` scenes to `out_dir`. -> a summary (counts per split)."""
     out = Path(out_dir)
     (out / "val2014").mkdir(parents=True, exist_ok=True)
-    scenes = pope_scenes(n_images, seed, questions_per_image // 2)
+    scenes = pope_scenes(n_images, seed, questions_per_image // 2, one_colour)
     for i, scene in enumerate(scenes):
         render(scene).save(out / "val2014" / pope_image_name(i), optimize=True)
     splits = pope_questions(scenes, seed, questions_per_image)
@@ -476,7 +487,8 @@ def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_p
             f.writelines(json.dumps(row) + "\n" for row in rows)
     annotations = {
         "generator": "demo.shapes.write_pope", "seed": seed, "n_images": n_images,
-        "questions_per_image": questions_per_image, "image_size": SCENE_SIZE, "model_image_size": IMAGE_SIZE,
+        "questions_per_image": questions_per_image, "one_colour": one_colour, "image_size": SCENE_SIZE,
+        "model_image_size": IMAGE_SIZE,
         "patch_size": PATCH,
         "size_buckets": {name: [lo, hi] for name, lo, hi in SIZE_BUCKETS},
         "images": [{"image": pope_image_name(i), "objects": [
@@ -497,7 +509,7 @@ def mix_image_name(index: int) -> str:
     return f"{index:012d}.png"
 
 
-def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int) -> int:
+def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int, one_colour: bool = False) -> int:
     """Writes a TokenSR training set in the LLaVA-1.5 mix layout that `python -m train.tokensr --data-dir`
     reads: `llava_v1_5_mix665k.json` (one single-turn conversation per image, "<image>\\n" + a yes/no question
     about the scene, half yes) and the images under `coco/train2017/`. Scenes come from their own stream (MIX),
@@ -507,7 +519,7 @@ def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int) -> int:
     records = []
     for i in range(n_images):
         rng = item_rng(seed, MIX, i)
-        scene = random_scene(rng)
+        scene = random_scene(rng, one_colour=one_colour)
         image = render(scene)
         image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
         view = full_view(scene, image)
@@ -547,14 +559,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=150, help="scenes (default %(default)s)")
     p.add_argument("--questions-per-image", type=int, default=2, help="pope: per split, half yes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    p.add_argument("--one-colour", action="store_true",
+                   help="paint each scene in one colour, so only shape tells its objects apart (an experiment; "
+                        "the bundled demo does not)")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error(f"--images {args.images}: give at least 1")
     if args.format == "llava-mix":
-        n = write_mix(args.out, args.images, args.seed)
+        n = write_mix(args.out, args.images, args.seed, args.one_colour)
         print(f"wrote {args.out}: {n} images with one question each ({MIX_ANNOTATIONS})")
         return 0
-    counts = write_pope(args.out, args.images, args.seed, args.questions_per_image)
+    counts = write_pope(args.out, args.images, args.seed, args.questions_per_image, args.one_colour)
     print(f"wrote {args.out}: {args.images} images, questions per split {counts}")
     return 0
 

@@ -5,6 +5,7 @@ One tiny model (56 px images, 2-layer decoder) is trained for a few steps once p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,39 @@ def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
                 assert abs(c - (c // cell + 0.5) * cell) <= shapes.ALIGN + 1e-9
             for b in s.objects[i + 1:]:
                 assert not shapes._overlap(a.box, b.box, gap=0.0)
+
+
+def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generator(tmp_path):
+    def colours(objects):  # class names -> their colours
+        return {name.split()[0] for name in objects}
+
+    default = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i)) for i in range(40)]
+    assert sum(len(colours(s.classes)) > 1 for s in default) > 20  # the bundled demo's world mixes colours
+    mono = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), one_colour=True) for i in range(40)]
+    assert all(len(colours(s.classes)) == 1 for s in mono)
+    assert set().union(*(colours(s.classes) for s in mono)) == set(shapes.COLOURS)
+    assert max(len(s.classes) for s in mono) >= 3  # still several shapes per scene
+    for i in range(20):  # training (and validation) views, zoomed or not
+        view = shapes.training_view(0, shapes.TRAIN, i, p_zoom=0.5, one_colour=True)
+        assert len(colours(view.present | view.ambiguous)) <= 1
+    settings = dataclasses.replace(TINY_SETTINGS, one_colour=True)
+    for view in backbone._views(settings, shapes.TRAIN, range(8), 56, p_zoom=0.0):
+        assert len(colours(view.present)) == 1
+    shapes.write_pope(tmp_path, n_images=12, seed=4, questions_per_image=2, one_colour=True)
+    annotations = json.loads((tmp_path / "shapes_annotations.json").read_text())
+    assert annotations["one_colour"] is True
+    for item in annotations["images"]:
+        assert len(colours(o["name"] for o in item["objects"])) == 1
+    scene_colour = {item["image"]: item["objects"][0]["name"].split()[0] for item in annotations["images"]}
+
+    def same_colour_negatives(split):
+        rows = [json.loads(line) for line in (tmp_path / f"coco_pope_{split}.json").read_text().splitlines()]
+        return np.mean([_class_of(q["text"]).split()[0] == scene_colour[q["image"]]
+                        for q in rows if q["label"] == "no"])
+
+    # POPE's adversarial negatives (the classes that co-occur most) are then mostly the scene's colour in another
+    # shape; random ones mostly another colour (4 of the 29 or so absent classes share it)
+    assert same_colour_negatives("adversarial") > 0.6 > 0.3 > same_colour_negatives("random")
 
 
 def test_full_view_is_the_scene_as_the_model_sees_it():

@@ -130,6 +130,7 @@ class TrainSettings:
     p_zoom: float = 0.45  # crops of the original (shapes.CROP_GEOMETRIES)
     p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
     p_shape: float = 0.0  # negatives in a present colour, told apart by shape only (shapes.sample_questions)
+    one_colour: bool = False  # scenes of one colour each (shapes.random_scene): only shape tells objects apart
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128
@@ -406,7 +407,8 @@ def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_s
 
 def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float,
            p_teacher: float = 0.0):
-    return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom, p_teacher=p_teacher).resized(image_size)
+    return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom, p_teacher=p_teacher,
+                                 one_colour=settings.one_colour).resized(image_size)
             for i in indices]
 
 

@@ -60,12 +60,22 @@ def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
                 assert not shapes._overlap(a.box, b.box, gap=0.0)
 
 
+def test_default_world_regenerates_the_bundled_eval_set():
+    """The generator (whatever options it gains) still draws the shipped demo's scenes: the bundled
+    shapes_annotations.json, written when the demo was built, is the reference."""
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "demo/data/pope/shapes_annotations.json").read_text())
+    scenes = shapes.pope_scenes(shipped["n_images"], shipped["seed"], shipped["questions_per_image"] // 2)
+    assert sum(len({o.colour for o in s.objects}) > 1 for s in scenes) > len(scenes) / 2  # colours mix
+    for item, scene in zip(shipped["images"], scenes, strict=True):
+        assert [o["name"] for o in item["objects"]] == [o.name for o in scene.objects], item["image"]
+        for o, mine in zip(item["objects"], scene.objects):
+            assert o["box"] == [round(v, 2) for v in mine.box] and o["size"] == round(mine.size, 2)
+
+
 def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generator(tmp_path):
     def colours(objects):  # class names -> their colours
         return {name.split()[0] for name in objects}
 
-    default = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i)) for i in range(40)]
-    assert sum(len(colours(s.classes)) > 1 for s in default) > 20  # the bundled demo's world mixes colours
     mono = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), one_colour=True) for i in range(40)]
     assert all(len(colours(s.classes)) == 1 for s in mono)
     assert set().union(*(colours(s.classes) for s in mono)) == set(shapes.COLOURS)

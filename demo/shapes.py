@@ -12,10 +12,15 @@ The "world" is not uniform, so POPE's popular and adversarial negatives mean som
 have fixed popularity weights, and each scene favours a palette of two colours and one shape, so classes
 that share a colour or a shape co-occur more often than chance.
 
-`one_colour` (every generator below takes it) paints each scene in one colour instead (its palette's first), so
-that within a scene only shape tells objects apart: no question whose colour is in view can be answered from
-colour alone. It is an experiment of issue 16 (demo/MODEL_CARD.md, "Does zooming help this backbone?"): the
-bundled demo uses the default world.
+A `World` changes the defaults, for the experiments of issue 16 (demo/MODEL_CARD.md, "Does zooming help this
+backbone?"); every generator below takes one. `one_colour` paints each scene in one colour (its palette's
+first), so that within a scene only shape tells objects apart: no question whose colour is in view can be
+answered from colour alone. `placement` says where shapes sit: "patch" (the default) on the model's patch
+centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges,
+so such a shape lands on a patch corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter
+patch (7 scene px) right and down, onto the patch centres of those crops where they are not clipped by the
+image's edge; "crop" puts each shape on a patch centre of the 2x crop of the r = 3 region that holds it,
+clipped or not (so, at full scale, on a patch centre, edge or corner).
 
 Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
 `blink_jax.processing.preprocess_uint8`): the full scene, a crop of the original with the crop mode's geometry
@@ -33,6 +38,7 @@ per-size breakdowns.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -71,6 +77,44 @@ MIN_VISIBLE = 0.6  # a shape cut by a crop counts as in the crop when this share
 # translation equivariance inside a patch; one trained from scratch for minutes does not learn shapes at every
 # sub-patch offset. (Zoomed crops move them off-centre; training shows those too.)
 ALIGN = 4.0
+PLACEMENTS = ("patch", "quarter", "crop")  # World.placement (module docstring)
+QUARTER = SCENE_SIZE / GRID / 4  # "quarter": scene px right and down of the patch centre
+CROP_REGION, CROP_CONTEXT = 3, 2.0  # "crop": the crop mode's default geometry, whose patch centres shapes sit on
+CROP_ALIGN = 2.0  # "crop": shapes move by up to this many scene px (2 model px of the 2x crop)
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """How scenes are drawn (module docstring): the default world is the bundled demo's."""
+    one_colour: bool = False  # every shape of a scene in one colour
+    placement: str = "patch"  # where shapes sit: one of PLACEMENTS
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
+
+
+@functools.lru_cache
+def crop_centres(size: int = SCENE_SIZE) -> np.ndarray:  # [N, 2] scene px
+    """The points of a `size` px scene that the 2x crop (CROP_REGION, CROP_CONTEXT) of the region holding them
+    shows on a patch centre: per region, its crop box's patch centres mapped back (`view_point` inverted) and
+    kept where they fall inside the region, CROP_ALIGN from its edges. Read only (cached)."""
+    per_row = GRID // CROP_REGION
+    side = size / per_row
+    cfg = CropConfig(region_size=CROP_REGION, crop_context=CROP_CONTEXT)
+    out = []
+    for region in range(per_row ** 2):
+        box = crop_box(region, size, size, grid=GRID, image_size=IMAGE_SIZE, crop=cfg, pad_to_square=True)
+        w, h = box[2] - box[0], box[3] - box[1]
+        big = max(w, h)
+        centres = (np.arange(GRID) + 0.5) * PATCH * big / IMAGE_SIZE  # in the padded crop, scene px
+        xs = box[0] - (big - w) // 2 + centres
+        ys = box[1] - (big - h) // 2 + centres
+        row, col = divmod(region, per_row)
+        inside = lambda v, i: (v >= i * side + CROP_ALIGN) & (v < (i + 1) * side - CROP_ALIGN)  # jitter included
+        xs, ys = xs[inside(xs, col)], ys[inside(ys, row)]
+        out += [(x, y) for y in ys for x in xs]
+    return np.asarray(out)
 
 
 def question_text(colour: str, shape: str) -> str:
@@ -146,11 +190,12 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
 
 
 def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = (3, 7),
-                 min_classes: int = 1, align: float | None = ALIGN, one_colour: bool = False) -> Scene:
+                 min_classes: int = 1, align: float | None = ALIGN, world: World = World()) -> Scene:
     """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
 
-    With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches, moved by up to
-    `align` px each way; with None, anywhere. With `one_colour`, every shape has the palette's first colour."""
+    With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches (or where the
+    world's `placement` says), moved by up to `align` px each way (CROP_ALIGN at most for "crop"); with None,
+    anywhere. In a `one_colour` world every shape has the palette's first colour."""
     colours, shapes = list(COLOURS), list(SHAPES)
     while True:
         palette = rng.choice(len(colours), size=2, replace=False, p=COLOUR_WEIGHTS)
@@ -158,7 +203,7 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
         n = int(rng.integers(n_objects[0], n_objects[1] + 1))
         specs = []
         for _ in range(n):
-            if one_colour:
+            if world.one_colour:
                 c = palette[0]
             else:
                 c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.choice(len(colours), p=COLOUR_WEIGHTS)
@@ -171,8 +216,14 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
             for _ in range(50):
                 if align is None:
                     cx, cy = rng.uniform(side / 2 + 1, size - side / 2 - 1, size=2)
+                elif world.placement == "crop":
+                    jitter = min(align, CROP_ALIGN)
+                    points = crop_centres(size)
+                    fits = (points - side / 2 - jitter >= 1) & (points + side / 2 + jitter <= size - 1)
+                    points = points[fits.all(1)]
+                    cx, cy = points[rng.integers(len(points))] + rng.uniform(-jitter, jitter, size=2)
                 else:
-                    centres = (np.arange(GRID) + 0.5) * size / GRID
+                    centres = (np.arange(GRID) + 0.5) * size / GRID + (QUARTER if world.placement == "quarter" else 0.0)
                     centres = centres[(centres - side / 2 - align >= 1) & (centres + side / 2 + align <= size - 1)]
                     cx, cy = rng.choice(centres, size=2) + rng.uniform(-align, align, size=2)
                 candidate = Shape(colour, shape, float(cx), float(cy), side, _jitter(rng, COLOURS[colour]))
@@ -285,6 +336,24 @@ def upsampled_view(scene: Scene, box: tuple[int, int, int, int], image: Image.Im
                       ambiguous, box)
 
 
+def view_point(scene: Scene, box: tuple[int, int, int, int] | None, x: float, y: float,
+               size: int = IMAGE_SIZE) -> tuple[float, float]:
+    """Where the scene point (x, y) lands in the model's input showing `box` of it (None: the full scene), as
+    `model_view` maps it: pad to square, then resize to `size`."""
+    if box is None:
+        box = (0, 0, scene.size, scene.size)
+    w, h = box[2] - box[0], box[3] - box[1]
+    side = max(w, h)
+    s = size / side
+    return (x - box[0] + (side - w) // 2) * s, (y - box[1] + (side - h) // 2) * s
+
+
+def patch_offset(x: float, y: float, patch: int = PATCH) -> float:
+    """How far the model-input point (x, y) is from the centre of its patch, in patches along the worse axis:
+    0 on the centre, 0.5 on a patch edge (0.5 on both axes: a corner, where a small shape is cut in four)."""
+    return max(abs(x % patch - patch / 2), abs(y % patch - patch / 2)) / patch
+
+
 def region_scene_box(scene: Scene, region: int, region_size: int) -> tuple[int, int, int, int]:
     """Region `region`'s box of the model's grid (`blink_jax.blink.dtr.region_box`) in the scene's pixels."""
     k = scene.size / IMAGE_SIZE
@@ -310,12 +379,12 @@ TEACHER_REGIONS = (3, 4, 6)
 
 
 def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.45, p_teacher: float = 0.1,
-                  one_colour: bool = False) -> View:
+                  world: World = World()) -> View:
     """Item `index` of a stream: the full scene; with probability p_zoom a crop of the original around a region
     (usually one holding a shape, so the crop is rarely empty) with one of CROP_GEOMETRIES; with probability
-    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it. `one_colour`: `random_scene`'s."""
+    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it. `world`: `random_scene`'s."""
     rng = item_rng(seed, stream, index)
-    scene = random_scene(rng, one_colour=one_colour)
+    scene = random_scene(rng, world=world)
     u = rng.random()
     if u >= p_zoom + p_teacher:
         return full_view(scene)
@@ -430,8 +499,8 @@ def pope_image_name(index: int) -> str:
     return f"COCO_val2014_{index + 1:012d}.png"
 
 
-def pope_scenes(n_images: int, seed: int, positives: int, one_colour: bool = False) -> list[Scene]:
-    return [random_scene(item_rng(seed, POPE, i), min_classes=positives, one_colour=one_colour)
+def pope_scenes(n_images: int, seed: int, positives: int, world: World = World()) -> list[Scene]:
+    return [random_scene(item_rng(seed, POPE, i), min_classes=positives, world=world)
             for i in range(n_images)]
 
 
@@ -474,11 +543,11 @@ def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int 
 
 
 def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_per_image: int = 2,
-               one_colour: bool = False) -> dict:
+               world: World = World()) -> dict:
     """Writes a POPE-format eval set of `n_images` scenes to `out_dir`. -> a summary (counts per split)."""
     out = Path(out_dir)
     (out / "val2014").mkdir(parents=True, exist_ok=True)
-    scenes = pope_scenes(n_images, seed, questions_per_image // 2, one_colour)
+    scenes = pope_scenes(n_images, seed, questions_per_image // 2, world)
     for i, scene in enumerate(scenes):
         render(scene).save(out / "val2014" / pope_image_name(i), optimize=True)
     splits = pope_questions(scenes, seed, questions_per_image)
@@ -487,7 +556,7 @@ def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_p
             f.writelines(json.dumps(row) + "\n" for row in rows)
     annotations = {
         "generator": "demo.shapes.write_pope", "seed": seed, "n_images": n_images,
-        "questions_per_image": questions_per_image, "one_colour": one_colour, "image_size": SCENE_SIZE,
+        "questions_per_image": questions_per_image, "world": dataclasses.asdict(world), "image_size": SCENE_SIZE,
         "model_image_size": IMAGE_SIZE,
         "patch_size": PATCH,
         "size_buckets": {name: [lo, hi] for name, lo, hi in SIZE_BUCKETS},
@@ -509,7 +578,7 @@ def mix_image_name(index: int) -> str:
     return f"{index:012d}.png"
 
 
-def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int, one_colour: bool = False) -> int:
+def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int, world: World = World()) -> int:
     """Writes a TokenSR training set in the LLaVA-1.5 mix layout that `python -m train.tokensr --data-dir`
     reads: `llava_v1_5_mix665k.json` (one single-turn conversation per image, "<image>\\n" + a yes/no question
     about the scene, half yes) and the images under `coco/train2017/`. Scenes come from their own stream (MIX),
@@ -519,7 +588,7 @@ def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int, one_colour: 
     records = []
     for i in range(n_images):
         rng = item_rng(seed, MIX, i)
-        scene = random_scene(rng, one_colour=one_colour)
+        scene = random_scene(rng, world=world)
         image = render(scene)
         image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
         view = full_view(scene, image)
@@ -546,6 +615,21 @@ def read_annotations(data_dir: str | os.PathLike) -> dict[str, Scene]:
     return scenes
 
 
+def add_world_arguments(p) -> None:
+    """The `World` options as command-line flags (this module's CLI and `python -m train.demo_backbone`)."""
+    g = p.add_argument_group("world (an experiment of issue 16; see demo/MODEL_CARD.md)")
+    g.add_argument("--one-colour", action="store_true",
+                   help="paint each scene in one colour, so only shape tells its objects apart")
+    g.add_argument("--placement", default="patch", choices=PLACEMENTS,
+                   help="where shapes sit: on the model's patch centres (patch, the bundled demo's), a quarter patch "
+                        "off them (quarter), or on a patch centre of the crop mode's 2x crop of their region "
+                        "(crop) (default %(default)s)")
+
+
+def world_from_args(args) -> World:
+    return World(one_colour=args.one_colour, placement=args.placement)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -559,17 +643,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=150, help="scenes (default %(default)s)")
     p.add_argument("--questions-per-image", type=int, default=2, help="pope: per split, half yes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
-    p.add_argument("--one-colour", action="store_true",
-                   help="paint each scene in one colour, so only shape tells its objects apart (an experiment; "
-                        "the bundled demo does not)")
+    add_world_arguments(p)
     args = p.parse_args(argv)
+    world = world_from_args(args)
     if args.images < 1:
         p.error(f"--images {args.images}: give at least 1")
     if args.format == "llava-mix":
-        n = write_mix(args.out, args.images, args.seed, args.one_colour)
+        n = write_mix(args.out, args.images, args.seed, world)
         print(f"wrote {args.out}: {n} images with one question each ({MIX_ANNOTATIONS})")
         return 0
-    counts = write_pope(args.out, args.images, args.seed, args.questions_per_image, args.one_colour)
+    counts = write_pope(args.out, args.images, args.seed, args.questions_per_image, world)
     print(f"wrote {args.out}: {args.images} images, questions per split {counts}")
     return 0
 

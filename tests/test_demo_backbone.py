@@ -76,19 +76,20 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
     def colours(objects):  # class names -> their colours
         return {name.split()[0] for name in objects}
 
-    mono = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), one_colour=True) for i in range(40)]
+    world = shapes.World(one_colour=True)
+    mono = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=world) for i in range(40)]
     assert all(len(colours(s.classes)) == 1 for s in mono)
     assert set().union(*(colours(s.classes) for s in mono)) == set(shapes.COLOURS)
     assert max(len(s.classes) for s in mono) >= 3  # still several shapes per scene
     for i in range(20):  # training (and validation) views, zoomed or not
-        view = shapes.training_view(0, shapes.TRAIN, i, p_zoom=0.5, one_colour=True)
+        view = shapes.training_view(0, shapes.TRAIN, i, p_zoom=0.5, world=world)
         assert len(colours(view.present | view.ambiguous)) <= 1
-    settings = dataclasses.replace(TINY_SETTINGS, one_colour=True)
+    settings = dataclasses.replace(TINY_SETTINGS, world=world)
     for view in backbone._views(settings, shapes.TRAIN, range(8), 56, p_zoom=0.0):
         assert len(colours(view.present)) == 1
-    shapes.write_pope(tmp_path, n_images=12, seed=4, questions_per_image=2, one_colour=True)
+    shapes.write_pope(tmp_path, n_images=12, seed=4, questions_per_image=2, world=world)
     annotations = json.loads((tmp_path / "shapes_annotations.json").read_text())
-    assert annotations["one_colour"] is True
+    assert annotations["world"] == {"one_colour": True, "placement": "patch"}
     for item in annotations["images"]:
         assert len(colours(o["name"] for o in item["objects"])) == 1
     scene_colour = {item["image"]: item["objects"][0]["name"].split()[0] for item in annotations["images"]}
@@ -101,6 +102,56 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
     # POPE's adversarial negatives (the classes that co-occur most) are then mostly the scene's colour in another
     # shape; random ones mostly another colour (4 of the 29 or so absent classes share it)
     assert same_colour_negatives("adversarial") > 0.6 > 0.3 > same_colour_negatives("random")
+
+
+def test_quarter_placement_puts_shapes_on_the_patch_centres_of_the_crops_that_cut_on_patch_edges():
+    cell = shapes.SCENE_SIZE / shapes.GRID  # 28 scene px: one patch of the full view
+    scenes = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), align=0.0,
+                                  world=shapes.World(placement="quarter")) for i in range(30)]
+    for s in scenes:
+        for o in s.objects:  # a quarter patch (7 scene px) right and down of a patch centre
+            assert (o.cx % cell, o.cy % cell) == (21.0, 21.0)
+            assert 0 <= o.box[0] and o.box[2] <= s.size and 0 <= o.box[1] and o.box[3] <= s.size
+    # By hand: a shape centred at scene (21 + 28 i, 21 + 28 j) seen through the 2x crop of an inner region
+    # (r = 3, context 2: a 168 px box from 42 or 126, shown at 1 scene px per model px) sits at 21 + 28 i - 42,
+    # = 7 mod 14: a patch centre; through a 6x crop (r = 2, context 1: 56 px boxes, 3 model px per scene px)
+    # at 3 (21 + 28 i - 56 k) = 7 mod 14 too. The default world's shape (on a patch centre, 14 + 28 i) lands
+    # on a patch corner of both.
+    scene = scenes[0]
+    for cx, offset in ((21 + 28 * 4, 0.0), (14 + 28 * 4, 0.5)):
+        for region, r, context in ((5, 3, 2.0), (10, 3, 2.0), (14, 2, 1.0)):
+            box = shapes.crop_view(scene, region, r, context).box
+            x, y = shapes.view_point(scene, box, cx, cx)
+            assert box[2] - box[0] == box[3] - box[1] in (168, 56)
+            k = 168 / (box[2] - box[0])
+            assert (x, y) == pytest.approx(((cx - box[0]) * k, (cx - box[1]) * k))
+            assert shapes.patch_offset(x, y) == pytest.approx(offset)
+    # a clipped box is padded to square first (expand2square), as model_view does: region 1's 168 x 126 box
+    assert shapes.view_point(scene, (42, 0, 210, 126), 50, 10) == pytest.approx((8, 31))
+    assert shapes.view_point(scene, None, 50, 10) == pytest.approx((25, 5))
+    assert shapes.patch_offset(7, 7) == 0 and shapes.patch_offset(14, 7) == 0.5 and shapes.patch_offset(3.5, 7) == 0.25
+
+
+def test_crop_placement_puts_every_shape_on_a_patch_centre_of_its_regions_2x_crop():
+    centres = {tuple(p) for p in shapes.crop_centres().tolist()}
+    # By hand, in scene px (regions of 84 px; 2x crops of r = 3, context 2; kept 2 px inside the region):
+    # region 5: box 42..210 on both axes, 1 scene px per model px: 42 + 7 + 14 i in [86, 166) -> 91 .. 161
+    assert {(x, y) for x, y in centres if 84 <= x < 168 and 84 <= y < 168} == {
+        (91.0 + 14 * i, 91.0 + 14 * j) for i in range(6) for j in range(6)}
+    # region 1: box 42..210 x 0..126, padded 21 px on top: y = -21 + 7 + 14 j in [2, 82) -> 14 .. 70
+    assert {(x, y) for x, y in centres if 84 <= x < 168 and y < 84} == {
+        (91.0 + 14 * i, 14.0 * j) for i in range(6) for j in range(1, 6)}
+    # region 0: box 0..126 on both axes, 4/3 model px per scene px: (7 + 14 i) 3 / 4 -> 5.25 .. 78.75
+    assert {(x, y) for x, y in centres if x < 84 and y < 84} == {
+        (5.25 + 10.5 * i, 5.25 + 10.5 * j) for i in range(8) for j in range(8)}
+    for i in range(30):
+        scene = shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=shapes.World(placement="crop"))
+        for o in scene.objects:
+            box = shapes.crop_view(scene, shapes.region_of(o.cx, o.cy, 3), 3, 2.0).box
+            # within CROP_ALIGN scene px, at most 4/3 model px each, of a patch centre of the zoomed crop
+            assert shapes.patch_offset(*shapes.view_point(scene, box, o.cx, o.cy)) <= 2 * 4 / 3 / 14 + 1e-9
+    with pytest.raises(ValueError, match="placement 'grid' is unknown"):
+        shapes.World(placement="grid")
 
 
 def test_full_view_is_the_scene_as_the_model_sees_it():
@@ -489,6 +540,32 @@ def test_exported_hf_directory_loads_in_both_loaders_with_equal_logits(trained, 
     loaded = backbone.flat_params(blink_jax.load_pretrained(out).module)
     for path, value in backbone.flat_params(trained.model).items():
         np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value).astype(np.float16).astype(np.float32))
+
+
+def test_training_goes_on_from_a_saved_backbone_and_its_probe(trained, tmp_path):
+    out = backbone.save_hf(trained.model, TINY, tmp_path / "model", dtype=np.float32, probe=trained.probe)
+    model, probe = backbone.load_backbone(out)
+    for key, value in trained.probe.items():
+        np.testing.assert_array_equal(np.asarray(probe[key]), np.asarray(value))
+    first = backbone.flat_params(trained.model)
+    loaded = backbone.flat_params(model)
+    for path, value in first.items():
+        np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value), err_msg=str(path))
+    # zero steps from it: the same model back; a few steps: it moves on from there, not from scratch
+    same = backbone.train(TINY, dataclasses.replace(TINY_SETTINGS, vision_steps=0, steps=0, val_images=0),
+                          progress=False, init=(model, probe))
+    for path, value in first.items():
+        np.testing.assert_array_equal(np.asarray(backbone.flat_params(same.model)[path]), np.asarray(value))
+    more = backbone.train(TINY, dataclasses.replace(TINY_SETTINGS, vision_steps=0, steps=2, val_images=0),
+                          progress=False, init=(model, probe))
+    start = [h["qa_loss"] for h in more.history if h["stage"] == "llava"][0]
+    scratch = [h["qa_loss"] for h in trained.history if h["stage"] == "llava"]
+    assert abs(start - scratch[-1]) < abs(start - scratch[0])
+    with pytest.raises(ValueError, match="not of the sizes asked for"):
+        backbone.train(dataclasses.replace(TINY, text_mlp=64), TINY_SETTINGS, progress=False, init=(model, probe))
+    (out / backbone.PROBE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="probe.safetensors' is missing"):
+        backbone.load_backbone(out)
 
 
 BUNDLED = REPO / "demo" / "model"

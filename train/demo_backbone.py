@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
+    from demo import shapes
     from train.demo.backbone import DemoModelConfig, TrainSettings
 
     m, t = DemoModelConfig(), TrainSettings()
@@ -67,13 +68,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--p-shape", type=float, default=t.p_shape,
                    help="share of 'no' questions about an absent class in a colour the image has (a red square "
                         "when a red circle is there), answerable only by reading shape (default %(default)s)")
-    g.add_argument("--one-colour", action="store_true",
-                   help="train and evaluate on scenes of one colour each (demo.shapes.random_scene), so that only "
-                        "shape tells their objects apart; --pope-out writes such scenes too")
     g.add_argument("--eval-every", type=int, default=t.eval_every, help="validation every N steps (default %(default)s)")
     g.add_argument("--val-images", type=int, default=t.val_images,
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
     g.add_argument("--log-every", type=int, default=t.log_every, help="(default %(default)s)")
+    g.add_argument("--init-from", metavar="DIR",
+                   help="start from this backbone (one this command wrote, with its probe.safetensors) instead of "
+                        "from scratch: a curriculum; give its model sizes, and --vision-steps 0 to skip stage 1")
+    shapes.add_world_arguments(p)  # --pope-out writes scenes of the same world
     g = p.add_argument_group("model size")
     g.add_argument("--image-size", type=int, default=m.image_size, help="pixels; a multiple of 14 (default %(default)s)")
     g.add_argument("--vision-width", type=int, default=m.vision_width, help="(default %(default)s)")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         ground_layers=tuple(int(x) for x in args.ground_layers.split(",") if x.strip()), steps=args.steps, batch_size=args.batch_size,
         questions_per_image=args.questions_per_image, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher,
-        p_shape=args.p_shape, one_colour=args.one_colour, seed=args.seed,
+        p_shape=args.p_shape, world=shapes.world_from_args(args), seed=args.seed,
         eval_every=args.eval_every, val_images=args.val_images, log_every=args.log_every)
     out = Path(args.out)
     log_path = out.parent / f"{out.name}.log.jsonl"
@@ -125,17 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         def write(record):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        result = backbone.train(model_cfg, settings, log=write, progress=not args.no_progress)
+        init = backbone.load_backbone(args.init_from) if args.init_from else None
+        result = backbone.train(model_cfg, settings, log=write, progress=not args.no_progress, init=init)
     info = backbone.run_info(model_cfg, settings, result, command)
     if args.pope_out:
         info["pope_data"] = {"dir": args.pope_out, "images": args.pope_images, "seed": args.pope_seed,
                              "questions": shapes.write_pope(args.pope_out, args.pope_images, args.pope_seed,
-                                                            one_colour=settings.one_colour)}
+                                                            world=settings.world)}
         info["pope_vanilla"] = backbone.evaluate_pope(result.model, args.pope_out)
         info["pope_zoom"] = backbone.evaluate_zoom(result.model, args.pope_out)
     dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[args.dtype]
     files = {"train_log.jsonl": log_path.read_text(), "demo_backbone.json": json.dumps(info, indent=1) + "\n"}
-    backbone.save_hf(result.model, model_cfg, out, dtype=dtype, extra_files=files)
+    backbone.save_hf(result.model, model_cfg, out, dtype=dtype, extra_files=files, probe=result.probe)
     log_path.unlink()
     final = result.final
     print(f"wrote {out} in {result.seconds / 60:.1f} min: train accuracy {final['accuracy']:.3f}, "

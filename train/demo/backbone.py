@@ -130,7 +130,7 @@ class TrainSettings:
     p_zoom: float = 0.45  # crops of the original (shapes.CROP_GEOMETRIES)
     p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
     p_shape: float = 0.0  # negatives in a present colour, told apart by shape only (shapes.sample_questions)
-    one_colour: bool = False  # scenes of one colour each (shapes.random_scene): only shape tells objects apart
+    world: shapes.World = shapes.World()  # how scenes are drawn (shapes.World; the default is the bundled demo's)
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128
@@ -408,7 +408,7 @@ def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_s
 def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float,
            p_teacher: float = 0.0):
     return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom, p_teacher=p_teacher,
-                                 one_colour=settings.one_colour).resized(image_size)
+                                 world=settings.world).resized(image_size)
             for i in indices]
 
 
@@ -568,6 +568,7 @@ def accuracy_by_bucket(correct: np.ndarray, buckets: np.ndarray, prefix: str) ->
 @dataclasses.dataclass
 class TrainResult:
     model: LlavaModel
+    probe: dict[str, jax.Array]  # the stage-1 patch classifier (`init_probe`), saved beside the model
     history: list[dict]
     final: dict
     seconds: float
@@ -582,8 +583,9 @@ def _host(running: list[dict]) -> dict:
 
 
 def train(model_cfg: DemoModelConfig, settings: TrainSettings, *, log: Callable[[dict], None] = lambda m: None,
-          progress: bool = True) -> TrainResult:
-    """Both stages from scratch; every `log_every` steps and at each eval, `log(metrics)`."""
+          progress: bool = True, init: tuple[LlavaModel, dict[str, jax.Array]] | None = None) -> TrainResult:
+    """Both stages, from scratch or from `init` (a model of `model_cfg` and its probe, as `load_backbone` reads
+    them: a curriculum; `vision_steps` may then be 0); every `log_every` steps and at each eval, `log(metrics)`."""
     from tqdm import tqdm
 
     cfg = model_cfg.llava_config()
@@ -592,8 +594,13 @@ def train(model_cfg: DemoModelConfig, settings: TrainSettings, *, log: Callable[
         raise ValueError(f"ground_layers={settings.ground_layers}: layer {bad[0]} is not one of the decoder's "
                          f"{cfg.text.num_hidden_layers} layers (0..{cfg.text.num_hidden_layers - 1})")
     layout = PackedLayout.build(build_tokenizer(), cfg, settings.questions_per_image)
-    model = init_model(cfg, settings.seed)
-    probe = init_probe(cfg, settings.seed)
+    if init is None:
+        model, probe = init_model(cfg, settings.seed), init_probe(cfg, settings.seed)
+    else:
+        model, probe = init
+        if model.config != cfg:
+            raise ValueError("the model to start from is not of the sizes asked for: give the sizes it was trained "
+                             "with (its demo_backbone.json, 'model')")
     vals = [val_set(name, settings, layout, cfg, n, zoom=zoom)
             for name, n, zoom in (("val", settings.val_images, False), ("val_zoom", settings.val_images // 2, True))
             if n > 0]
@@ -647,7 +654,7 @@ def train(model_cfg: DemoModelConfig, settings: TrainSettings, *, log: Callable[
             bar.set_postfix(stage="llava", loss=f"{final['qa_loss']:.3f}", acc=f"{final['accuracy']:.3f}",
                             val=f"{final.get('val/accuracy', float('nan')):.3f}")
     bar.close()
-    return TrainResult(nnx.merge(graphdef, params["model"]), history, final, time.time() - start,
+    return TrainResult(nnx.merge(graphdef, params["model"]), params["probe"], history, final, time.time() - start,
                        time.process_time() - cpu_start)
 
 
@@ -664,10 +671,14 @@ def hf_tensors(model: LlavaModel, dtype=np.float16) -> dict[str, np.ndarray]:
     return out
 
 
+PROBE_FILE = "probe.safetensors"  # the stage-1 patch classifier, beside the model: not part of LLaVA
+
+
 def save_hf(model: LlavaModel, model_cfg: DemoModelConfig, out_dir: str | os.PathLike, *, dtype=np.float16,
-            extra_files: dict[str, str] | None = None, overwrite: bool = True) -> Path:
+            extra_files: dict[str, str] | None = None, overwrite: bool = True,
+            probe: dict[str, jax.Array] | None = None) -> Path:
     """Writes a Hugging Face LLaVA directory atomically: config.json, generation_config.json, model.safetensors,
-    tokenizer files, and `extra_files` (name -> text)."""
+    tokenizer files, `extra_files` (name -> text) and the `probe` (float32, PROBE_FILE)."""
     from safetensors.numpy import save_file
     from transformers import GenerationConfig
 
@@ -679,7 +690,22 @@ def save_hf(model: LlavaModel, model_cfg: DemoModelConfig, out_dir: str | os.Pat
         build_tokenizer(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if probe is not None:
+            save_file({k: np.asarray(v, np.float32) for k, v in probe.items()}, str(tmp / PROBE_FILE))
     return Path(out_dir).absolute()
+
+
+def load_backbone(model_dir: str | os.PathLike) -> tuple[LlavaModel, dict[str, jax.Array]]:
+    """A demo backbone written by `save_hf`, in float32, with its probe (to train on from it)."""
+    from safetensors.numpy import load_file
+
+    from blink_jax.loading import load_model
+
+    probe_path = Path(model_dir) / PROBE_FILE
+    if not probe_path.is_file():
+        raise FileNotFoundError(f"'{probe_path}' is missing: only a backbone written by `python -m "
+                                f"train.demo_backbone` (with its patch probe) can be trained on from")
+    return load_model(model_dir, jnp.float32), {k: jnp.asarray(v) for k, v in load_file(str(probe_path)).items()}
 
 
 def run_info(model_cfg: DemoModelConfig, settings: TrainSettings, result: TrainResult, command: str) -> dict:
@@ -762,6 +788,7 @@ class ZoomAnswers:
     kinds: np.ndarray  # [Q] "yes", "same colour" or "same shape" (`shapes.question_kind`)
     correct: dict[str, np.ndarray]  # view -> [Q] bool
     colour_in_view: dict[str, np.ndarray]  # view -> [Q] bool: a shape of the asked colour is (partly) in view
+    offsets: dict[str, np.ndarray]  # view -> [Q] the zoomed-on object's `shapes.patch_offset` ("full", "zoom")
 
 
 def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
@@ -802,7 +829,8 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
         same = [o for o in objects if o.name == name]
         target = max(same, key=lambda o: o.size) if same else shapes.smallest_lookalike(
             [(o.name, o.size, o) for o in objects], name)[2]
-        items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size)))
+        items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size),
+                      target))
         buckets.append(bucket)
         kinds.append(shapes.question_kind([(o.name, o.size) for o in objects], name))
 
@@ -816,11 +844,15 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
 
     correct = {view: [] for view in views}
     coloured = {view: [] for view in views}
+    offsets = {view: [] for view in views if view in ("full", "zoom")}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         shown = [show(scenes[image], region, Image.open(data_dir / "val2014" / image).convert("RGB"))
-                 for image, _, _, region in chunk]
-        ids = layout.pack([[(*name.split(), label)] for _, name, label, _ in chunk])["input_ids"]
+                 for image, _, _, region, _ in chunk]
+        ids = layout.pack([[(*name.split(), label)] for _, name, label, _, _ in chunk])["input_ids"]
+        for view in offsets:
+            offsets[view] += [shapes.patch_offset(*shapes.view_point(scenes[c[0]], s[view].box, c[4].cx, c[4].cy))
+                              for s, c in zip(shown, chunk)]
         for view in views:
             pixels = np.stack([preprocess_image(s[view].resized(cfg.vision.image_size).image,
                                                 image_size=cfg.vision.image_size) for s in shown])
@@ -829,9 +861,10 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
             coloured[view] += [c[1].split()[0] in {n.split()[0] for n in s[view].present | s[view].ambiguous}
                                for s, c in zip(shown, chunk)]
         progress(len(chunk))
-    return ZoomAnswers([(image, name, label) for image, name, label, _ in items], np.asarray(buckets),
+    return ZoomAnswers([(image, name, label) for image, name, label, _, _ in items], np.asarray(buckets),
                        np.asarray(kinds), {view: np.asarray(c, dtype=bool) for view, c in correct.items()},
-                       {view: np.asarray(c, dtype=bool) for view, c in coloured.items()})
+                       {view: np.asarray(c, dtype=bool) for view, c in coloured.items()},
+                       {view: np.asarray(o, np.float32) for view, o in offsets.items()})
 
 
 def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,

@@ -16,9 +16,10 @@ seeds 0 and 1 are the eval and the calibration sets).
 
 What a gain is made of: the questions split by what they need read (`shapes.question_kind`: a "yes"; a "no"
 whose look-alike has the asked colour, told apart by shape only; or the asked shape, told apart by colour),
-and the sub-patch "no" questions whose asked colour is in the scene by whether the crop keeps that colour in
-view. A model that answers from colour alone gains exactly where the crop leaves the colour out: field of
-view, not detail (demo/MODEL_CARD.md, "Does zooming help this backbone?").
+the sub-patch "no" questions whose asked colour is in the scene by whether the crop keeps that colour in
+view, and the questions that need the shape read by where the object lands on the zoomed crop's patch grid
+(`shapes.patch_offset`: on a patch centre, or cut over patches). A model that answers from colour alone gains
+exactly where the crop leaves the colour out: field of view, not detail (demo/MODEL_CARD.md, "Does zooming help this backbone?").
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from demo import shapes
 from train.demo.backbone import accuracy_by_bucket, zoom_answers
 
 ROOT = Path(__file__).resolve().parents[2]
+CENTRED = 0.25  # a `shapes.patch_offset` up to this (a quarter patch each way) counts as on the patch centre
 KIND_LABELS = {"yes": '"yes"', "same colour": '"no", look-alike of the asked colour',
                "same shape": '"no", look-alike of the asked shape'}
 
@@ -105,10 +107,15 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
         colour = {"n": int(asked.sum()), "full_accuracy": _mean(full.correct["full"][asked]),
                   "kept": int((asked & kept).sum()), "zoom_accuracy_kept": _mean(zoomed[asked & kept]),
                   "left_out": int((asked & ~kept).sum()), "zoom_accuracy_left_out": _mean(zoomed[asked & ~kept])}
+        # where the zoomed-on object lands on the crop's patch grid: a small shape on a patch corner is cut in four
+        centred = answers.offsets["zoom"] <= CENTRED
+        landing = {f"sub_patch/{k}_{where}": sub_patch & (full.kinds == k) & m
+                   for k in ("yes", "same colour") for where, m in (("centred", centred), ("off_centre", ~centred))}
         out["geometries"].append({
             "region_size": r, "context": context, "zoom": shapes.GRID / (r * context),
             "views": {view: accuracy_by_bucket(c, answers.buckets, prefix=view) for view, c in answers.correct.items()},
-            "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m])) for g, m in groups.items()},
+            "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m]))
+                       for g, m in {**groups, **landing}.items() if m.any()},
             "colour_in_scene": colour,
         })
     return out
@@ -153,6 +160,24 @@ def markdown(result: dict) -> str:
             lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(
                 f"{c['reference_accuracy']:.3f} → {c['accuracy']:.3f} ({100 * c['difference']:+.1f})" for c in cells)
                 + " |")
+    wheres = ("centred", "off_centre")
+    landing = [k for k in ("yes", "same colour")
+               if any(f"sub_patch/{k}_{w}" in g["paired"] for g in result["geometries"] for w in wheres)]
+    if landing:
+        lines += ["", "Sub-patch questions that need the shape read (\"yes\", and \"no\" with a look-alike of the "
+                  "asked colour) by where the object lands on the zoomed crop's patch grid: within a quarter patch "
+                  "of a patch centre, or further (towards an edge or a corner, cut over patches). n, full scene → "
+                  "zoomed accuracy:", "",
+                  "| crop r:context | " + " | ".join(f"{k}, {w.replace('_', '-')}" for k in landing
+                                                      for w in wheres) + " |",
+                  "|---|" + "---|" * (2 * len(landing))]
+        for g in result["geometries"]:
+            cells = []
+            for k in landing:
+                for w in wheres:
+                    c = g["paired"].get(f"sub_patch/{k}_{w}")
+                    cells.append(f"{c['units']}: {c['reference_accuracy']:.3f} → {c['accuracy']:.3f}" if c else "-")
+            lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(cells) + " |")
     if result["geometries"] and "colour_in_scene" in result["geometries"][0]:
         c0 = result["geometries"][0]["colour_in_scene"]
         f = lambda x: "-" if x is None else f"{x:.3f}"

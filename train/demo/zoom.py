@@ -19,7 +19,8 @@ whose look-alike has the asked colour, told apart by shape only; or the asked sh
 the sub-patch "no" questions whose asked colour is in the scene by whether the crop keeps that colour in
 view, and the questions that need the shape read by where the object lands on the zoomed crop's patch grid
 (`shapes.patch_offset`: on a patch centre, or cut over patches). A model that answers from colour alone gains
-exactly where the crop leaves the colour out: field of view, not detail (demo/MODEL_CARD.md, "Does zooming help this backbone?").
+exactly where the crop leaves the colour out: field of view, not detail (demo/MODEL_CARD.md, "Does zooming help
+this backbone?").
 """
 
 from __future__ import annotations

@@ -477,6 +477,27 @@ def test_ground_loss_is_minus_log_mass_on_the_object():
     np.testing.assert_allclose(float(metrics["ground_mass"]), 0.75, rtol=1e-6)
 
 
+def test_name_loss_teaches_each_centre_token_its_colour_and_shape_words_by_hand():
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    words = backbone.name_words(tokenizer)
+    red_circle, blue_cross = shapes.CLASSES.index("red circle"), shapes.CLASSES.index("blue cross")
+    assert words[red_circle, vocab["red"]] == words[red_circle, vocab["circle"]] == 0.5 and words[red_circle].sum() == 1
+    c = len(shapes.CLASSES)
+    targets = np.zeros((1, 3, c + 1), np.float32)  # patches: a red circle; a red circle and a blue cross; empty
+    targets[0, 0, red_circle] = 1
+    targets[0, 1, [red_circle, blue_cross]] = 1
+    targets[0, 2, -1] = 1
+    logits = np.random.default_rng(0).normal(size=(1, 3, len(vocab))).astype(np.float32)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    first = -0.5 * (logp[0, 0, vocab["red"]] + logp[0, 0, vocab["circle"]])
+    second = -0.25 * (logp[0, 1, vocab["red"]] + logp[0, 1, vocab["circle"]] + logp[0, 1, vocab["blue"]]
+                      + logp[0, 1, vocab["cross"]])
+    loss, metrics = backbone.name_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(words))
+    np.testing.assert_allclose(float(loss), (first + second) / 2, rtol=1e-5)  # the empty patch carries no loss
+    assert float(metrics["name_loss"]) == float(loss)
+
+
 @pytest.fixture(scope="module")
 def trained():
     return backbone.train(TINY, TINY_SETTINGS, progress=False)

@@ -124,6 +124,7 @@ class TrainSettings:
     ground_layers: tuple[int, ...] = (1, 2, 3)
     ground_background: bool = False  # also ground the "no" questions, on the empty patches
     ground_lookalikes: bool = False  # ground the "no" questions on the shapes they could be mistaken for
+    name_weight: float = 0.0  # each image token names the shape centred on it (`name_loss`)
     warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
@@ -285,10 +286,11 @@ def vision_features(model: LlavaModel, pixel_values: jax.Array) -> jax.Array:  #
 
 def packed_forward(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array, pixel_values: jax.Array,
                    attention_layers: tuple[int, ...] = ()
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:  # [B, K, L - 1, V], [B, P, Dv], [A, B, K, P]
-    """Logits at every row of each question block but its last (see `block_index`), the vision features, and
-    at each of `attention_layers` the answering row's attention over the image tokens alone (renormalised
-    over them, mean over heads: what Blink's saliency reads).
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Logits at every row of each question block but its last (see `block_index`) [B, K, L - 1, V], the vision
+    features [B, P, Dv], at each of `attention_layers` the answering row's attention over the image tokens alone
+    (renormalised over them, mean over heads: what Blink's saliency reads) [A, B, K, P], and the logits at the
+    image tokens [B, P, V] (`name_loss`).
 
     The image run sits at the end of the shared prefix, so the projected patches are spliced in by slicing.
     The model's own decoder walk runs with attention computed in two parts (`attend=`), prefix-on-prefix and
@@ -322,7 +324,8 @@ def packed_forward(model: LlavaModel, layout: PackedLayout, input_ids: jax.Array
     h = stream.h
     index = jnp.asarray(layout.block_index())  # [K, L - 1]
     logits = model.language_model.logits(h[:, index.reshape(-1)]).reshape(b, k, blk - 1, -1)
-    return logits, features, jnp.stack(maps) if maps else jnp.zeros((0, b, k, layout.num_image_tokens))
+    image_logits = model.language_model.logits(h[:, image_start:p])
+    return logits, features, jnp.stack(maps) if maps else jnp.zeros((0, b, k, layout.num_image_tokens)), image_logits
 
 
 def image_attention(q: jax.Array, image_keys: jax.Array) -> jax.Array:  # [B K, P]
@@ -368,6 +371,31 @@ def probe_loss(probe: dict, features: jax.Array, targets: jax.Array) -> tuple[ja
     hit = jnp.take_along_axis(dist, jnp.argmax(logits, -1)[..., None], -1)[..., 0] > 0
     return loss, {"probe_loss": loss, "probe_object_acc": (hit & centre).sum() / jnp.maximum(centre.sum(), 1),
                   "probe_empty_acc": (hit & empty).sum() / jnp.maximum(empty.sum(), 1)}
+
+
+def name_words(tokenizer) -> np.ndarray:  # [C, V]
+    """Per class, the word distribution an image token holding it is taught to name (`name_loss`): half its
+    colour word, half its shape word."""
+    vocab = tokenizer.get_vocab()
+    out = np.zeros((len(shapes.CLASSES), len(vocab)), np.float32)
+    for i, name in enumerate(shapes.CLASSES):
+        for word in name.split():
+            out[i, vocab[word]] += 0.5
+    return out
+
+
+def name_loss(image_logits: jax.Array, targets: jax.Array, words: jax.Array) -> tuple[jax.Array, dict]:
+    """Each image token that holds a shape's centre names it, at the decoder's output: cross-entropy against
+    `name_words` of its class (shared when several centres fall in one patch), mean over those tokens. A dense
+    signal, as the vision probe is, but through the decoder: its image tokens carry the colour and shape words
+    the questions ask with. image_logits [B, P, V], targets [B, P, C + 1] (`shapes.patch_targets`), words [C, V]."""
+    classes = targets[..., :-1]  # [B, P, C]
+    total = classes.sum(-1)
+    dist = jnp.einsum("BPC,CV->BPV", classes / jnp.maximum(total, 1)[..., None], words)
+    centre = total > 0
+    ce = optax.softmax_cross_entropy(image_logits, dist)
+    loss = jnp.where(centre, ce, 0).sum() / jnp.maximum(centre.sum(), 1)
+    return loss, {"name_loss": loss}
 
 
 def question_lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict]:
@@ -510,10 +538,12 @@ def vision_features_of(graphdef, vision_state, pixel_values, feature_layers: tup
 def llava_step_fn(graphdef, layout: PackedLayout, settings: TrainSettings):
     """Stage 2: params = {"model": LlavaModel state, "probe": probe}."""
     tx = llava_optimizer(settings)
+    words = jnp.asarray(name_words(build_tokenizer()))
 
     def loss_fn(params, batch):
-        logits, features, maps = packed_forward(nnx.merge(graphdef, params["model"]), layout, batch["input_ids"],
-                                                batch["pixel_values"], settings.ground_layers)
+        logits, features, maps, image_logits = packed_forward(
+            nnx.merge(graphdef, params["model"]), layout, batch["input_ids"], batch["pixel_values"],
+            settings.ground_layers)
         loss, metrics = qa_loss(logits[:, :, -2:], batch["targets"], batch["weights"])
         lm, lm_metrics = question_lm_loss(logits[:, :, :-2], batch["block_targets"][:, :, :-2], batch["weights"])
         aux, probe_metrics = probe_loss(params["probe"], features, batch["patch_targets"])
@@ -522,7 +552,11 @@ def llava_step_fn(graphdef, layout: PackedLayout, settings: TrainSettings):
         if settings.ground_layers:
             ground, ground_metrics = ground_loss(maps, batch["question_patches"] * batch["weights"][..., None])
             total = total + settings.ground_weight * ground
-        return total, {**metrics, **lm_metrics, **probe_metrics, **ground_metrics}
+        name_metrics = {}
+        if settings.name_weight:
+            name, name_metrics = name_loss(image_logits, batch["patch_targets"], words)
+            total = total + settings.name_weight * name
+        return total, {**metrics, **lm_metrics, **probe_metrics, **ground_metrics, **name_metrics}
 
     return _train_step(loss_fn, tx)
 

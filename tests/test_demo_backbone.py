@@ -60,11 +60,12 @@ def test_scenes_span_sub_patch_to_multi_patch_sizes_without_overlap():
                 assert not shapes._overlap(a.box, b.box, gap=0.0)
 
 
-def test_default_world_regenerates_the_bundled_eval_set():
-    """The generator (whatever options it gains) still draws the shipped demo's scenes: the bundled
-    shapes_annotations.json, written when the demo was built, is the reference."""
+def test_the_generator_regenerates_the_bundled_eval_set():
+    """The generator (whatever options it gains) still draws the shipped demo's scenes in the world they record:
+    the bundled shapes_annotations.json, written when the demo was built, is the reference."""
     shipped = json.loads((Path(__file__).resolve().parents[1] / "demo/data/pope/shapes_annotations.json").read_text())
-    scenes = shapes.pope_scenes(shipped["n_images"], shipped["seed"], shipped["questions_per_image"] // 2)
+    world = shapes.World(**shipped.get("world", {}))
+    scenes = shapes.pope_scenes(shipped["n_images"], shipped["seed"], shipped["questions_per_image"] // 2, world)
     assert sum(len({o.colour for o in s.objects}) > 1 for s in scenes) > len(scenes) / 2  # colours mix
     for item, scene in zip(shipped["images"], scenes, strict=True):
         assert [o["name"] for o in item["objects"]] == [o.name for o in scene.objects], item["image"]

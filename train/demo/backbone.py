@@ -822,7 +822,7 @@ class ZoomAnswers:
     kinds: np.ndarray  # [Q] "yes", "same colour" or "same shape" (`shapes.question_kind`)
     correct: dict[str, np.ndarray]  # view -> [Q] bool
     colour_in_view: dict[str, np.ndarray]  # view -> [Q] bool: a shape of the asked colour is (partly) in view
-    offsets: dict[str, np.ndarray]  # view -> [Q] the zoomed-on object's `shapes.patch_offset` ("full", "zoom")
+    zoom_offsets: np.ndarray | None  # [Q] the zoomed-on object's `shapes.patch_offset` in the "zoom" view
 
 
 def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
@@ -878,15 +878,15 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
 
     correct = {view: [] for view in views}
     coloured = {view: [] for view in views}
-    offsets = {view: [] for view in views if view in ("full", "zoom")}
+    offsets = []  # where the zoomed-on object lands on the crop's patch grid, if "zoom" is a view
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         shown = [show(scenes[image], region, Image.open(data_dir / "val2014" / image).convert("RGB"))
                  for image, _, _, region, _ in chunk]
         ids = layout.pack([[(*name.split(), label)] for _, name, label, _, _ in chunk])["input_ids"]
-        for view in offsets:
-            offsets[view] += [shapes.patch_offset(*shapes.view_point(scenes[c[0]], s[view].box, c[4].cx, c[4].cy))
-                              for s, c in zip(shown, chunk)]
+        if "zoom" in views:
+            offsets += [shapes.patch_offset(*shapes.view_point(scenes[c[0]], s["zoom"].box, c[4].cx, c[4].cy))
+                        for s, c in zip(shown, chunk)]
         for view in views:
             pixels = np.stack([preprocess_image(s[view].resized(cfg.vision.image_size).image,
                                                 image_size=cfg.vision.image_size) for s in shown])
@@ -898,7 +898,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
     return ZoomAnswers([(image, name, label) for image, name, label, _, _ in items], np.asarray(buckets),
                        np.asarray(kinds), {view: np.asarray(c, dtype=bool) for view, c in correct.items()},
                        {view: np.asarray(c, dtype=bool) for view, c in coloured.items()},
-                       {view: np.asarray(o, np.float32) for view, o in offsets.items()})
+                       np.asarray(offsets, np.float32) if "zoom" in views else None)
 
 
 def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,

@@ -109,7 +109,7 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
                   "kept": int((asked & kept).sum()), "zoom_accuracy_kept": _mean(zoomed[asked & kept]),
                   "left_out": int((asked & ~kept).sum()), "zoom_accuracy_left_out": _mean(zoomed[asked & ~kept])}
         # where the zoomed-on object lands on the crop's patch grid: a small shape on a patch corner is cut in four
-        centred = answers.offsets["zoom"] <= CENTRED
+        centred = answers.zoom_offsets <= CENTRED
         landing = {f"sub_patch/{k}_{where}": sub_patch & (full.kinds == k) & m
                    for k in ("yes", "same colour") for where, m in (("centred", centred), ("off_centre", ~centred))}
         out["geometries"].append({

@@ -20,7 +20,11 @@ centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, c
 so such a shape lands on a patch corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter
 patch (7 scene px) right and down, onto the patch centres of those crops where they are not clipped by the
 image's edge; "crop" puts each shape on a patch centre of the 2x crop of the r = 3 region that holds it,
-clipped or not (so, at full scale, on a patch centre, edge or corner).
+clipped or not (so, at full scale, on a patch centre, edge or corner). `checked` draws the red, green and
+blue shapes as a fine check of their colour and its complement about a grey (`CHECKED`), one scene pixel a
+cell below 2 * `CHECK_CELL` px across: the 2x downsampling averages such a check to the same grey for all three
+colours, so the colour of a small red, green or blue shape is not in the model's input at all, while a 2x crop
+of the photo shows it pixel for pixel. Larger shapes get larger cells (one per CHECK_CELL px), which survive.
 
 Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
 `blink_jax.processing.preprocess_uint8`): the full scene, a crop of the original with the crop mode's geometry
@@ -81,6 +85,9 @@ PLACEMENTS = ("patch", "quarter", "crop")  # World.placement (module docstring)
 QUARTER = SCENE_SIZE / GRID / 4  # "quarter": scene px right and down of the patch centre
 CROP_REGION, CROP_CONTEXT = 3, 2.0  # "crop": the crop mode's default geometry, whose patch centres shapes sit on
 CROP_ALIGN = 2.0  # "crop": shapes move by up to this many scene px (2 model px of the 2x crop)
+CHECKED = ("red", "green", "blue")  # World.checked: drawn as a check of the colour and its complement
+CHECK_GREY, CHECK_GREY_JITTER = 128, 8  # the check's mean, per channel, moved by up to the jitter per shape
+CHECK_CELL = 16  # scene px of a shape's side per check cell (at least one cell of 1 px)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ class World:
     """How scenes are drawn (module docstring): the default world is the bundled demo's."""
     one_colour: bool = False  # every shape of a scene in one colour
     placement: str = "patch"  # where shapes sit: one of PLACEMENTS
+    checked: bool = False  # CHECKED colours drawn as fine checks that the 2x downsampling averages to grey
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -136,6 +144,11 @@ class Shape:
     cy: float
     size: float  # side of the bounding box, pixels
     rgb: tuple[int, int, int]
+    check: tuple[int, int, int] | None = None  # a check's other colour (World.checked); None: solid `rgb`
+
+    @property
+    def cell(self) -> int:  # a check's cell side, scene pixels
+        return max(1, int(self.size // CHECK_CELL))
 
     @property
     def name(self) -> str:
@@ -195,7 +208,8 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
 
     With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches (or where the
     world's `placement` says), moved by up to `align` px each way (CROP_ALIGN at most for "crop"); with None,
-    anywhere. In a `one_colour` world every shape has the palette's first colour."""
+    anywhere. In a `one_colour` world every shape has the palette's first colour; in a `checked` one the CHECKED
+    colours are checks of `rgb` and `check`, whose mean is CHECK_GREY (moved by up to CHECK_GREY_JITTER)."""
     colours, shapes = list(COLOURS), list(SHAPES)
     while True:
         palette = rng.choice(len(colours), size=2, replace=False, p=COLOUR_WEIGHTS)
@@ -226,7 +240,10 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
                     centres = (np.arange(GRID) + 0.5) * size / GRID + (QUARTER if world.placement == "quarter" else 0.0)
                     centres = centres[(centres - side / 2 - align >= 1) & (centres + side / 2 + align <= size - 1)]
                     cx, cy = rng.choice(centres, size=2) + rng.uniform(-align, align, size=2)
-                candidate = Shape(colour, shape, float(cx), float(cy), side, _jitter(rng, COLOURS[colour]))
+                rgb, check = _jitter(rng, COLOURS[colour]), None
+                if world.checked and colour in CHECKED:
+                    rgb, check = _check(rng, rgb)
+                candidate = Shape(colour, shape, float(cx), float(cy), side, rgb, check)
                 if all(not _overlap(candidate.box, o.box, gap=2.0) for o in placed):
                     placed.append(candidate)
                     break
@@ -239,6 +256,13 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
 
 def _jitter(rng, rgb) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in rgb)
+
+
+def _check(rng, rgb) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(rgb, its complement about a jittered grey): the two colours of a check whose mean is that grey."""
+    grey = CHECK_GREY + rng.integers(-CHECK_GREY_JITTER, CHECK_GREY_JITTER + 1, size=3)
+    rgb = np.clip(rgb, np.maximum(0, 2 * grey - 255), np.minimum(255, 2 * grey))
+    return tuple(int(v) for v in rgb), tuple(int(v) for v in 2 * grey - rgb)
 
 
 def _overlap(a, b, gap: float) -> bool:
@@ -256,23 +280,38 @@ def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
     img = img.resize((n * supersample,) * 2, resample=Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        x0, y0, x1, y1 = (v * supersample for v in o.box)
-        cx, cy = o.cx * supersample, o.cy * supersample
-        if o.shape == "circle":
-            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=o.rgb)
-        elif o.shape == "square":
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=o.rgb)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=o.rgb)
-        elif o.shape == "diamond":
-            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=o.rgb)
-        elif o.shape == "cross":
-            arm = (x1 - x0) / 6
-            draw.rectangle([x0, cy - arm, x1 - 1, cy + arm - 1], fill=o.rgb)
-            draw.rectangle([cx - arm, y0, cx + arm - 1, y1 - 1], fill=o.rgb)
-        else:
-            raise ValueError(f"unknown shape {o.shape!r}: expected one of {SHAPES}")
+        if o.check is None:
+            _draw_shape(draw, o, o.rgb, supersample)
+            continue
+        # A check: the shape as a mask over a checkerboard of `cell` scene px cells, in the scene's own pixel grid
+        # (so a 1 px check is exact after the box average).
+        mask = Image.new("L", img.size, 0)
+        _draw_shape(ImageDraw.Draw(mask), o, 255, supersample)
+        x0, y0, x1, y1 = (int(np.floor(v)) * supersample for v in o.box)
+        x1, y1 = x1 + supersample, y1 + supersample
+        ys, xs = np.mgrid[y0:y1, x0:x1] // (supersample * o.cell)
+        tile = np.where(((xs + ys) % 2 == 0)[..., None], np.uint8(o.rgb), np.uint8(o.check)).astype(np.uint8)
+        img.paste(Image.fromarray(tile), (x0, y0), mask.crop((x0, y0, x1, y1)))
     return img.reduce(supersample)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, o: Shape, fill, supersample: int) -> None:
+    x0, y0, x1, y1 = (v * supersample for v in o.box)
+    cx, cy = o.cx * supersample, o.cy * supersample
+    if o.shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif o.shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif o.shape == "cross":
+        arm = (x1 - x0) / 6
+        draw.rectangle([x0, cy - arm, x1 - 1, cy + arm - 1], fill=fill)
+        draw.rectangle([cx - arm, y0, cx + arm - 1, y1 - 1], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {o.shape!r}: expected one of {SHAPES}")
 
 
 def _box_objects(scene: Scene, box: tuple[float, float, float, float]) -> tuple[list, set]:
@@ -466,14 +505,17 @@ def smallest_lookalike(objects: Sequence[tuple], name: str) -> tuple | None:
     return min(alike, key=lambda o: o[1]) if alike else None
 
 
+def question_target(objects: Sequence[tuple], name: str) -> tuple | None:
+    """What a question about class `name` is about, of the (class, size, ...) in view: for a present class its
+    largest instance (the first of equal sizes); for an absent one its `smallest_lookalike`; else None."""
+    same = [o for o in objects if o[0] == name]
+    return max(same, key=lambda o: o[1]) if same else smallest_lookalike(objects, name)
+
+
 def question_bucket(objects: Sequence[tuple], name: str) -> str:
-    """The size bucket a question about class `name` is about, given the (class, size, ...) of what is in view: for
-    a present class its largest instance; for an absent one its `smallest_lookalike`'s, or "none"."""
-    same = [size for n, size, *_ in objects if n == name]
-    if same:
-        return size_bucket(max(same))
-    alike = smallest_lookalike(objects, name)
-    return size_bucket(alike[1]) if alike else "none"
+    """The size bucket of `question_target`, or "none"."""
+    target = question_target(objects, name)
+    return size_bucket(target[1]) if target else "none"
 
 
 LOOKALIKE_KINDS = ("yes", "same colour", "same shape")
@@ -615,11 +657,21 @@ def read_annotations(data_dir: str | os.PathLike) -> dict[str, Scene]:
     return scenes
 
 
+def read_world(data_dir: str | os.PathLike) -> World:
+    """The `World` a shapes POPE set was drawn in (its `shapes_annotations.json`; sets older than the field: the
+    default world)."""
+    raw = json.loads((Path(data_dir) / "shapes_annotations.json").read_text())
+    return World(**raw.get("world", {}))
+
+
 def add_world_arguments(p) -> None:
     """The `World` options as command-line flags (this module's CLI and `python -m train.demo_backbone`)."""
     g = p.add_argument_group("world (an experiment of issue 16; see demo/MODEL_CARD.md)")
     g.add_argument("--one-colour", action="store_true",
                    help="paint each scene in one colour, so only shape tells its objects apart")
+    g.add_argument("--checked", action="store_true",
+                   help="draw red, green and blue shapes as fine checks of their colour and its complement, which "
+                        "the 2x downsampling averages to one grey below %d px across" % (2 * CHECK_CELL))
     g.add_argument("--placement", default="patch", choices=PLACEMENTS,
                    help="where shapes sit: on the model's patch centres (patch, the bundled demo's), a quarter patch "
                         "off them (quarter), or on a patch centre of the crop mode's 2x crop of their region "
@@ -627,7 +679,7 @@ def add_world_arguments(p) -> None:
 
 
 def world_from_args(args) -> World:
-    return World(one_colour=args.one_colour, placement=args.placement)
+    return World(one_colour=args.one_colour, placement=args.placement, checked=args.checked)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,7 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
         assert len(colours(view.present)) == 1
     shapes.write_pope(tmp_path, n_images=12, seed=4, questions_per_image=2, world=world)
     annotations = json.loads((tmp_path / "shapes_annotations.json").read_text())
-    assert annotations["world"] == {"one_colour": True, "placement": "patch"}
+    assert annotations["world"] == {"one_colour": True, "placement": "patch", "checked": False}
     for item in annotations["images"]:
         assert len(colours(o["name"] for o in item["objects"])) == 1
     scene_colour = {item["image"]: item["objects"][0]["name"].split()[0] for item in annotations["images"]}
@@ -103,6 +103,44 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
     # POPE's adversarial negatives (the classes that co-occur most) are then mostly the scene's colour in another
     # shape; random ones mostly another colour (4 of the 29 or so absent classes share it)
     assert same_colour_negatives("adversarial") > 0.6 > 0.3 > same_colour_negatives("random")
+
+
+def test_checked_world_draws_fine_checks_that_the_downsampling_averages_to_one_grey():
+    # By hand: a 16 px square (box 96..112, scene px) drawn as a 1 px check of (200, 50, 50) and (56, 206, 206),
+    # whose mean is (128, 128, 128): the photo alternates the two colours pixel by pixel, the model's input (the
+    # photo at half size) shows the grey; a green check about the same grey gives the same input exactly.
+    def scene(rgb, check, size=16.0):
+        square = shapes.Shape("red", "square", 104.0, 104.0, size, rgb, check)
+        return shapes.Scene(shapes.SCENE_SIZE, (40, 40, 40), (0.0, 0.0, 0.0), 0.0, (square,))
+
+    red, green = scene((200, 50, 50), (56, 206, 206)), scene((50, 200, 60), (206, 56, 196))
+    photo = np.asarray(shapes.render(red)).astype(int)
+    ys, xs = np.mgrid[96:112, 96:112]
+    expected = np.where((((xs + ys) % 2) == 0)[..., None], [200, 50, 50], [56, 206, 206])
+    np.testing.assert_array_equal(photo[96:112, 96:112], expected)
+    assert (photo[94:96, 96:112] == 40).all() and (photo[112:114, 96:112] == 40).all()  # nothing outside the box
+    seen = np.asarray(shapes.full_view(red).image).astype(int)[49:55, 49:55]  # input px 48..56: the inside (bicubic
+    # rings by a level or two near the edge)
+    assert np.abs(seen - 128).max() <= 2
+    np.testing.assert_array_equal(seen, np.asarray(shapes.full_view(green).image).astype(int)[49:55, 49:55])
+    # the 2x crop of the photo (1 scene px per model px) shows the check again
+    zoomed = np.asarray(shapes.zoom_view(red, (20, 20, 188, 188)).image).astype(int)
+    np.testing.assert_array_equal(zoomed[80:92, 80:92], expected[:12, :12])
+    # a 48 px shape gets 3 px cells, which survive the downsampling
+    big = np.asarray(shapes.full_view(scene((200, 50, 50), (56, 206, 206), 48.0)).image).astype(float)[44:60, 44:60]
+    assert big[..., 0].std() > 20 and abs(big[..., 0].mean() - 128) < 8
+    # in a checked world every red, green or blue shape is such a check, about a grey near CHECK_GREY; the
+    # others, and every shape of the default world, are solid
+    world = shapes.World(checked=True)
+    drawn = [o for i in range(20) for o in shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=world).objects]
+    assert {o.colour for o in drawn if o.check} == set(shapes.CHECKED)
+    for o in drawn:
+        assert (o.check is not None) == (o.colour in shapes.CHECKED)
+        if o.check:
+            grey = (np.array(o.rgb) + o.check) / 2
+            assert (grey == np.round(grey)).all() and np.abs(grey - shapes.CHECK_GREY).max() <= shapes.CHECK_GREY_JITTER
+            assert o.cell == max(1, int(o.size // 16))
+    assert not any(o.check for i in range(20) for o in shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i)).objects)
 
 
 def test_quarter_placement_puts_shapes_on_the_patch_centres_of_the_crops_that_cut_on_patch_edges():
@@ -677,3 +715,25 @@ def test_breakdown_counts_each_question_once_in_its_bucket_and_label(pope_dir, t
     table = breakdown.markdown(result)
     assert table.splitlines()[0] == "| questions about | n | vanilla | crop | blink |"
     assert "| expanded at layer 1 | | - | - | 50.0% |" in table
+    assert not any(k.startswith("sub-patch") for k in result["vanilla"]["by_label"])  # not a checked world
+    # The same set marked as drawn in a checked world: the sub-patch questions split by their object's finish, by
+    # hand (a "yes" its largest instance, a "no" its smallest look-alike; red, green and blue are checks).
+    import shutil
+
+    checked_dir = tmp_path / "checked"
+    shutil.copytree(pope_dir, checked_dir)
+    annotations["world"] = {"checked": True}
+    (checked_dir / "shapes_annotations.json").write_text(json.dumps(annotations))
+    expected = {"sub-patch, checked": [0, 0], "sub-patch, solid": [0, 0]}
+    for _, r in rows:
+        name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+        same = [o for o in objects[r["image"]] if o["name"] == name]
+        alike = [o for o in objects[r["image"]] if set(o["name"].split()) & set(name.split())]
+        target = max(same, key=lambda o: o["size"]) if same else min(alike, key=lambda o: o["size"], default=None)
+        if target is not None and target["size"] < 24:
+            key = "sub-patch, checked" if target["name"].split()[0] in ("red", "green", "blue") else "sub-patch, solid"
+            expected[key][0] += r["label"] == "yes"  # vanilla always says Yes
+            expected[key][1] += 1
+    assert min(c[1] for c in expected.values()) > 0
+    by_label = breakdown.breakdown(run, checked_dir)["vanilla"]["by_label"]
+    assert {k: by_label[k] for k in expected} == expected

@@ -161,7 +161,8 @@ def _region_box_by_hand(cx: float, cy: float, r: int, context: float) -> tuple[i
 def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
     """`train.demo.zoom` (the premise measurement of demo/MODEL_CARD.md): its accuracies and paired gain per
     geometry equal those of the model's normal path (Processor, build_prompt, Llava) on the full photos and on
-    crops cut by hand around the object asked about (or its smallest look-alike), on a fresh 4-scene set."""
+    crops cut by hand around the object asked about (or its smallest look-alike), on a fresh 4-scene set of the
+    checked world (`shapes.World.checked`: red, green and blue shapes are fine checks)."""
     import numpy as np
     from PIL import Image
 
@@ -171,7 +172,7 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
     from train.demo import zoom
 
     data = tmp_path / "pope"
-    shapes.write_pope(data, 4, seed=7)
+    shapes.write_pope(data, 4, seed=7, world=shapes.World(checked=True))
     out = tmp_path / "zoom.json"
     assert zoom.main(["--data-dir", str(data), "--geometries", "3:2,2:1", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
@@ -237,3 +238,9 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
         assert (c["n"], c["kept"], c["left_out"]) == (asked.sum(), (asked & kept).sum(), (asked & ~kept).sum())
         if (asked & ~kept).any():
             assert c["zoom_accuracy_left_out"] == pytest.approx(zoomed[asked & ~kept].mean())
+        checked = np.array([i[4].name.split()[0] in ("red", "green", "blue") for i in items])
+        assert set(g["finish"]) == {f for f, m in (("checked", checked), ("solid", ~checked)) if (sub & m).any()}
+        for finish, m in (("checked", sub & checked), ("solid", sub & ~checked)):
+            if m.any():
+                assert g["finish"][finish]["zoom"] == pytest.approx(zoomed[m].mean())
+                assert g["paired"][f"sub_patch/{finish}"]["units"] == m.sum()

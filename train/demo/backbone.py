@@ -823,6 +823,7 @@ class ZoomAnswers:
     correct: dict[str, np.ndarray]  # view -> [Q] bool
     colour_in_view: dict[str, np.ndarray]  # view -> [Q] bool: a shape of the asked colour is (partly) in view
     zoom_offsets: np.ndarray | None  # [Q] the zoomed-on object's `shapes.patch_offset` in the "zoom" view
+    checked: np.ndarray  # [Q] bool: the zoomed-on object is drawn as a fine check (`shapes.World.checked`)
 
 
 def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,
@@ -844,6 +845,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
         raise ValueError(f"view {unknown[0]!r} is unknown; use any of {', '.join(ZOOM_VIEWS)}")
     data_dir = Path(data_dir)
     scenes = shapes.read_annotations(data_dir)
+    world = shapes.read_world(data_dir)
     labels: dict[tuple[str, str], bool] = {}
     for split in shapes.SPLITS:
         for line in open(data_dir / f"coco_pope_{split}.json"):
@@ -860,9 +862,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
         bucket = shapes.question_bucket([(o.name, o.size) for o in objects], name)
         if bucket == "none":
             continue
-        same = [o for o in objects if o.name == name]
-        target = max(same, key=lambda o: o.size) if same else shapes.smallest_lookalike(
-            [(o.name, o.size, o) for o in objects], name)[2]
+        target = shapes.question_target([(o.name, o.size, o) for o in objects], name)[2]
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size),
                       target))
         buckets.append(bucket)
@@ -898,7 +898,8 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
     return ZoomAnswers([(image, name, label) for image, name, label, _, _ in items], np.asarray(buckets),
                        np.asarray(kinds), {view: np.asarray(c, dtype=bool) for view, c in correct.items()},
                        {view: np.asarray(c, dtype=bool) for view, c in coloured.items()},
-                       np.asarray(offsets, np.float32) if "zoom" in views else None)
+                       np.asarray(offsets, np.float32) if "zoom" in views else None,
+                       np.array([world.checked and t.colour in shapes.CHECKED for *_, t in items], dtype=bool))
 
 
 def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,

@@ -7,7 +7,9 @@ and by whether the crop held the object asked about (from the samples' trace sum
 Size buckets come from `shapes_annotations.json` (`shapes.question_bucket`: for a "yes" the object's size, for
 a "no" the smallest object in view sharing its colour or shape, i.e. what it could be mistaken for). The "no"
 questions are also split by whether the asked colour is somewhere in the scene: if it is, only shapes say no (a
-model that answers from colour alone says yes there and is right everywhere else).
+model that answers from colour alone says yes there and is right everywhere else). In a checked world
+(`shapes.World.checked`) the sub-patch questions are also split by whether that object is a fine check, whose
+colour the model's input does not hold.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from demo.pope import parse_yes_no
 BUCKETS = tuple(name for name, _, _ in shapes.SIZE_BUCKETS) + ("none",)
 LABEL_ROWS = {"yes": 'answer "yes"', "no": 'answer "no"',
               "no, colour in scene": '"no", its colour in the scene (only shape says no)',
-              "no, colour not in scene": '"no", its colour not in the scene'}
+              "no, colour not in scene": '"no", its colour not in the scene',
+              "sub-patch, checked": "sub-patch, the object a fine check (its colour not in the input)",
+              "sub-patch, solid": "sub-patch, the object solid"}
 
 
 def _said_yes(prediction: str | None) -> bool:
@@ -33,11 +37,13 @@ def _said_yes(prediction: str | None) -> bool:
 
 def breakdown(run: Path, data_dir: Path) -> dict:
     """-> {mode: {"by_bucket": {bucket: (correct, n)}, "by_label": {"yes", "no" and the "no" split by whether the
-    asked colour is in the scene (`LABEL_ROWS`): (correct, n)}, "expanded": (n_expanded_any, n),
+    asked colour is in the scene, and in a checked world the sub-patch questions by their object's finish
+    (`LABEL_ROWS`): (correct, n)}, "expanded": (n_expanded_any, n),
     "expanded_at": {layer: (n_expand, n)}, "crop_hit": (n "yes" questions whose crop holds the object, n),
     "sr_hit": (n "yes" questions Blink expanded whose expanded region holds the object, n)}}; sr_hit needs
     the run's traces_pope_<mode>.jsonl (--save-traces)."""
     scenes = shapes.read_annotations(data_dir)
+    checked_world = shapes.read_world(data_dir).checked
     rows = {}
     for split in shapes.SPLITS:
         for line in open(data_dir / f"coco_pope_{split}.json"):
@@ -61,12 +67,16 @@ def breakdown(run: Path, data_dir: Path) -> dict:
                 continue
             r = rows[s["question_id"]]
             name = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
-            bucket = shapes.question_bucket([(o.name, o.size) for o in scenes[r["image"]].objects], name)
+            target = shapes.question_target([(o.name, o.size) for o in scenes[r["image"]].objects], name)
+            bucket = shapes.size_bucket(target[1]) if target else "none"
             correct = _said_yes(s["prediction"]) == (r["label"] == "yes")
             colour_in_scene = name.split()[0] in {o.name.split()[0] for o in scenes[r["image"]].objects}
             keys = [(by_bucket, bucket), (by_label, r["label"])]
             if r["label"] == "no":
                 keys.append((by_label, "no, colour in scene" if colour_in_scene else "no, colour not in scene"))
+            if checked_world and bucket in shapes.SUB_PATCH:
+                checked = target[0].split()[0] in shapes.CHECKED
+                keys.append((by_label, "sub-patch, checked" if checked else "sub-patch, solid"))
             for table, key in keys:
                 table[key][0] += correct
                 table[key][1] += 1

@@ -77,7 +77,8 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     "geometries": [{"region_size", "context", "zoom", "views": {view: accuracy by bucket},
     "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
     The groups: "sub_patch", each size bucket, and "sub_patch/KIND" for the sub-patch questions by
-    `shapes.question_kind`. "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene,
+    `shapes.question_kind`, and in a checked world "sub_patch/checked" and "sub_patch/solid" by the zoomed-on
+    object's finish ("finish": each view's accuracy on those). "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene,
     how many crops keep it in view or leave it out, and the zoomed accuracy of each."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
@@ -95,7 +96,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     groups = {"sub_patch": sub_patch,
               **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()},
               **{f"sub_patch/{k}": sub_patch & (full.kinds == k) for k in shapes.LOOKALIKE_KINDS
-                 if (sub_patch & (full.kinds == k)).any()}}
+                 if (sub_patch & (full.kinds == k)).any()},
+              **{f"sub_patch/{finish}": sub_patch & m for finish, m in (("checked", full.checked), ("solid", ~full.checked))
+                 if full.checked.any() and (sub_patch & m).any()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
@@ -118,6 +121,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
             "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m]))
                        for g, m in {**groups, **landing}.items() if m.any()},
             "colour_in_scene": colour,
+            "finish": {finish: {view: _mean(c[sub_patch & m]) for view, c in answers.correct.items()}
+                       for finish, m in (("checked", full.checked), ("solid", ~full.checked))
+                       if full.checked.any() and (sub_patch & m).any()},
         })
     return out
 
@@ -178,6 +184,19 @@ def markdown(result: dict) -> str:
                 for w in wheres:
                     c = g["paired"].get(f"sub_patch/{k}_{w}")
                     cells.append(f"{c['units']}: {c['reference_accuracy']:.3f} → {c['accuracy']:.3f}" if c else "-")
+            lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(cells) + " |")
+    if result["geometries"] and result["geometries"][0].get("finish"):
+        lines += ["", "Sub-patch questions by the zoomed-on object's finish (a checked world, `shapes.World.checked`): "
+                  "a fine check, whose colour the downsampling averages away, or solid. n, full scene → crop of the "
+                  "photo (gain), upsampled, teacher's view:", "",
+                  "| crop r:context | " + " | ".join(result["geometries"][0]["finish"]) + " |",
+                  "|---|" + "---|" * len(result["geometries"][0]["finish"])]
+        for g in result["geometries"]:
+            cells = []
+            for finish, acc in g["finish"].items():
+                c = g["paired"][f"sub_patch/{finish}"]
+                cells.append(f"{c['units']}: {c['reference_accuracy']:.3f} → {c['accuracy']:.3f} "
+                             f"({100 * c['difference']:+.1f}), {acc['upsampled']:.3f}, {acc['teacher']:.3f}")
             lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(cells) + " |")
     if result["geometries"] and "colour_in_scene" in result["geometries"][0]:
         c0 = result["geometries"][0]["colour_in_scene"]

@@ -132,7 +132,8 @@ def test_checked_world_draws_fine_checks_that_the_downsampling_averages_to_one_g
     # in a checked world every red, green or blue shape is such a check, about a grey near CHECK_GREY; the
     # others, and every shape of the default world, are solid
     world = shapes.World(checked=True)
-    drawn = [o for i in range(20) for o in shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=world).objects]
+    drawn = [o for i in range(20)
+             for o in shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=world).objects]
     assert {o.colour for o in drawn if o.check} == set(shapes.CHECKED)
     for o in drawn:
         assert (o.check is not None) == (o.colour in shapes.CHECKED)

@@ -78,8 +78,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
     The groups: "sub_patch", each size bucket, and "sub_patch/KIND" for the sub-patch questions by
     `shapes.question_kind`, and in a checked world "sub_patch/checked" and "sub_patch/solid" by the zoomed-on
-    object's finish ("finish": each view's accuracy on those). "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene,
-    how many crops keep it in view or leave it out, and the zoomed accuracy of each."""
+    object's finish ("finish": each view's accuracy on those). "colour_in_scene": the sub-patch "no" questions
+    whose asked colour is in the scene, how many crops keep it in view or leave it out, and the zoomed accuracy
+    of each."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
     full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
@@ -97,7 +98,8 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
               **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()},
               **{f"sub_patch/{k}": sub_patch & (full.kinds == k) for k in shapes.LOOKALIKE_KINDS
                  if (sub_patch & (full.kinds == k)).any()},
-              **{f"sub_patch/{finish}": sub_patch & m for finish, m in (("checked", full.checked), ("solid", ~full.checked))
+              **{f"sub_patch/{finish}": sub_patch & m
+                 for finish, m in (("checked", full.checked), ("solid", ~full.checked))
                  if full.checked.any() and (sub_patch & m).any()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")

@@ -859,13 +859,13 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
     items, buckets, kinds = [], [], []
     for (image, name), label in sorted(labels.items()):
         objects = scenes[image].objects
-        bucket = shapes.question_bucket([(o.name, o.size) for o in objects], name)
-        if bucket == "none":
-            continue
-        target = shapes.question_target([(o.name, o.size, o) for o in objects], name)[2]
+        found = shapes.question_target([(o.name, o.size, o) for o in objects], name)
+        if found is None:
+            continue  # nothing to zoom on
+        target = found[2]
         items.append((image, name, label, shapes.region_of(target.cx, target.cy, region_size, scenes[image].size),
                       target))
-        buckets.append(bucket)
+        buckets.append(target.bucket)
         kinds.append(shapes.question_kind([(o.name, o.size) for o in objects], name))
 
     def show(scene: shapes.Scene, region: int, image) -> dict[str, shapes.View]:

@@ -94,13 +94,14 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
            "geometries": []}
     names = np.array([f"{image}: {name}" for image, name, _ in full.questions])
     sub_patch = np.isin(full.buckets, shapes.SUB_PATCH)
+    # in a checked world, the sub-patch questions by their object's finish
+    finishes = {finish: sub_patch & m for finish, m in (("checked", full.checked), ("solid", ~full.checked))
+                if full.checked.any() and (sub_patch & m).any()}
     groups = {"sub_patch": sub_patch,
               **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()},
               **{f"sub_patch/{k}": sub_patch & (full.kinds == k) for k in shapes.LOOKALIKE_KINDS
                  if (sub_patch & (full.kinds == k)).any()},
-              **{f"sub_patch/{finish}": sub_patch & m
-                 for finish, m in (("checked", full.checked), ("solid", ~full.checked))
-                 if full.checked.any() and (sub_patch & m).any()}}
+              **{f"sub_patch/{finish}": m for finish, m in finishes.items()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
@@ -123,9 +124,8 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
             "paired": {g: paired(zoomed[m], full.correct["full"][m], list(names[m]))
                        for g, m in {**groups, **landing}.items() if m.any()},
             "colour_in_scene": colour,
-            "finish": {finish: {view: _mean(c[sub_patch & m]) for view, c in answers.correct.items()}
-                       for finish, m in (("checked", full.checked), ("solid", ~full.checked))
-                       if full.checked.any() and (sub_patch & m).any()},
+            "finish": {finish: {view: _mean(c[m]) for view, c in answers.correct.items()}
+                       for finish, m in finishes.items()},
         })
     return out
 

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", metavar="DIR",
                    help="start from this backbone (one this command wrote, with its probe.safetensors) instead of "
                         "from scratch: a curriculum; give its model sizes, and --vision-steps 0 to skip stage 1")
+    g.add_argument("--new-probe", action="store_true",
+                   help="with --init-from: start the patch probe afresh (from --seed) instead of from DIR's")
     shapes.add_world_arguments(p)  # --pope-out writes scenes of the same world
     g = p.add_argument_group("model size")
     g.add_argument("--image-size", type=int, default=m.image_size, help="pixels; a multiple of 14 (default %(default)s)")
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from demo import shapes
     from train.demo import backbone
 
+    if args.new_probe and not args.init_from:
+        print("--new-probe starts a probe for the backbone of --init-from, which is not given", file=sys.stderr)
+        return 2
     if args.image_size % 14:
         print(f"--image-size {args.image_size} is not a multiple of the 14 px patch", file=sys.stderr)
         return 2
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         def write(record):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        init = backbone.load_backbone(args.init_from) if args.init_from else None
+        init = None
+        if args.init_from:
+            init = backbone.load_backbone(args.init_from, new_probe_seed=args.seed if args.new_probe else None)
         result = backbone.train(model_cfg, settings, log=write, progress=not args.no_progress, init=init)
     info = backbone.run_info(model_cfg, settings, result, command)
     if args.pope_out:

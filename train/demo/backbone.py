@@ -729,12 +729,17 @@ def save_hf(model: LlavaModel, model_cfg: DemoModelConfig, out_dir: str | os.Pat
     return Path(out_dir).absolute()
 
 
-def load_backbone(model_dir: str | os.PathLike) -> tuple[LlavaModel, dict[str, jax.Array]]:
-    """A demo backbone written by `save_hf`, in float32, with its probe (to train on from it)."""
+def load_backbone(model_dir: str | os.PathLike, new_probe_seed: int | None = None
+                  ) -> tuple[LlavaModel, dict[str, jax.Array]]:
+    """A demo backbone written by `save_hf`, in float32, with its probe (to train on from it); with
+    `new_probe_seed`, a fresh probe (`init_probe`) instead, so any LLaVA directory of the demo's sizes will do."""
     from safetensors.numpy import load_file
 
     from blink_jax.loading import load_model
 
+    if new_probe_seed is not None:
+        model = load_model(model_dir, jnp.float32)
+        return model, init_probe(model.config, new_probe_seed)
     probe_path = Path(model_dir) / PROBE_FILE
     if not probe_path.is_file():
         raise FileNotFoundError(f"'{probe_path}' is missing: only a backbone written by `python -m "

@@ -1,0 +1,97 @@
+"""The demo backbone's patch probe: a fresh probe for a curriculum (`--new-probe`), and `train.demo.probe`, what
+the vision tower reads from the full scene and from the 2x crop, against a reading done by hand."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from blink_jax.processing import preprocess_image, preprocess_uint8
+from demo import shapes
+from train import demo_backbone
+from train.demo import backbone, probe
+
+# The demo's input size (12 x 12 patches), so the crop is the photo's pixels one for one; a small, fast tower.
+CONFIG = dataclasses.replace(backbone.DemoModelConfig.tiny(), image_size=shapes.IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    model = backbone.init_model(CONFIG.llava_config(), seed=1)
+    head = backbone.init_probe(CONFIG.llava_config(), seed=2)
+    # a probe that reads something: its kernel scaled up so the argmax is not a tie-break of near-zero logits
+    head = {"kernel": head["kernel"] * 50, "bias": head["bias"]}
+    out = backbone.save_hf(model, CONFIG, root / "model", dtype=np.float32, probe=head)
+    data = root / "data"
+    shapes.write_pope(data, 3, seed=7, world=shapes.World(checked=True))
+    return out, data, head
+
+
+def test_a_curriculum_can_start_a_new_probe_on_a_backbone_without_one(saved, tmp_path):
+    out, _, head = saved
+    bare = backbone.save_hf(*backbone.load_backbone(out)[:1], CONFIG, tmp_path / "bare", dtype=np.float32)
+    with pytest.raises(FileNotFoundError, match="probe.safetensors' is missing"):
+        backbone.load_backbone(bare)
+    model, fresh = backbone.load_backbone(bare, new_probe_seed=5)
+    first = backbone.flat_params(backbone.load_backbone(out)[0])
+    for path, value in backbone.flat_params(model).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(first[path]), err_msg=str(path))
+    assert fresh["kernel"].shape == head["kernel"].shape and not np.allclose(fresh["kernel"], head["kernel"] / 50)
+    assert demo_backbone.main(["--out", str(tmp_path / "x"), "--new-probe"]) == 2  # no --init-from to start it for
+
+
+def _by_hand(model, head, photo: Image.Image, box, cx: float, cy: float) -> str:
+    """The class the probe gives the patch holding (cx, cy) (photo pixels) of the photo's `box`, seen as the
+    model's 168 px input: the crop's own pixels padded to a square (centred), its 14 px patches counted by hand."""
+    x0, y0, x1, y1 = box
+    shown = Image.fromarray(preprocess_uint8(photo.crop(box), image_size=shapes.IMAGE_SIZE, pad_to_square=True))
+    pixels = preprocess_image(shown, image_size=shapes.IMAGE_SIZE)[None]
+    logits = np.asarray(backbone.vision_features(model, jnp.asarray(pixels)))[0] @ np.asarray(head["kernel"])
+    logits = logits + np.asarray(head["bias"])
+    side = max(x1 - x0, y1 - y0)
+    scale = shapes.IMAGE_SIZE / side
+    x, y = (cx - x0 + (side - (x1 - x0)) // 2) * scale, (cy - y0 + (side - (y1 - y0)) // 2) * scale
+    row, col = int(y // shapes.PATCH), int(x // shapes.PATCH)
+    return shapes.CLASSES[int(np.argmax(logits[row * shapes.GRID + col][:-1]))]
+
+
+def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand(saved):
+    out, data, head = saved
+    model, loaded = backbone.load_backbone(out)
+    rows = probe.probe_reads(model, loaded, data, batch_size=5)
+    scenes = shapes.read_annotations(data)
+    assert len(rows) == 2 * sum(len(s.objects) for s in scenes.values())
+    expected = []
+    for image, scene in sorted(scenes.items()):
+        photo = Image.open(data / "val2014" / image).convert("RGB")
+        for o in scene.objects:
+            # the 2x crop by hand: the 84 px region (3 x 3 patches of 28 photo px) holding the centre, grown to
+            # 168 px about its centre and cut at the 336 px photo's edges
+            mx, my = int(o.cx // 84) * 84 + 42, int(o.cy // 84) * 84 + 42
+            crop = (max(mx - 84, 0), max(my - 84, 0), min(mx + 84, 336), min(my + 84, 336))
+            group = (("checked" if o.colour in shapes.CHECKED else "solid") + "/"
+                     + ("sub_patch" if o.size < 24 else "larger"))
+            expected += [(image, o.name, "full", group, _by_hand(model, loaded, photo, (0, 0, 336, 336), o.cx, o.cy)),
+                         (image, o.name, "crop", group, _by_hand(model, loaded, photo, crop, o.cx, o.cy))]
+    assert [(r["image"], r["name"], r["view"], r["group"], r["predicted"]) for r in rows] == expected
+    summary = probe.summarize(rows)
+    for view in probe.VIEWS:
+        mine = [e for e in expected if e[2] == view and e[3] == "checked/sub_patch"]
+        assert summary[view]["checked/sub_patch"]["n"] == len(mine) > 0
+        assert summary[view]["checked/sub_patch"]["colour"] == pytest.approx(
+            sum(e[4].split()[0] == e[1].split()[0] for e in mine) / len(mine))
+
+
+def test_probe_cli_says_what_is_missing(saved, tmp_path, capsys):
+    out, data, _ = saved
+    assert probe.main(["--model", str(out), "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "shapes_annotations.json" in capsys.readouterr().err
+    bare = backbone.save_hf(backbone.load_backbone(out)[0], CONFIG, tmp_path / "bare", dtype=np.float32)
+    assert probe.main(["--model", str(bare), "--data-dir", str(data), "--no-progress"]) == 2
+    assert "probe.safetensors' is missing" in capsys.readouterr().err
+    assert probe.main(["--model", str(out), "--data-dir", str(data), "--no-progress",
+                       "--out", str(tmp_path / "p.json")]) == 0
+    assert "| checked, sub-patch |" in capsys.readouterr().out and (tmp_path / "p.json").is_file()

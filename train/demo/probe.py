@@ -105,7 +105,8 @@ def table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.demo.probe", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = argparse.ArgumentParser(prog="python -m train.demo.probe", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a backbone `python -m train.demo_backbone` wrote (with its probe)")
     p.add_argument("--data-dir", default=str(ROOT / "demo" / "data" / "pope"),

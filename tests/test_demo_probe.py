@@ -6,9 +6,11 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from blink_jax.processing import preprocess_image, preprocess_uint8
+from blink_jax.weights.params import abstract_model, model_from_params
 from demo import shapes
 from train import demo_backbone
 from train.demo import backbone, probe
@@ -20,8 +22,12 @@ CONFIG = dataclasses.replace(backbone.DemoModelConfig.tiny(), image_size=shapes.
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
-    model = backbone.init_model(CONFIG.llava_config(), seed=1)
-    head = backbone.init_probe(CONFIG.llava_config(), seed=2)
+    # random weights drawn in numpy (an eager `init_model` compiles one op per parameter: slow here)
+    cfg = CONFIG.llava_config()
+    rng = np.random.default_rng(1)
+    model = model_from_params(cfg, {path: (0.1 * rng.standard_normal(var.shape)).astype(np.float32)
+                                    for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))})
+    head = backbone.init_probe(cfg, seed=2)
     # a probe that reads something: its kernel scaled up so the argmax is not a tie-break of near-zero logits
     head = {"kernel": head["kernel"] * 50, "bias": head["bias"]}
     out = backbone.save_hf(model, CONFIG, root / "model", dtype=np.float32, probe=head)
@@ -43,19 +49,16 @@ def test_a_curriculum_can_start_a_new_probe_on_a_backbone_without_one(saved, tmp
     assert demo_backbone.main(["--out", str(tmp_path / "x"), "--new-probe"]) == 2  # no --init-from to start it for
 
 
-def _by_hand(model, head, photo: Image.Image, box, cx: float, cy: float) -> str:
-    """The class the probe gives the patch holding (cx, cy) (photo pixels) of the photo's `box`, seen as the
-    model's 168 px input: the crop's own pixels padded to a square (centred), its 14 px patches counted by hand."""
+def _by_hand(photo: Image.Image, box, cx: float, cy: float) -> tuple[np.ndarray, int]:
+    """The photo's `box` as the model's 168 px input (its own pixels, padded to a square, centred) and the patch
+    holding the photo point (cx, cy) there, its 14 px patches counted by hand."""
     x0, y0, x1, y1 = box
     shown = Image.fromarray(preprocess_uint8(photo.crop(box), image_size=shapes.IMAGE_SIZE, pad_to_square=True))
-    pixels = preprocess_image(shown, image_size=shapes.IMAGE_SIZE)[None]
-    logits = np.asarray(backbone.vision_features(model, jnp.asarray(pixels)))[0] @ np.asarray(head["kernel"])
-    logits = logits + np.asarray(head["bias"])
     side = max(x1 - x0, y1 - y0)
     scale = shapes.IMAGE_SIZE / side
     x, y = (cx - x0 + (side - (x1 - x0)) // 2) * scale, (cy - y0 + (side - (y1 - y0)) // 2) * scale
-    row, col = int(y // shapes.PATCH), int(x // shapes.PATCH)
-    return shapes.CLASSES[int(np.argmax(logits[row * shapes.GRID + col][:-1]))]
+    return preprocess_image(shown, image_size=shapes.IMAGE_SIZE), int(y // shapes.PATCH) * shapes.GRID + int(
+        x // shapes.PATCH)
 
 
 def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand(saved):
@@ -64,7 +67,7 @@ def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand
     rows = probe.probe_reads(model, loaded, data, batch_size=5)
     scenes = shapes.read_annotations(data)
     assert len(rows) == 2 * sum(len(s.objects) for s in scenes.values())
-    expected = []
+    expected, pixels, patches = [], [], []
     for image, scene in sorted(scenes.items()):
         photo = Image.open(data / "val2014" / image).convert("RGB")
         for o in scene.objects:
@@ -74,8 +77,14 @@ def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand
             crop = (max(mx - 84, 0), max(my - 84, 0), min(mx + 84, 336), min(my + 84, 336))
             group = (("checked" if o.colour in shapes.CHECKED else "solid") + "/"
                      + ("sub_patch" if o.size < 24 else "larger"))
-            expected += [(image, o.name, "full", group, _by_hand(model, loaded, photo, (0, 0, 336, 336), o.cx, o.cy)),
-                         (image, o.name, "crop", group, _by_hand(model, loaded, photo, crop, o.cx, o.cy))]
+            for view, box in (("full", (0, 0, 336, 336)), ("crop", crop)):
+                expected.append((image, o.name, view, group))
+                px, patch = _by_hand(photo, box, o.cx, o.cy)
+                pixels.append(px)
+                patches.append(patch)
+    features = np.asarray(backbone.vision_features(model, jnp.asarray(np.stack(pixels))))  # [N, P, D]
+    logits = features[np.arange(len(patches)), patches] @ np.asarray(loaded["kernel"]) + np.asarray(loaded["bias"])
+    expected = [(*e, shapes.CLASSES[int(np.argmax(row[:-1]))]) for e, row in zip(expected, logits)]
     assert [(r["image"], r["name"], r["view"], r["group"], r["predicted"]) for r in rows] == expected
     summary = probe.summarize(rows)
     for view in probe.VIEWS:

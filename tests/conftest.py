@@ -15,6 +15,7 @@ SLOWEST_FILES = ("test_bench_smoke.py",  # ~200: nine bench scripts, some with s
                  "test_eval_mesh.py",  # ~150: 8-device and 2-process eval subprocesses
                  "test_demo_backbone.py",  # ~150
                  "test_load_sharded.py",  # ~90: the 8-device loads subprocess
+                 "test_blink_inference.py",  # ~85
                  "test_crop.py",
                  "test_attention_blocks.py",
                  "test_bench_lower.py")  # the 8-device export subprocess

@@ -76,8 +76,9 @@ def parser() -> argparse.ArgumentParser:
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
     g.add_argument("--log-every", type=int, default=t.log_every, help="(default %(default)s)")
     g.add_argument("--init-from", metavar="DIR",
-                   help="start from this backbone (one this command wrote, with its probe.safetensors) instead of "
-                        "from scratch: a curriculum; give its model sizes, and --vision-steps 0 to skip stage 1")
+                   help="start from this backbone (one this command wrote, with its probe.safetensors, or any of "
+                        "the demo's sizes with --new-probe) instead of from scratch: a curriculum; give its model "
+                        "sizes, and --vision-steps 0 to skip stage 1")
     g.add_argument("--new-probe", action="store_true",
                    help="with --init-from: start the patch probe afresh (from --seed) instead of from DIR's")
     shapes.add_world_arguments(p)  # --pope-out writes scenes of the same world

@@ -2,6 +2,7 @@
 the vision tower reads from the full scene and from the 2x crop, against a reading done by hand."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,7 @@ def saved(tmp_path_factory):
     return out, data, head
 
 
-def test_a_curriculum_can_start_a_new_probe_on_a_backbone_without_one(saved, tmp_path):
+def test_a_curriculum_can_start_a_new_probe_on_a_backbone_without_one(saved, tmp_path, capsys):
     out, _, head = saved
     bare = backbone.save_hf(*backbone.load_backbone(out)[:1], CONFIG, tmp_path / "bare", dtype=np.float32)
     with pytest.raises(FileNotFoundError, match="probe.safetensors' is missing"):
@@ -45,8 +46,19 @@ def test_a_curriculum_can_start_a_new_probe_on_a_backbone_without_one(saved, tmp
     first = backbone.flat_params(backbone.load_backbone(out)[0])
     for path, value in backbone.flat_params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(first[path]), err_msg=str(path))
-    assert fresh["kernel"].shape == head["kernel"].shape and not np.allclose(fresh["kernel"], head["kernel"] / 50)
-    assert demo_backbone.main(["--out", str(tmp_path / "x"), "--new-probe"]) == 2  # no --init-from to start it for
+    # the probe is the seed's fresh one, also where the directory has a saved probe of its own
+    seeded = backbone.init_probe(model.config, 5)
+    _, over_saved = backbone.load_backbone(out, new_probe_seed=5)
+    for probe_ in (fresh, over_saved):
+        for key in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(probe_[key]), np.asarray(seeded[key]))
+    assert not np.allclose(over_saved["kernel"], head["kernel"])
+    # the command line: --new-probe needs --init-from; --init-from a backbone without a probe names the fix
+    assert demo_backbone.main(["--out", str(tmp_path / "x"), "--new-probe"]) == 2
+    assert "--new-probe" in capsys.readouterr().err
+    assert demo_backbone.main(["--out", str(tmp_path / "x"), "--init-from", str(bare)]) == 2
+    assert "pass --new-probe" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.log.jsonl").exists()
 
 
 def _by_hand(photo: Image.Image, box, cx: float, cy: float) -> tuple[np.ndarray, int]:
@@ -83,8 +95,16 @@ def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand
                 pixels.append(px)
                 patches.append(patch)
     features = np.asarray(backbone.vision_features(model, jnp.asarray(np.stack(pixels))))  # [N, P, D]
-    logits = features[np.arange(len(patches)), patches] @ np.asarray(loaded["kernel"]) + np.asarray(loaded["bias"])
-    expected = [(*e, shapes.CLASSES[int(np.argmax(row[:-1]))]) for e, row in zip(expected, logits)]
+    logits = features @ np.asarray(loaded["kernel"]) + np.asarray(loaded["bias"])  # [N, P, C + 1]
+    read = np.argmax(logits[..., :-1], -1)  # [N, P]
+    rows_at = np.arange(len(patches))
+    patches = np.asarray(patches)
+    expected = [(*e, shapes.CLASSES[c]) for e, c in zip(expected, read[rows_at, patches])]
+    # the reading tells a patch from its neighbours (right or left, below or above), so a wrong patch would show
+    beside = np.where(patches % shapes.GRID < shapes.GRID - 1, patches + 1, patches - 1)
+    below = np.where(patches < shapes.GRID * (shapes.GRID - 1), patches + shapes.GRID, patches - shapes.GRID)
+    for other in (beside, below):
+        assert (read[rows_at, other] != read[rows_at, patches]).sum() >= 3
     assert [(r["image"], r["name"], r["view"], r["group"], r["predicted"]) for r in rows] == expected
     summary = probe.summarize(rows)
     for view in probe.VIEWS:
@@ -100,7 +120,10 @@ def test_probe_cli_says_what_is_missing(saved, tmp_path, capsys):
     assert "shapes_annotations.json" in capsys.readouterr().err
     bare = backbone.save_hf(backbone.load_backbone(out)[0], CONFIG, tmp_path / "bare", dtype=np.float32)
     assert probe.main(["--model", str(bare), "--data-dir", str(data), "--no-progress"]) == 2
-    assert "probe.safetensors' is missing" in capsys.readouterr().err
+    assert "has no probe.safetensors" in capsys.readouterr().err
     assert probe.main(["--model", str(out), "--data-dir", str(data), "--no-progress",
                        "--out", str(tmp_path / "p.json")]) == 0
-    assert "| checked, sub-patch |" in capsys.readouterr().out and (tmp_path / "p.json").is_file()
+    assert "| checked, sub-patch |" in capsys.readouterr().out
+    written = json.loads((tmp_path / "p.json").read_text())
+    model, loaded = backbone.load_backbone(out)
+    assert {view: written[view] for view in probe.VIEWS} == probe.summarize(probe.probe_reads(model, loaded, data))

@@ -76,11 +76,12 @@ def parser() -> argparse.ArgumentParser:
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
     g.add_argument("--log-every", type=int, default=t.log_every, help="(default %(default)s)")
     g.add_argument("--init-from", metavar="DIR",
-                   help="start from this backbone (one this command wrote, with its probe.safetensors, or any of "
-                        "the demo's sizes with --new-probe) instead of from scratch: a curriculum; give its model "
-                        "sizes, and --vision-steps 0 to skip stage 1")
+                   help="start from this backbone (one this command wrote, with its probe.safetensors; or, with "
+                        "--new-probe, any LLaVA directory of the demo's sizes) instead of from scratch: a "
+                        "curriculum; give its model sizes, and --vision-steps 0 to skip stage 1")
     g.add_argument("--new-probe", action="store_true",
-                   help="with --init-from: start the patch probe afresh (from --seed) instead of from DIR's")
+                   help="with --init-from: start the patch probe afresh (from --seed) instead of from DIR's; with "
+                        "--vision-steps 0 it then learns only through stage 2's probe loss (--aux-weight)")
     shapes.add_world_arguments(p)  # --pope-out writes scenes of the same world
     g = p.add_argument_group("model size")
     g.add_argument("--image-size", type=int, default=m.image_size, help="pixels; a multiple of 14 (default %(default)s)")
@@ -133,13 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out.parent / f"{out.name}.log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m train.demo_backbone " + shlex.join(sys.argv[1:] if argv is None else argv)
+    init = None
+    if args.init_from:
+        try:
+            init = backbone.load_backbone(args.init_from, new_probe_seed=args.seed if args.new_probe else None)
+        except FileNotFoundError as e:
+            print(f"--init-from {args.init_from}: {e}", file=sys.stderr)
+            return 2
     with open(log_path, "w") as log:
         def write(record):
             log.write(json.dumps(record) + "\n")
             log.flush()
-        init = None
-        if args.init_from:
-            init = backbone.load_backbone(args.init_from, new_probe_seed=args.seed if args.new_probe else None)
         result = backbone.train(model_cfg, settings, log=write, progress=not args.no_progress, init=init)
     info = backbone.run_info(model_cfg, settings, result, command)
     if args.pope_out:

@@ -731,8 +731,9 @@ def save_hf(model: LlavaModel, model_cfg: DemoModelConfig, out_dir: str | os.Pat
 
 def load_backbone(model_dir: str | os.PathLike, new_probe_seed: int | None = None
                   ) -> tuple[LlavaModel, dict[str, jax.Array]]:
-    """A demo backbone written by `save_hf`, in float32, with its probe (to train on from it); with
-    `new_probe_seed`, a fresh probe (`init_probe`) instead, so any LLaVA directory of the demo's sizes will do."""
+    """A demo backbone written by `save_hf`, in float32, with its saved patch probe (to train on from it); with
+    `new_probe_seed`, a fresh probe (`init_probe`) instead, so that any LLaVA directory of the demo's sizes will
+    do (the bundled demo/model has no saved probe)."""
     from safetensors.numpy import load_file
 
     from blink_jax.loading import load_model
@@ -742,8 +743,9 @@ def load_backbone(model_dir: str | os.PathLike, new_probe_seed: int | None = Non
         return model, init_probe(model.config, new_probe_seed)
     probe_path = Path(model_dir) / PROBE_FILE
     if not probe_path.is_file():
-        raise FileNotFoundError(f"'{probe_path}' is missing: only a backbone written by `python -m "
-                                f"train.demo_backbone` (with its patch probe) can be trained on from")
+        raise FileNotFoundError(f"'{probe_path}' is missing: this backbone has no saved patch probe (the bundled "
+                                f"demo/model has none; `python -m train.demo_backbone` writes one beside the "
+                                f"backbones it trains); to train on from it anyway, pass --new-probe")
     return load_model(model_dir, jnp.float32), {k: jnp.asarray(v) for k, v in load_file(str(probe_path)).items()}
 
 

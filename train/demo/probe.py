@@ -1,15 +1,17 @@
 """What the demo backbone's vision tower reads, before the decoder: its stage-1 patch probe on each shape's centre
 patch, from the full scene and from the crop mode's 2x crop of the shape's region (issue 16).
 
-    python -m train.demo.probe --model DIR [--data-dir demo/data/pope] [--out probe.json]
+    python -m train.demo.probe --model DIR [--data-dir SET] [--out probe.json]
 
-For every shape of every scene of a shapes POPE set, the probe (`probe.safetensors`, written beside the model by
-`python -m train.demo_backbone`) classifies the patch holding the shape's centre, once in the full view and
-once in the 2x crop (`shapes.crop_view`, r = 3, context 2) of the region holding it. Its colour right and its
-class right, grouped by the shape's finish (a fine check of a checked world, `shapes.World.checked`, or solid)
-and size (sub-patch: tiny and small; or larger). In a checked world the full view cannot show a small check's
-colour (the downsampling averages it to grey), so colour accuracy there is about chance (1/3), and the crop's
-tells whether the vision tower learnt to read the check; whether the decoder then uses it is `train.demo.zoom`'s.
+For every shape of every scene of a shapes POPE set, the probe (`probe.safetensors`, which `python -m
+train.demo_backbone` writes beside the backbones it trains; the bundled demo/model has none) classifies the
+patch holding the shape's centre, once in the full view and once in the 2x crop (`shapes.crop_view`, r = 3,
+context 2) of the region holding it, as the class with the highest logit ("nothing" left out). The table gives
+the share of shapes whose colour and whose class it gets right, by the shape's finish (a fine check of a checked
+world, `shapes.World.checked`, or solid) and size (sub-patch: tiny and small; or larger); a set drawn with
+`python -m demo.shapes --checked` has the check rows. In the full view a small check's colour is averaged to
+grey, so the probe can only guess among the three checked colours (1/3 right); in the crop, its accuracy says
+whether the vision tower learnt to read the check. Whether the decoder then uses it, `train.demo.zoom` measures.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from blink_jax.processing import preprocess_image
 from blink_jax.rundir import atomic_write_text
 from demo import shapes
-from train.demo.backbone import load_backbone, vision_features_of
+from train.demo.backbone import PROBE_FILE, load_backbone, vision_features_of
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = ("full", "crop")
@@ -108,29 +110,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.demo.probe", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a backbone `python -m train.demo_backbone` wrote (with its probe)")
+    p.add_argument("--model", required=True,
+                   help="a backbone `python -m train.demo_backbone` trained, with its saved probe (the bundled "
+                        "demo/model has none)")
     p.add_argument("--data-dir", default=str(ROOT / "demo" / "data" / "pope"),
-                   help="a shapes POPE set (default: the bundled eval set)")
+                   help="a shapes POPE set (default: the bundled eval set, which has no checks)")
     p.add_argument("--batch-size", type=int, default=32, help="(default %(default)s)")
     p.add_argument("--out", help="also write the summary here as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not (Path(args.data_dir) / "shapes_annotations.json").is_file():
-        print(f"--data-dir {args.data_dir}: no shapes_annotations.json; write a set with `python -m demo.shapes`",
-              file=sys.stderr)
+        print(f"--data-dir '{args.data_dir}' has no shapes_annotations.json: give a shapes POPE set, as `python -m "
+              f"demo.shapes --out DIR` writes", file=sys.stderr)
         return 2
-    try:
-        model, probe = load_backbone(args.model)
-    except FileNotFoundError as e:
-        print(e, file=sys.stderr)
+    if not (Path(args.model) / PROBE_FILE).is_file():
+        print(f"--model '{args.model}' has no {PROBE_FILE}: this tool reads a backbone's saved patch probe, which "
+              f"`python -m train.demo_backbone` writes beside the backbones it trains (the bundled demo/model has "
+              f"none)", file=sys.stderr)
         return 2
+    model, probe = load_backbone(args.model)
     n = sum(len(s.objects) for s in shapes.read_annotations(args.data_dir).values())
     bar = tqdm(total=n * len(VIEWS), unit="view", disable=args.no_progress, desc="probe")
     summary = summarize(probe_reads(model, probe, args.data_dir, batch_size=args.batch_size, progress=bar.update))
     bar.close()
-    print(table(summary))
     if args.out:
-        atomic_write_text(args.out, json.dumps({"model": args.model, "data_dir": args.data_dir, **summary}, indent=1))
+        atomic_write_text(args.out, json.dumps({"model": args.model, "data_dir": args.data_dir, **summary},
+                                               indent=1) + "\n")
+    print(table(summary))
     return 0
 
 

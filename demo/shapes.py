@@ -97,6 +97,10 @@ class World:
     placement: str = "patch"  # where shapes sit: one of PLACEMENTS
     checked: bool = False  # CHECKED colours drawn as fine checks that the 2x downsampling averages to grey
 
+    def is_check(self, colour: str) -> bool:
+        """Whether shapes of `colour` are drawn as fine checks in this world."""
+        return self.checked and colour in CHECKED
+
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
@@ -241,7 +245,7 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
                     centres = centres[(centres - side / 2 - align >= 1) & (centres + side / 2 + align <= size - 1)]
                     cx, cy = rng.choice(centres, size=2) + rng.uniform(-align, align, size=2)
                 rgb, check = _jitter(rng, COLOURS[colour]), None
-                if world.checked and colour in CHECKED:
+                if world.is_check(colour):
                     rgb, check = _check(rng, rgb)
                 candidate = Shape(colour, shape, float(cx), float(cy), side, rgb, check)
                 if all(not _overlap(candidate.box, o.box, gap=2.0) for o in placed):

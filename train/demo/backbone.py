@@ -906,7 +906,7 @@ def zoom_answers(model: LlavaModel, data_dir: str | os.PathLike, *, region_size:
                        np.asarray(kinds), {view: np.asarray(c, dtype=bool) for view, c in correct.items()},
                        {view: np.asarray(c, dtype=bool) for view, c in coloured.items()},
                        np.asarray(offsets, np.float32) if "zoom" in views else None,
-                       np.array([world.checked and t.colour in shapes.CHECKED for *_, t in items], dtype=bool))
+                       np.array([world.is_check(t.colour) for *_, t in items], dtype=bool))
 
 
 def evaluate_zoom(model: LlavaModel, data_dir: str | os.PathLike, *, region_size: int = 3, context: float = 2.0,

@@ -43,7 +43,7 @@ def breakdown(run: Path, data_dir: Path) -> dict:
     "sr_hit": (n "yes" questions Blink expanded whose expanded region holds the object, n)}}; sr_hit needs
     the run's traces_pope_<mode>.jsonl (--save-traces)."""
     scenes = shapes.read_annotations(data_dir)
-    checked_world = shapes.read_world(data_dir).checked
+    world = shapes.read_world(data_dir)
     rows = {}
     for split in shapes.SPLITS:
         for line in open(data_dir / f"coco_pope_{split}.json"):
@@ -74,8 +74,8 @@ def breakdown(run: Path, data_dir: Path) -> dict:
             keys = [(by_bucket, bucket), (by_label, r["label"])]
             if r["label"] == "no":
                 keys.append((by_label, "no, colour in scene" if colour_in_scene else "no, colour not in scene"))
-            if checked_world and bucket in shapes.SUB_PATCH:
-                checked = target[0].split()[0] in shapes.CHECKED
+            if world.checked and bucket in shapes.SUB_PATCH:
+                checked = world.is_check(target[0].split()[0])
                 keys.append((by_label, "sub-patch, checked" if checked else "sub-patch, solid"))
             for table, key in keys:
                 table[key][0] += correct

@@ -51,7 +51,7 @@ def probe_reads(model, probe: dict, data_dir: str | Path, *, batch_size: int = 3
     probe gives the shape's centre patch (the "nothing" column left out). `progress(n)` after each batch."""
     data_dir = Path(data_dir)
     scenes = shapes.read_annotations(data_dir)
-    checked = shapes.read_world(data_dir).checked
+    world = shapes.read_world(data_dir)
     cfg = model.config
     grid = cfg.vision.grid
     graphdef, state = nnx.split(model.vision_tower)
@@ -71,7 +71,7 @@ def probe_reads(model, probe: dict, data_dir: str | Path, *, batch_size: int = 3
                            for *_, v in chunk])
         logits = np.asarray(features(jnp.asarray(pixels)) @ probe["kernel"] + probe["bias"])  # [B, P, C + 1]
         for (image, scene, o, view, v), row in zip(chunk, logits):
-            finish = "checked" if checked and o.colour in shapes.CHECKED else "solid"
+            finish = "checked" if world.is_check(o.colour) else "solid"
             size = "sub_patch" if shapes.size_bucket(o.size) in shapes.SUB_PATCH else "larger"
             predicted = shapes.CLASSES[int(np.argmax(row[centre_patch(scene, v, o, grid)][:-1]))]
             rows.append({"image": image, "name": o.name, "view": view, "group": f"{finish}/{size}",

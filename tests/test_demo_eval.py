@@ -15,6 +15,7 @@ from demo.pope import parse_yes_no
 from eval import run as eval_run
 from eval import score as eval_score
 from eval.demo import DEMO
+from shapes_by_hand import region_box
 
 pytestmark = pytest.mark.skipif(bool(DEMO.missing()), reason="the demo/ folder is not bundled in this checkout")
 
@@ -145,17 +146,7 @@ def test_oracle_tool_asks_as_eval_run_does(demo_run):
 def _region_crop_by_hand(photo, cx: float, cy: float, r: int, context: float):
     """The crop of the r x r region of the 12 x 12 grid holding (cx, cy), grown by `context` about its centre
     and clamped to the model's 168 px input, cut from the 336 px photo: written out, not through blink_jax."""
-    return photo.crop(_region_box_by_hand(cx, cy, r, context))
-
-
-def _region_box_by_hand(cx: float, cy: float, r: int, context: float) -> tuple[int, int, int, int]:
-    """`_region_crop_by_hand`'s box in the photo's pixels."""
-    side = 168 / (12 // r)  # the region's side, input pixels
-    col, row = min(int(cx / 2 // side), 12 // r - 1), min(int(cy / 2 // side), 12 // r - 1)
-    centre_x, centre_y, half = (col + 0.5) * side, (row + 0.5) * side, side * context / 2
-    box = [max(0.0, centre_x - half), max(0.0, centre_y - half),
-           min(168.0, centre_x + half), min(168.0, centre_y + half)]
-    return tuple(int(round(2 * v)) for v in box)
+    return photo.crop(region_box(cx, cy, r, context))
 
 
 def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
@@ -230,7 +221,7 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
         colour = lambda i: i[1].split()[3]
         asked = sub & np.array([i[2] == "no" and any(o.name.split()[0] == colour(i) for o in scenes[i[0]].objects)
                                 for i in items])
-        boxes = [_region_box_by_hand(i[4].cx, i[4].cy, g["region_size"], g["context"]) for i in items]
+        boxes = [region_box(i[4].cx, i[4].cy, g["region_size"], g["context"]) for i in items]
         kept = np.array([any(o.name.split()[0] == colour(i) and min(o.box[2], b[2]) > max(o.box[0], b[0])
                              and min(o.box[3], b[3]) > max(o.box[1], b[1]) for o in scenes[i[0]].objects)
                          for i, b in zip(items, boxes)])

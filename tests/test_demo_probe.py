@@ -15,6 +15,7 @@ from blink_jax.weights.params import abstract_model, model_from_params
 from demo import shapes
 from train import demo_backbone
 from train.demo import backbone, probe
+from shapes_by_hand import region_box
 
 # The demo's input size (12 x 12 patches), so the crop is the photo's pixels one for one; a small, fast tower.
 CONFIG = dataclasses.replace(backbone.DemoModelConfig.tiny(), image_size=shapes.IMAGE_SIZE)
@@ -83,10 +84,7 @@ def test_probe_tool_reads_each_shapes_centre_patch_in_both_views_as_done_by_hand
     for image, scene in sorted(scenes.items()):
         photo = Image.open(data / "val2014" / image).convert("RGB")
         for o in scene.objects:
-            # the 2x crop by hand: the 84 px region (3 x 3 patches of 28 photo px) holding the centre, grown to
-            # 168 px about its centre and cut at the 336 px photo's edges
-            mx, my = int(o.cx // 84) * 84 + 42, int(o.cy // 84) * 84 + 42
-            crop = (max(mx - 84, 0), max(my - 84, 0), min(mx + 84, 336), min(my + 84, 336))
+            crop = region_box(o.cx, o.cy, 3, 2.0)  # the 2x crop
             group = (("checked" if o.colour in shapes.CHECKED else "solid") + "/"
                      + ("sub_patch" if o.size < 24 else "larger"))
             for view, box in (("full", (0, 0, 336, 336)), ("crop", crop)):

@@ -12,19 +12,19 @@ The "world" is not uniform, so POPE's popular and adversarial negatives mean som
 have fixed popularity weights, and each scene favours a palette of two colours and one shape, so classes
 that share a colour or a shape co-occur more often than chance.
 
-A `World` changes the defaults, for the experiments of issue 16 (demo/MODEL_CARD.md, "Does zooming help this
-backbone?"); every generator below takes one. `one_colour` paints each scene in one colour (its palette's
-first), so that within a scene only shape tells objects apart: no question whose colour is in view can be
-answered from colour alone. `placement` says where shapes sit: "patch" (the default) on the model's patch
-centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges,
-so such a shape lands on a patch corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter
-patch (7 scene px) right and down, onto the patch centres of those crops where they are not clipped by the
-image's edge; "crop" puts each shape on a patch centre of the 2x crop of the r = 3 region that holds it,
-clipped or not (so, at full scale, on a patch centre, edge or corner). `checked` draws the red, green and
-blue shapes as a fine check of their colour and its complement about a grey (`CHECKED`), one scene pixel a
-cell below 2 * `CHECK_CELL` px across: the 2x downsampling averages such a check to the same grey for all three
-colours, so the colour of a small red, green or blue shape is not in the model's input at all, while a 2x crop
-of the photo shows it pixel for pixel. Larger shapes get larger cells (one per CHECK_CELL px), which survive.
+A `World` changes the defaults, for the experiments of issue 16 (demo/EXPERIMENTS.md); every generator below takes
+one. The bundled demo's is `checked` (demo/MODEL_CARD.md). `one_colour` paints each scene in one colour (its
+palette's first), so that within a scene only shape tells objects apart: no question whose colour is in view can
+be answered from colour alone. `placement` says where shapes sit: "patch" (the default) on the model's patch
+centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges, so
+such a shape lands on a patch corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter patch
+(7 scene px) right and down, onto the patch centres of those crops where they are not clipped by the image's edge;
+"crop" puts each shape on a patch centre of the 2x crop of the r = 3 region that holds it, clipped or not (so, at
+full scale, on a patch centre, edge or corner). `checked` draws the red, green and blue shapes as a fine check of
+their colour and its complement about a grey (`CHECKED`), one scene pixel a cell below 2 * `CHECK_CELL` px across:
+the 2x downsampling averages such a check to the same grey for all three colours, so the colour of a small red,
+green or blue shape is not in the model's input at all, while a 2x crop of the photo shows it pixel for pixel.
+Larger shapes get larger cells (one per CHECK_CELL px), which survive.
 
 Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
 `blink_jax.processing.preprocess_uint8`): the full scene, a crop of the original with the crop mode's geometry
@@ -92,7 +92,7 @@ CHECK_CELL = 16  # scene px of a shape's side per check cell (at least one cell 
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """How scenes are drawn (module docstring): the default world is the bundled demo's."""
+    """How scenes are drawn (module docstring): the bundled demo's is `World(checked=True)`."""
     one_colour: bool = False  # every shape of a scene in one colour
     placement: str = "patch"  # where shapes sit: one of PLACEMENTS
     checked: bool = False  # CHECKED colours drawn as fine checks that the 2x downsampling averages to grey
@@ -476,22 +476,29 @@ def class_patches(view: View, name: str, grid: int) -> np.ndarray:  # [grid * gr
     return out.reshape(-1)
 
 
-def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: float = 0.0
+def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: float = 0.0, p_sibling: float = 0.0
                      ) -> list[tuple[str, str, bool]]:
     """Up to n (colour, shape, answer) questions, half about present classes and half about absent ones;
     half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do.
     With `p_shape`, that share of the negatives first is an absent class in a present colour (a red square
-    when a red circle is there): only the shape tells them apart."""
+    when a red circle is there): only the shape tells them apart. With `p_sibling` (for World.checked), that
+    share of them, before `p_shape`'s, is an absent class in another CHECKED colour with the shape of a present
+    CHECKED one (a green or blue square when a red square is there): where the check is too fine to see, they
+    and the present class look the same."""
     present = sorted(view.present)
     absent = [c for c in CLASSES if c not in view.present and c not in view.ambiguous]
     hard = [c for c in absent if any(set(c.split()) & set(p.split()) for p in present)]
     colour_mates = [c for c in absent if c.split()[0] in {p.split()[0] for p in present}]
+    checked_shapes = {p.split()[1] for p in present if p.split()[0] in CHECKED}
+    siblings = [c for c in absent if c.split()[0] in CHECKED and c.split()[1] in checked_shapes]
     n_pos = n // 2 if present else 0
     positives = [present[i] for i in rng.choice(len(present), size=n_pos, replace=n_pos > len(present))] \
         if n_pos else []
     negatives = []
     for _ in range(n // 2):
-        if p_shape and colour_mates and rng.random() < p_shape:
+        if p_sibling and siblings and rng.random() < p_sibling:
+            pool = siblings
+        elif p_shape and colour_mates and rng.random() < p_shape:
             pool = colour_mates
         else:
             pool = hard if hard and rng.random() < 0.5 else absent
@@ -677,7 +684,7 @@ def add_world_arguments(p) -> None:
                    help="draw red, green and blue shapes as fine checks of their colour and its complement, which "
                         "the 2x downsampling averages to one grey below %d px across" % (2 * CHECK_CELL))
     g.add_argument("--placement", default="patch", choices=PLACEMENTS,
-                   help="where shapes sit: on the model's patch centres (patch, the bundled demo's), a quarter patch "
+                   help="where shapes sit: on the model's patch centres (patch, the default), a quarter patch "
                         "off them (quarter), or on a patch centre of the crop mode's 2x crop of their region "
                         "(crop) (default %(default)s)")
 

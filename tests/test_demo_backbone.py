@@ -288,6 +288,25 @@ def test_shape_negatives_are_absent_classes_in_a_present_colour_at_the_asked_sha
     assert shapes.sample_questions(rng0, view, 8) == shapes.sample_questions(rng1, view, 8, p_shape=0.0)
 
 
+def test_sibling_negatives_are_the_other_checked_colours_of_a_present_checks_shape_at_the_asked_share():
+    view = shapes.View(Image.new("RGB", (168, 168)), (("red square", 20.0, (0, 0, 20, 20)),
+                                                      ("yellow circle", 20.0, (40, 40, 60, 60))), frozenset(), None)
+    siblings = {"green square", "blue square"}  # by hand: red, green and blue are CHECKED, yellow is not
+    rng = np.random.default_rng(0)
+    negatives = [f"{c} {s}" for _ in range(400) for c, s, a in shapes.sample_questions(rng, view, 4, p_sibling=0.5)
+                 if not a]
+    share = np.mean([n in siblings for n in negatives])
+    # half drawn from the 2 siblings, the other half as before: half of those from the 16 absent classes sharing a
+    # colour or a shape (the two siblings among them), half from all 28 absent
+    assert len(negatives) == 800 and {n for n in negatives if n in siblings} == siblings
+    assert share == pytest.approx(0.5 + 0.5 * (0.5 * 2 / 16 + 0.5 * 2 / 28), abs=0.04)
+    solid = shapes.View(view.image, (("yellow circle", 20.0, (40, 40, 60, 60)),), frozenset(), None)
+    rng0, rng1 = np.random.default_rng(3), np.random.default_rng(3)  # no check in view: nothing changes
+    assert shapes.sample_questions(rng0, solid, 8) == shapes.sample_questions(rng1, solid, 8, p_sibling=0.9)
+    rng0, rng1 = np.random.default_rng(3), np.random.default_rng(3)
+    assert shapes.sample_questions(rng0, view, 8) == shapes.sample_questions(rng1, view, 8, p_sibling=0.0)
+
+
 def test_question_kind_names_what_the_smallest_lookalike_shares():
     objects = [("red square", 30.0), ("blue circle", 10.0), ("green cross", 12.0)]
     assert shapes.question_kind(objects, "red square") == "yes"

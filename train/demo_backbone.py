@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--p-shape", type=float, default=t.p_shape,
                    help="share of 'no' questions about an absent class in a colour the image has (a red square "
                         "when a red circle is there), answerable only by reading shape (default %(default)s)")
+    g.add_argument("--p-sibling", type=float, default=t.p_sibling,
+                   help="with --checked: share of 'no' questions about another checked colour of a present check's "
+                        "shape (a green square when a red-checked square is there), the same grey at full scale, "
+                        "so that a shape too small to show its check is not 'yes' to all three colours (default "
+                        "%(default)s)")
     g.add_argument("--eval-every", type=int, default=t.eval_every, help="validation every N steps (default %(default)s)")
     g.add_argument("--val-images", type=int, default=t.val_images,
                    help="validation scenes (and half as many zoomed crops) (default %(default)s)")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ground_layers=tuple(int(x) for x in args.ground_layers.split(",") if x.strip()), steps=args.steps, batch_size=args.batch_size,
         questions_per_image=args.questions_per_image, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher,
-        p_shape=args.p_shape, world=shapes.world_from_args(args), seed=args.seed,
+        p_shape=args.p_shape, p_sibling=args.p_sibling, world=shapes.world_from_args(args), seed=args.seed,
         eval_every=args.eval_every, val_images=args.val_images, log_every=args.log_every)
     out = Path(args.out)
     log_path = out.parent / f"{out.name}.log.jsonl"

@@ -131,7 +131,8 @@ class TrainSettings:
     p_zoom: float = 0.45  # crops of the original (shapes.CROP_GEOMETRIES)
     p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
     p_shape: float = 0.0  # negatives in a present colour, told apart by shape only (shapes.sample_questions)
-    world: shapes.World = shapes.World()  # how scenes are drawn (shapes.World; the default is the bundled demo's)
+    p_sibling: float = 0.0  # negatives in another checked colour of a present check's shape (World.checked)
+    world: shapes.World = shapes.World()  # how scenes are drawn (shapes.World; the bundled demo's is checked)
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128
@@ -454,7 +455,8 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
     indices = range(step * b, (step + 1) * b)
     views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
-                                         settings.questions_per_image, settings.p_shape)
+                                         settings.questions_per_image, settings.p_shape,
+                                         settings.p_sibling)
                  for i, v in zip(indices, views)]
     return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
                      background=settings.ground_background, lookalikes=settings.ground_lookalikes)
@@ -733,7 +735,7 @@ def load_backbone(model_dir: str | os.PathLike, new_probe_seed: int | None = Non
                   ) -> tuple[LlavaModel, dict[str, jax.Array]]:
     """A demo backbone written by `save_hf`, in float32, with its saved patch probe (to train on from it); with
     `new_probe_seed`, a fresh probe (`init_probe`) instead, so that any LLaVA directory of the demo's sizes will
-    do (the bundled demo/model has no saved probe)."""
+    do (backbones saved before the probe was, e.g. a converted one, have none)."""
     from safetensors.numpy import load_file
 
     from blink_jax.loading import load_model
@@ -743,9 +745,9 @@ def load_backbone(model_dir: str | os.PathLike, new_probe_seed: int | None = Non
         return model, init_probe(model.config, new_probe_seed)
     probe_path = Path(model_dir) / PROBE_FILE
     if not probe_path.is_file():
-        raise FileNotFoundError(f"'{probe_path}' is missing: this backbone has no saved patch probe (the bundled "
-                                f"demo/model has none; `python -m train.demo_backbone` writes one beside the "
-                                f"backbones it trains); to train on from it anyway, pass --new-probe")
+        raise FileNotFoundError(f"'{probe_path}' is missing: this backbone has no saved patch probe (`python -m "
+                                f"train.demo_backbone` writes one beside the backbones it trains); to train on from "
+                                f"it anyway, pass --new-probe")
     return load_model(model_dir, jnp.float32), {k: jnp.asarray(v) for k, v in load_file(str(probe_path)).items()}
 
 

@@ -1,10 +1,10 @@
 """What the demo backbone's vision tower reads, before the decoder: its stage-1 patch probe on each shape's centre
 patch, from the full scene and from the crop mode's 2x crop of the shape's region (issue 16).
 
-    python -m train.demo.probe --model DIR [--data-dir SET] [--out probe.json]
+    python -m train.demo.probe [--model DIR] [--data-dir SET] [--out probe.json]
 
 For every shape of every scene of a shapes POPE set, the probe (`probe.safetensors`, which `python -m
-train.demo_backbone` writes beside the backbones it trains; the bundled demo/model has none) classifies the
+train.demo_backbone` writes beside the backbones it trains, the bundled demo/model's included) classifies the
 patch holding the shape's centre, once in the full view and once in the 2x crop (`shapes.crop_view`, r = 3,
 context 2) of the region holding it, as the class with the highest logit ("nothing" left out). The table gives
 the share of shapes whose colour and whose class it gets right, by the shape's finish (a fine check of a checked
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.demo.probe", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="a backbone `python -m train.demo_backbone` trained, with its saved probe (the bundled "
-                        "demo/model has none)")
+    p.add_argument("--model", default=str(ROOT / "demo" / "model"),
+                   help="a backbone `python -m train.demo_backbone` trained, with its saved probe (default: the "
+                        "bundled demo/model)")
     p.add_argument("--data-dir", default=str(ROOT / "demo" / "data" / "pope"),
-                   help="a shapes POPE set (default: the bundled eval set, which has no checks)")
+                   help="a shapes POPE set (default: the bundled eval set)")
     p.add_argument("--batch-size", type=int, default=32, help="(default %(default)s)")
     p.add_argument("--out", help="also write the summary here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not (Path(args.model) / PROBE_FILE).is_file():
         print(f"--model '{args.model}' has no {PROBE_FILE}: this tool reads a backbone's saved patch probe, which "
-              f"`python -m train.demo_backbone` writes beside the backbones it trains (the bundled demo/model has "
-              f"none)", file=sys.stderr)
+              f"`python -m train.demo_backbone` writes beside the backbones it trains (one trained before it did "
+              f"has none)", file=sys.stderr)
         return 2
     model, probe = load_backbone(args.model)
     n = sum(len(s.objects) for s in shapes.read_annotations(args.data_dir).values())

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone (two runs, about 50 min on
-# 2 cores) and its POPE-format eval set, TokenSR training data, TokenSR (the normal `python -m train.tokensr`
-# path), then the four-way eval (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated
-# thresholds, the per-size breakdown, the zoom measurement, the oracle TokenSR and the patch probe. Deterministic
-# from the seeds below on the same software. WORK holds the intermediate files (default a temporary directory);
-# demo/ receives what ships.
+# Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone (two runs, about 54 min on
+# 2 cores; rebuilt today they do not give the shipped backbone's weights, see the card's "The backbone") and its
+# POPE-format eval set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path), then the
+# four-way eval (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated thresholds, the
+# per-size breakdown, the zoom measurement, the oracle TokenSR and the patch probe. Deterministic from the seeds
+# below on the same code and software. WORK holds the intermediate files (default a temporary directory); demo/
+# receives what ships.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"

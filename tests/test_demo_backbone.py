@@ -307,6 +307,14 @@ def test_sibling_negatives_are_the_other_checked_colours_of_a_present_checks_sha
     assert shapes.sample_questions(rng0, view, 8) == shapes.sample_questions(rng1, view, 8, p_sibling=0.0)
 
 
+def test_p_sibling_without_the_checked_world_is_refused_before_anything_is_written(tmp_path, capsys):
+    from train import demo_backbone
+
+    assert demo_backbone.main(["--out", str(tmp_path / "x"), "--p-sibling", "0.5"]) == 2
+    assert "add --checked" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.log.jsonl").exists()
+
+
 def test_question_kind_names_what_the_smallest_lookalike_shares():
     objects = [("red square", 30.0), ("blue circle", 10.0), ("green cross", 12.0)]
     assert shapes.question_kind(objects, "red square") == "yes"

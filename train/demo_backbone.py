@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_probe and not args.init_from:
         print("--new-probe starts a probe for the backbone of --init-from, which is not given", file=sys.stderr)
         return 2
+    if args.p_sibling and not args.checked:
+        print(f"--p-sibling {args.p_sibling} asks about the other colours of a check, which only --checked draws: "
+              f"add --checked, or drop --p-sibling", file=sys.stderr)
+        return 2
     if args.image_size % 14:
         print(f"--image-size {args.image_size} is not a multiple of the 14 px patch", file=sys.stderr)
         return 2

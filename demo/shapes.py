@@ -96,6 +96,12 @@ class World:
     one_colour: bool = False  # every shape of a scene in one colour
     placement: str = "patch"  # where shapes sit: one of PLACEMENTS
     checked: bool = False  # CHECKED colours drawn as fine checks that the 2x downsampling averages to grey
+    shape: str | None = None  # every object is this shape, so only colour tells objects apart; None: any of SHAPES
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The object classes this world draws (and asks about): CLASSES, or those of `shape` alone."""
+        return CLASSES if self.shape is None else tuple(c for c in CLASSES if c.split()[1] == self.shape)
 
     def is_check(self, colour: str) -> bool:
         """Whether shapes of `colour` are drawn as fine checks in this world."""
@@ -104,6 +110,8 @@ class World:
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
+        if self.shape is not None and self.shape not in SHAPES:
+            raise ValueError(f"shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
 
 
 @functools.lru_cache
@@ -226,6 +234,8 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
             else:
                 c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.choice(len(colours), p=COLOUR_WEIGHTS)
             s = favourite if rng.random() < 0.35 else rng.choice(len(shapes), p=SHAPE_WEIGHTS)
+            if world.shape is not None:
+                s = shapes.index(world.shape)
             name, lo, hi = SIZE_BUCKETS[rng.choice(len(SIZE_BUCKETS), p=SIZE_BUCKET_PROBS)]
             specs.append((colours[c], shapes[s], float(rng.uniform(lo, hi))))
         specs.sort(key=lambda x: -x[2])  # big ones first: they are the hardest to fit
@@ -476,17 +486,17 @@ def class_patches(view: View, name: str, grid: int) -> np.ndarray:  # [grid * gr
     return out.reshape(-1)
 
 
-def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: float = 0.0, p_sibling: float = 0.0
-                     ) -> list[tuple[str, str, bool]]:
+def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: float = 0.0, p_sibling: float = 0.0,
+                     classes: Sequence[str] = CLASSES) -> list[tuple[str, str, bool]]:
     """Up to n (colour, shape, answer) questions, half about present classes and half about absent ones;
     half of the negatives share a colour or a shape with something present, as POPE's adversarial ones do.
     With `p_shape`, that share of the negatives first is an absent class in a present colour (a red square
     when a red circle is there): only the shape tells them apart. With `p_sibling` (for World.checked), that
     share of them, before `p_shape`'s, is an absent class in another CHECKED colour with the shape of a present
     CHECKED one (a green or blue square when a red square is there): where the check is too fine to see, they
-    and the present class look the same."""
+    and the present class look the same. Negatives are drawn from `classes` (the world's, `World.classes`)."""
     present = sorted(view.present)
-    absent = [c for c in CLASSES if c not in view.present and c not in view.ambiguous]
+    absent = [c for c in classes if c not in view.present and c not in view.ambiguous]
     hard = [c for c in absent if any(set(c.split()) & set(p.split()) for p in present)]
     colour_mates = [c for c in absent if c.split()[0] in {p.split()[0] for p in present}]
     checked_shapes = {p.split()[1] for p in present if p.split()[0] in CHECKED}
@@ -557,16 +567,18 @@ def pope_scenes(n_images: int, seed: int, positives: int, world: World = World()
             for i in range(n_images)]
 
 
-def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int = 2) -> dict[str, list[dict]]:
+def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int = 2,
+                   classes: Sequence[str] = CLASSES) -> dict[str, list[dict]]:
     """POPE's three splits over `scenes`: the same positives in each (sampled from the image's classes), and
     `questions_per_image / 2` negatives per image sampled as POPE does: uniformly among absent classes
     (random), the most frequent absent classes of the data set (popular), or the absent classes that
-    co-occur most with the image's own (adversarial). Lines alternate yes/no, question ids from 1."""
+    co-occur most with the image's own (adversarial), of `classes` (the world's, `World.classes`). Lines
+    alternate yes/no, question ids from 1."""
     if questions_per_image % 2 or questions_per_image < 2:
         raise ValueError(f"questions_per_image={questions_per_image}: give an even number >= 2 (half yes, half no)")
     k = questions_per_image // 2
-    index = {c: i for i, c in enumerate(CLASSES)}
-    has = np.zeros((len(scenes), len(CLASSES)), np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    has = np.zeros((len(scenes), len(classes)), np.int64)
     for row, scene in enumerate(scenes):
         for name in scene.classes:
             has[row, index[name]] = 1
@@ -579,7 +591,7 @@ def pope_questions(scenes: Sequence[Scene], seed: int, questions_per_image: int 
         if len(gt) < k:
             raise ValueError(f"scene {i} has {len(gt)} classes, fewer than the {k} positives asked for")
         positives = [gt[j] for j in rng.choice(len(gt), size=k, replace=False)]
-        absent = [c for c in CLASSES if c not in scene.classes]
+        absent = [c for c in classes if c not in scene.classes]
         score = cooccur[[index[g] for g in gt]].sum(0)
         negatives = {
             "random": [absent[j] for j in rng.choice(len(absent), size=k, replace=False)],
@@ -603,7 +615,7 @@ def write_pope(out_dir: str | os.PathLike, n_images: int, seed: int, questions_p
     scenes = pope_scenes(n_images, seed, questions_per_image // 2, world)
     for i, scene in enumerate(scenes):
         render(scene).save(out / "val2014" / pope_image_name(i), optimize=True)
-    splits = pope_questions(scenes, seed, questions_per_image)
+    splits = pope_questions(scenes, seed, questions_per_image, world.classes)
     for split, rows in splits.items():
         with open(out / f"coco_pope_{split}.json", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -646,7 +658,8 @@ def write_mix(out_dir: str | os.PathLike, n_images: int, seed: int, world: World
         image.save(out / MIX_IMAGE_DIR / mix_image_name(i), optimize=True)
         view = full_view(scene, image)
         want_yes = i % 2 == 0
-        colour, shape, answer = next(q for q in sample_questions(rng, view, 2) if q[2] == want_yes)
+        colour, shape, answer = next(q for q in sample_questions(rng, view, 2, classes=world.classes)
+                                     if q[2] == want_yes)
         records.append({"id": f"shapes-{i:06d}", "image": f"{MIX_IMAGE_DIR}/{mix_image_name(i)}", "conversations": [
             {"from": "human", "value": "<image>\n" + question_text(colour, shape)},
             {"from": "gpt", "value": "Yes" if answer else "No"}]})
@@ -683,6 +696,9 @@ def add_world_arguments(p) -> None:
     g.add_argument("--checked", action="store_true",
                    help="draw red, green and blue shapes as fine checks of their colour and its complement, which "
                         "the 2x downsampling averages to one grey below %d px across" % (2 * CHECK_CELL))
+    g.add_argument("--shape", default=None, choices=SHAPES,
+                   help="draw every object as this shape, so only colour tells objects apart (and questions ask "
+                        "about that shape's classes only); default: any shape")
     g.add_argument("--placement", default="patch", choices=PLACEMENTS,
                    help="where shapes sit: on the model's patch centres (patch, the default), a quarter patch "
                         "off them (quarter), or on a patch centre of the crop mode's 2x crop of their region "
@@ -690,7 +706,7 @@ def add_world_arguments(p) -> None:
 
 
 def world_from_args(args) -> World:
-    return World(one_colour=args.one_colour, placement=args.placement, checked=args.checked)
+    return World(one_colour=args.one_colour, placement=args.placement, checked=args.checked, shape=args.shape)
 
 
 def main(argv: list[str] | None = None) -> int:

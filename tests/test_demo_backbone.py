@@ -90,7 +90,7 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
         assert len(colours(view.present)) == 1
     shapes.write_pope(tmp_path, n_images=12, seed=4, questions_per_image=2, world=world)
     annotations = json.loads((tmp_path / "shapes_annotations.json").read_text())
-    assert annotations["world"] == {"one_colour": True, "placement": "patch", "checked": False}
+    assert annotations["world"] == {"one_colour": True, "placement": "patch", "checked": False, "shape": None}
     for item in annotations["images"]:
         assert len(colours(o["name"] for o in item["objects"])) == 1
     scene_colour = {item["image"]: item["objects"][0]["name"].split()[0] for item in annotations["images"]}
@@ -103,6 +103,31 @@ def test_one_colour_world_paints_each_scene_in_one_colour_through_every_generato
     # POPE's adversarial negatives (the classes that co-occur most) are then mostly the scene's colour in another
     # shape; random ones mostly another colour (4 of the 29 or so absent classes share it)
     assert same_colour_negatives("adversarial") > 0.6 > 0.3 > same_colour_negatives("random")
+
+
+def test_one_shape_world_draws_and_asks_about_that_shape_only_through_every_generator(tmp_path):
+    world = shapes.World(checked=True, shape="square")
+    assert world.classes == ("red square", "green square", "blue square", "yellow square", "white square",
+                             "purple square")  # by hand: the six colours, one shape
+    scenes = [shapes.random_scene(shapes.item_rng(0, shapes.TRAIN, i), world=world) for i in range(40)]
+    assert {o.shape for s in scenes for o in s.objects} == {"square"}
+    assert {o.colour for s in scenes for o in s.objects} == set(shapes.COLOURS)
+    settings = dataclasses.replace(TINY_SETTINGS, world=world, p_sibling=0.5)
+    tok = build_tokenizer()
+    cfg = backbone.DemoModelConfig.tiny().llava_config()
+    layout = backbone.PackedLayout.build(tok, cfg, settings.questions_per_image)
+    batch = backbone.train_batch(0, settings, layout, cfg)
+    asked = [tok.decode(row) for row in batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])]
+    assert all(" square" in text and not any(f" {s} " in text for s in shapes.SHAPES if s != "square")
+               for text in asked)
+    shapes.write_pope(tmp_path, n_images=30, seed=4, questions_per_image=2, world=world)
+    for split in ("random", "popular", "adversarial"):
+        rows = [json.loads(line) for line in (tmp_path / f"coco_pope_{split}.json").read_text().splitlines()]
+        assert {_class_of(q["text"]) for q in rows} <= set(world.classes)
+        assert len({_class_of(q["text"]) for q in rows if q["label"] == "no"}) >= 2
+    assert shapes.read_world(tmp_path) == world
+    with pytest.raises(ValueError, match="shape 'star' is unknown; use one of circle, square"):
+        shapes.World(shape="star")
 
 
 def test_checked_world_draws_fine_checks_that_the_downsampling_averages_to_one_grey():

@@ -456,7 +456,7 @@ def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: L
     views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
                                          settings.questions_per_image, settings.p_shape,
-                                         settings.p_sibling)
+                                         settings.p_sibling, settings.world.classes)
                  for i, v in zip(indices, views)]
     return view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions,
                      background=settings.ground_background, lookalikes=settings.ground_lookalikes)
@@ -476,7 +476,8 @@ def val_set(name: str, settings: TrainSettings, layout: PackedLayout, cfg: Llava
     for start in range(0, n_images, settings.batch_size):
         indices = range(2 * start + int(zoom), 2 * min(start + settings.batch_size, n_images), 2)
         views = _views(settings, shapes.VAL, indices, cfg.vision.image_size, float(zoom))
-        questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.VAL, i, 1]), v, layout.k)
+        questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.VAL, i, 1]), v, layout.k,
+                                             classes=settings.world.classes)
                      for i, v in zip(indices, views)]
         batches.append(view_rows(views, layout, cfg.vision.image_size, cfg.vision.grid, questions))
         # buckets by the size as shown, in scene pixels (SIZE_BUCKETS' unit): a zoomed object counts as larger

@@ -15,8 +15,9 @@ that share a colour or a shape co-occur more often than chance.
 A `World` changes the defaults, for the experiments of issue 16 (demo/EXPERIMENTS.md); every generator below takes
 one. The bundled demo's is `checked` (demo/MODEL_CARD.md). `one_colour` paints each scene in one colour (its
 palette's first), so that within a scene only shape tells objects apart: no question whose colour is in view can
-be answered from colour alone. `placement` says where shapes sit: "patch" (the default) on the model's patch
-centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges, so
+be answered from colour alone. `shape` is the other way round: every object is that one shape, and the questions
+and POPE's negatives ask about its six classes only (`World.classes`), so only colour tells objects apart.
+`placement` says where shapes sit: "patch" (the default) on the model's patch centres; but the crop mode's 2x crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges, so
 such a shape lands on a patch corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter patch
 (7 scene px) right and down, onto the patch centres of those crops where they are not clipped by the image's edge;
 "crop" puts each shape on a patch centre of the 2x crop of the r = 3 region that holds it, clipped or not (so, at

@@ -235,3 +235,7 @@ def test_zoom_tool_answers_as_the_model_does_on_crops_cut_by_hand(tmp_path):
             if m.any():
                 assert g["finish"][finish]["zoom"] == pytest.approx(zoomed[m].mean())
                 assert g["paired"][f"sub_patch/{finish}"]["units"] == m.sum()
+                for kind in ("yes", "same colour", "same shape"):  # by finish and kind, by hand
+                    mk = m & (kinds == kind)
+                    k = g["paired"].get(f"sub_patch/{finish}/{kind}", {"units": 0, "only_this": 0})
+                    assert (k["units"], k["only_this"]) == (mk.sum(), (zoomed & ~full)[mk].sum()), (finish, kind)

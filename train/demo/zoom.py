@@ -78,9 +78,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
     "paired": {group: zoomed vs full (`paired`)}, "colour_in_scene"}]}.
     The groups: "sub_patch", each size bucket, and "sub_patch/KIND" for the sub-patch questions by
     `shapes.question_kind`, and in a checked world "sub_patch/checked" and "sub_patch/solid" by the zoomed-on
-    object's finish ("finish": each view's accuracy on those). "colour_in_scene": the sub-patch "no" questions
-    whose asked colour is in the scene, how many crops keep it in view or leave it out, and the zoomed accuracy
-    of each."""
+    object's finish ("finish": each view's accuracy on those), and "sub_patch/FINISH/KIND" by both.
+    "colour_in_scene": the sub-patch "no" questions whose asked colour is in the scene, how many crops keep it in
+    view or leave it out, and the zoomed accuracy of each."""
     model = blink_jax.load_pretrained(model_dir, dtype="float32").module
     bar = tqdm(total=None, unit="q", disable=not progress, desc="full scene")
     full = zoom_answers(model, data_dir, views=("full",), batch_size=batch_size, progress=bar.update)
@@ -101,7 +101,9 @@ def measure(model_dir: Path, data_dir: Path, geometries: list[tuple[int, float]]
               **{b: full.buckets == b for b, _, _ in shapes.SIZE_BUCKETS if (full.buckets == b).any()},
               **{f"sub_patch/{k}": sub_patch & (full.kinds == k) for k in shapes.LOOKALIKE_KINDS
                  if (sub_patch & (full.kinds == k)).any()},
-              **{f"sub_patch/{finish}": m for finish, m in finishes.items()}}
+              **{f"sub_patch/{finish}": m for finish, m in finishes.items()},
+              **{f"sub_patch/{finish}/{k}": m & (full.kinds == k) for finish, m in finishes.items()
+                 for k in shapes.LOOKALIKE_KINDS if (m & (full.kinds == k)).any()}}
     for r, context in geometries:
         bar = tqdm(total=n_questions, unit="q", disable=not progress, desc=f"crop {r}:{context:g}")
         answers = zoom_answers(model, data_dir, region_size=r, context=context, views=("zoom", "upsampled", "teacher"),
@@ -200,6 +202,19 @@ def markdown(result: dict) -> str:
                 cells.append(f"{c['units']}: {c['reference_accuracy']:.3f} → {c['accuracy']:.3f} "
                              f"({100 * c['difference']:+.1f}), {acc['upsampled']:.3f}, {acc['teacher']:.3f}")
             lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(cells) + " |")
+    split = [(f, k) for f in ("checked", "solid") for k in shapes.LOOKALIKE_KINDS
+             if result["geometries"] and f"sub_patch/{f}/{k}" in result["geometries"][0]["paired"]]
+    if split:
+        lines += ["", "Sub-patch questions by finish and by what they need read (a checked world): does the crop "
+                  "read the check (\"yes\" and \"same shape\" on a checked object), and what does it do to the "
+                  "questions only shape decides (\"same colour\")? n: full scene → zoomed accuracy:", "",
+                  "| crop r:context | " + " | ".join(f"{f}, {k}" for f, k in split) + " |",
+                  "|---|" + "---|" * len(split)]
+        for g in result["geometries"]:
+            cells = [g["paired"].get(f"sub_patch/{f}/{k}") for f, k in split]
+            lines.append(f"| {g['region_size']}:{g['context']:g} | " + " | ".join(
+                f"{c['units']}: {c['reference_accuracy']:.3f} → {c['accuracy']:.3f}" if c else "-" for c in cells)
+                + " |")
     if result["geometries"] and "colour_in_scene" in result["geometries"][0]:
         c0 = result["geometries"][0]["colour_in_scene"]
         f = lambda x: "-" if x is None else f"{x:.3f}"

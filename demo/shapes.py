@@ -216,7 +216,10 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, index])
 
 
-def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = (3, 7),
+N_OBJECTS = (3, 7)  # shapes per scene, fewest and most
+
+
+def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = N_OBJECTS,
                  min_classes: int = 1, align: float | None = ALIGN, world: World = World()) -> Scene:
     """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
 
@@ -434,12 +437,13 @@ TEACHER_REGIONS = (3, 4, 6)
 
 
 def training_view(seed: int, stream: int, index: int, *, p_zoom: float = 0.45, p_teacher: float = 0.1,
-                  world: World = World()) -> View:
+                  world: World = World(), n_objects: tuple[int, int] = N_OBJECTS) -> View:
     """Item `index` of a stream: the full scene; with probability p_zoom a crop of the original around a region
     (usually one holding a shape, so the crop is rarely empty) with one of CROP_GEOMETRIES; with probability
-    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it. `world`: `random_scene`'s."""
+    p_teacher a region of the full view upsampled, as TokenSR's teacher sees it. `world`, `n_objects`:
+    `random_scene`'s."""
     rng = item_rng(seed, stream, index)
-    scene = random_scene(rng, world=world)
+    scene = random_scene(rng, n_objects=n_objects, world=world)
     u = rng.random()
     if u >= p_zoom + p_teacher:
         return full_view(scene)

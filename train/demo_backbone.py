@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--name-weight", type=float, default=t.name_weight,
                    help="stage 2: weight of a loss that has each image token name, at the decoder's output, the "
                         "colour and shape word of the shape centred on it (default %(default)s: off)")
+    g.add_argument("--easy-steps", type=int, default=t.easy_steps,
+                   help="stage 2: its first N steps show scenes of one or two shapes only, an easier start (default "
+                        "%(default)s: off)")
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="per stage (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="(default %(default)s)")
     g.add_argument("--p-zoom", type=float, default=t.p_zoom,
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
         lm_weight=args.lm_weight, aux_weight=args.aux_weight, ground_weight=args.ground_weight,
         ground_background=args.ground_background, ground_lookalikes=args.ground_lookalikes,
-        name_weight=args.name_weight,
+        name_weight=args.name_weight, easy_steps=args.easy_steps,
         ground_layers=tuple(int(x) for x in args.ground_layers.split(",") if x.strip()), steps=args.steps, batch_size=args.batch_size,
         questions_per_image=args.questions_per_image, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, p_zoom=args.p_zoom, p_teacher=args.p_teacher,

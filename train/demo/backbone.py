@@ -125,6 +125,7 @@ class TrainSettings:
     ground_background: bool = False  # also ground the "no" questions, on the empty patches
     ground_lookalikes: bool = False  # ground the "no" questions on the shapes they could be mistaken for
     name_weight: float = 0.0  # each image token names the shape centred on it (`name_loss`)
+    easy_steps: int = 0  # stage 2's first steps show scenes of EASY_OBJECTS shapes only (`train_batch`)
     warmup_steps: int = 30  # each stage
     weight_decay: float = 0.05
     clip_norm: float = 1.0
@@ -434,10 +435,13 @@ def view_rows(views: Sequence[shapes.View], layout: PackedLayout | None, image_s
     return batch
 
 
+EASY_OBJECTS = (1, 2)  # shapes per scene in stage 2's first `easy_steps` steps
+
+
 def _views(settings: TrainSettings, stream: int, indices: range, image_size: int, p_zoom: float,
-           p_teacher: float = 0.0):
+           p_teacher: float = 0.0, n_objects: tuple[int, int] = shapes.N_OBJECTS):
     return [shapes.training_view(settings.seed, stream, i, p_zoom=p_zoom, p_teacher=p_teacher,
-                                 world=settings.world).resized(image_size)
+                                 world=settings.world, n_objects=n_objects).resized(image_size)
             for i in indices]
 
 
@@ -450,10 +454,14 @@ def vision_batch(step: int, settings: TrainSettings, cfg: LlavaConfig) -> dict[s
 
 
 def train_batch(step: int, settings: TrainSettings, layout: PackedLayout, cfg: LlavaConfig) -> dict[str, np.ndarray]:
-    """Stage-2 batch `step`: images step*B .. step*B + B - 1 of the training stream, a function of the seed."""
+    """Stage-2 batch `step`: images step*B .. step*B + B - 1 of the training stream, a function of the seed. In
+    the first `easy_steps` steps the scenes hold EASY_OBJECTS shapes instead of shapes.N_OBJECTS: a question is then
+    about the one or two shapes there, an easier start for learning to look its colour up in the image."""
     b = settings.batch_size
     indices = range(step * b, (step + 1) * b)
-    views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher)
+    n_objects = EASY_OBJECTS if step < settings.easy_steps else shapes.N_OBJECTS
+    views = _views(settings, shapes.TRAIN, indices, cfg.vision.image_size, settings.p_zoom, settings.p_teacher,
+                   n_objects)
     questions = [shapes.sample_questions(np.random.default_rng([settings.seed, shapes.TRAIN, i, 1]), v,
                                          settings.questions_per_image, settings.p_shape,
                                          settings.p_sibling, settings.world.classes)

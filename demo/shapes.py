@@ -220,8 +220,9 @@ N_OBJECTS = (3, 7)  # shapes per scene, fewest and most
 
 
 def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tuple[int, int] = N_OBJECTS,
-                 min_classes: int = 1, align: float | None = ALIGN, world: World = World()) -> Scene:
-    """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit) and >= min_classes classes.
+                 min_classes: int = 1, align: float | None = ALIGN, world: World = World(),
+                 max_classes: int | None = None) -> Scene:
+    """A scene with n_objects[0]..n_objects[1] shapes (fewer if they do not fit), min_classes..max_classes classes.
 
     With `align`, each shape is centred on the centre of one of the model's GRID x GRID patches (or where the
     world's `placement` says), moved by up to `align` px each way (CROP_ALIGN at most for "crop"); with None,
@@ -269,7 +270,7 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
         background = tuple(int(x) for x in rng.integers(15, 80, size=3))
         tint = tuple(float(x) for x in rng.uniform(-25, 25, size=3))
         scene = Scene(size, background, tint, float(rng.uniform(0, 2 * np.pi)), tuple(placed))
-        if len(scene.classes) >= min_classes:
+        if min_classes <= len(scene.classes) <= (max_classes or len(world.classes)):
             return scene
 
 
@@ -511,7 +512,7 @@ def sample_questions(rng: np.random.Generator, view: View, n: int, p_shape: floa
     positives = [present[i] for i in rng.choice(len(present), size=n_pos, replace=n_pos > len(present))] \
         if n_pos else []
     negatives = []
-    for _ in range(n // 2):
+    for _ in range(n // 2 if absent else 0):  # every class in view (a World.shape world has six): no negatives
         if p_sibling and siblings and rng.random() < p_sibling:
             pool = siblings
         elif p_shape and colour_mates and rng.random() < p_shape:
@@ -569,7 +570,9 @@ def pope_image_name(index: int) -> str:
 
 
 def pope_scenes(n_images: int, seed: int, positives: int, world: World = World()) -> list[Scene]:
-    return [random_scene(item_rng(seed, POPE, i), min_classes=positives, world=world)
+    # and at least `positives` classes absent, for the negatives (only a World.shape world could have fewer)
+    return [random_scene(item_rng(seed, POPE, i), min_classes=positives, world=world,
+                         max_classes=len(world.classes) - positives)
             for i in range(n_images)]
 
 

@@ -126,6 +126,14 @@ def test_one_shape_world_draws_and_asks_about_that_shape_only_through_every_gene
         assert {_class_of(q["text"]) for q in rows} <= set(world.classes)
         assert len({_class_of(q["text"]) for q in rows if q["label"] == "no"}) >= 2
     assert shapes.read_world(tmp_path) == world
+    # six classes can all be in view: then there is nothing to say "no" about, and only "yes" questions are asked
+    full = shapes.View(Image.new("RGB", (168, 168)), tuple((c, 20.0, (0, 0, 20, 20)) for c in world.classes),
+                       frozenset(), None)
+    asked = shapes.sample_questions(np.random.default_rng(0), full, 12, p_sibling=0.5, classes=world.classes)
+    assert len(asked) == 6 and all(answer for *_, answer in asked)
+    # POPE's scenes leave classes absent for its negatives: a scene is redrawn when it holds too many
+    few = [shapes.random_scene(shapes.item_rng(0, shapes.POPE, i), world=world, max_classes=2) for i in range(20)]
+    assert max(len(s.classes) for s in few) == 2
     with pytest.raises(ValueError, match="shape 'star' is unknown; use one of circle, square"):
         shapes.World(shape="star")
 

@@ -270,7 +270,7 @@ def random_scene(rng: np.random.Generator, size: int = SCENE_SIZE, n_objects: tu
         background = tuple(int(x) for x in rng.integers(15, 80, size=3))
         tint = tuple(float(x) for x in rng.uniform(-25, 25, size=3))
         scene = Scene(size, background, tint, float(rng.uniform(0, 2 * np.pi)), tuple(placed))
-        if min_classes <= len(scene.classes) <= (max_classes or len(world.classes)):
+        if min_classes <= len(scene.classes) <= (len(world.classes) if max_classes is None else max_classes):
             return scene
 
 

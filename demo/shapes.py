@@ -13,19 +13,19 @@ have fixed popularity weights, and each scene favours a palette of two colours a
 that share a colour or a shape co-occur more often than chance.
 
 A `World` changes the defaults, for the experiments of issue 16 (demo/EXPERIMENTS.md); every generator below takes
-one. The bundled demo's is `checked` (demo/MODEL_CARD.md). `one_colour` paints each scene in one colour (its
-palette's first), so that within a scene only shape tells objects apart: no question whose colour is in view can be
-answered from colour alone. `shape` is the other way round: every object is that one shape, and the questions and
-POPE's negatives ask about its six classes only (`World.classes`), so only colour tells objects apart. `placement`
-says where shapes sit: "patch" (the default) on the model's patch centres; but the crop mode's 2x crop (r = 3,
-context 2) and its 6x one (r = 2, context 1) cut on patch edges, so such a shape lands on a patch corner of the
-zoomed crop, cut in four. "quarter" moves every shape a quarter patch (7 scene px) right and down, onto the patch
-centres of those crops where they are not clipped by the image's edge; "crop" puts each shape on a patch centre of
-the 2x crop of the r = 3 region that holds it, clipped or not (so, at full scale, on a patch centre, edge or
-corner). `checked` draws the red, green and blue shapes as a fine check of their colour and its complement about a
-grey (`CHECKED`), one scene pixel a cell below 2 * `CHECK_CELL` px across: the 2x downsampling averages such a check
-to the same grey for all three colours, so the colour of a small red, green or blue shape is not in the model's
-input at all, while a 2x crop of the photo shows it pixel for pixel. Larger shapes get larger cells (one per
+one. The bundled demo's is `checked` with one `shape`, squares (demo/MODEL_CARD.md). `one_colour` paints each scene
+in one colour (its palette's first), so that within a scene only shape tells objects apart: no question whose colour
+is in view can be answered from colour alone. `shape` is the other way round: every object is that one shape, and
+the questions and POPE's negatives ask about its six classes only (`World.classes`), so only colour tells objects
+apart. `placement` says where shapes sit: "patch" (the default) on the model's patch centres; but the crop mode's 2x
+crop (r = 3, context 2) and its 6x one (r = 2, context 1) cut on patch edges, so such a shape lands on a patch
+corner of the zoomed crop, cut in four. "quarter" moves every shape a quarter patch (7 scene px) right and down,
+onto the patch centres of those crops where they are not clipped by the image's edge; "crop" puts each shape on a
+patch centre of the 2x crop of the r = 3 region that holds it, clipped or not (so, at full scale, on a patch centre,
+edge or corner). `checked` draws the red, green and blue shapes as a fine check of their colour and its complement
+about a grey (`CHECKED`), one scene pixel a cell below 2 * `CHECK_CELL` px across: the 2x downsampling averages such
+a check to the same grey for all three colours, so the colour of a small red, green or blue shape is not in the
+model's input at all, while a 2x crop of the photo shows it pixel for pixel. Larger shapes get larger cells (one per
 CHECK_CELL px), which survive.
 
 Views are what the model is shown, at `IMAGE_SIZE` (`model_view`: pad to square, bicubic resize, as
@@ -94,7 +94,7 @@ CHECK_CELL = 16  # scene px of a shape's side per check cell (at least one cell 
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """How scenes are drawn (module docstring): the bundled demo's is `World(checked=True)`."""
+    """How scenes are drawn (module docstring): the bundled demo's is `World(checked=True, shape="square")`."""
     one_colour: bool = False  # every shape of a scene in one colour
     placement: str = "patch"  # where shapes sit: one of PLACEMENTS
     checked: bool = False  # CHECKED colours drawn as fine checks that the 2x downsampling averages to grey

@@ -133,7 +133,7 @@ class TrainSettings:
     p_teacher: float = 0.1  # upsampled regions of the downsampled scene, as TokenSR's teacher sees them
     p_shape: float = 0.0  # negatives in a present colour, told apart by shape only (shapes.sample_questions)
     p_sibling: float = 0.0  # negatives in another checked colour of a present check's shape (World.checked)
-    world: shapes.World = shapes.World()  # how scenes are drawn (shapes.World; the bundled demo's is checked)
+    world: shapes.World = shapes.World()  # how scenes are drawn (shapes.World; the bundled demo's: checked squares)
     seed: int = 0
     eval_every: int = 100
     val_images: int = 128

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled demo (demo/MODEL_CARD.md) from scratch on a CPU: the backbone (one run, about 26 min on 2
-# cores; the whole script about 45) and its POPE-format eval set, TokenSR training data, TokenSR (the normal `python -m train.tokensr` path),
-# then the four-way eval (vanilla / crop / Blink-interp / Blink), the BLINK.md §6 ablations, calibrated
-# thresholds, the per-size breakdown, the zoom measurement, the oracle TokenSR and the patch probe. Deterministic
-# from the seeds below on the same code and software. WORK holds the intermediate files (default a temporary
-# directory); demo/ receives what ships.
+# cores; the whole script about 45) and its POPE-format eval set, TokenSR training data, TokenSR (the normal
+# `python -m train.tokensr` path), then the four-way eval (vanilla / crop / Blink-interp / Blink), the BLINK.md §6
+# ablations, calibrated thresholds, the per-size breakdown, the zoom measurement, the oracle TokenSR and the patch
+# probe. Deterministic from the seeds below on the same code and software. WORK holds the intermediate files
+# (default a temporary directory); demo/ receives what ships.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
@@ -13,10 +13,10 @@ echo "intermediate files in $WORK"
 
 # 1. Backbone from scratch in one run, in the world of one shape with checks (`--checked --shape square`: every
 #    object a square, so only colour tells objects apart; red, green and blue ones are fine checks, which the 2x
-#    downsampling averages to grey on the small ones, so only a zoom reads a small check's colour): the vision tower first, then the
-#    decoder, whose first steps see scenes of one or two squares (`--easy-steps`), 60% of its views zoomed, and
-#    half the "no" questions about a present check's other colours (`--p-sibling`). Written as a Hugging Face
-#    directory, plus the POPE-format eval set of that world.
+#    downsampling averages to grey on the small ones, so only a zoom reads a small check's colour): the vision tower
+#    first, then the decoder, whose first steps see scenes of one or two squares (`--easy-steps`), 60% of its views
+#    zoomed, and half the "no" questions about a present check's other colours (`--p-sibling`). Written as a Hugging
+#    Face directory, plus the POPE-format eval set of that world.
 python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --checked --shape square \
   --vision-steps 500 --steps 1500 --easy-steps 400 --p-zoom 0.6 --p-sibling 0.5 --name-weight 0.5 --no-progress
 

@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 WORK="${WORK:-$(mktemp -d)}"
 echo "intermediate files in $WORK"
+# The demo's world, for every command that draws scenes (the backbone's, its eval set's and the sets below).
+WORLD=(--checked --shape square)
 
 # 1. Backbone from scratch in one run, in the world of one shape with checks (`--checked --shape square`: every
 #    object a square, so only colour tells objects apart; red, green and blue ones are fine checks, which the 2x
@@ -17,11 +19,11 @@ echo "intermediate files in $WORK"
 #    first, then the decoder, whose first steps see scenes of one or two squares (`--easy-steps`), 60% of its views
 #    zoomed, and half the "no" questions about a present check's other colours (`--p-sibling`). Written as a Hugging
 #    Face directory, plus the POPE-format eval set of that world.
-python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 --checked --shape square \
+python -m train.demo_backbone --out demo/model --pope-out demo/data/pope --seed 0 "${WORLD[@]}" \
   --vision-steps 500 --steps 1500 --easy-steps 400 --p-zoom 0.6 --p-sibling 0.5 --name-weight 0.5 --no-progress
 
 # 2. TokenSR training data in the LLaVA-1.5 mix layout (scenes the backbone never saw).
-python -m demo.shapes --checked --shape square --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
+python -m demo.shapes "${WORLD[@]}" --format llava-mix --out "$WORK/mix" --images 1024 --seed 0
 
 # 3. TokenSR on the frozen demo backbone, Blink geometry for a 6-layer decoder and a 12x12 grid.
 python -m train.tokensr --model demo/model --data-dir "$WORK/mix" --workdir "$WORK/tokensr" --mesh cpu \
@@ -48,7 +50,7 @@ done
 python -m train.demo.breakdown --run "$WORK/eval"
 
 # 5. Thresholds calibrated on another shapes set (seed 1, not the eval scenes), then Blink with them.
-python -m demo.shapes --checked --shape square --out "$WORK/calib" --images 150 --seed 1
+python -m demo.shapes "${WORLD[@]}" --out "$WORK/calib" --images 150 --seed 1
 python -m eval.calibrate --model demo/model --data "$WORK/calib/coco_pope_random.json" \
   --image-folder "$WORK/calib/val2014" --layers 1-3 --region-size 3 --out "$WORK/calib.json" --no-progress
 read -r TAU_EXP TAU_DROP < <(python -c "import json,sys; s=json.load(open(sys.argv[1]))['statistics']['suggested']; \
@@ -58,7 +60,7 @@ python -m eval.run --bench pope --out "$WORK/eval_calibrated" --modes interp,bli
 python -m train.demo.breakdown --run "$WORK/eval_calibrated"
 
 # 5b. The premise at four zooms (2x to 6x) on 1000 fresh scenes, and the crop mode at 6x on the eval set.
-python -m demo.shapes --checked --shape square --out "$WORK/zoom" --images 1000 --seed 2
+python -m demo.shapes "${WORLD[@]}" --out "$WORK/zoom" --images 1000 --seed 2
 python -m train.demo.zoom --data-dir "$WORK/zoom" --out "$WORK/zoom.json" --no-progress
 python -m eval.run --bench pope --modes vanilla,crop --region-size 2 --crop-context 1 --out "$WORK/eval_crop6" \
   --no-progress
